@@ -146,6 +146,7 @@ class Keys:
     ALIGNMENT = "general.alignment"
     NAME = "general.name"
     FILE_TYPE = "general.file_type"
+    QUANTIZATION_VERSION = "general.quantization_version"
 
     BLOCK_COUNT = "{arch}.block_count"
     CONTEXT_LENGTH = "{arch}.context_length"
@@ -176,6 +177,12 @@ class Keys:
     TOKENIZER_MODEL = "tokenizer.ggml.model"
     TOKENIZER_PRE = "tokenizer.ggml.pre"
     TOKENIZER_TOKENS = "tokenizer.ggml.tokens"
+    TOKENIZER_TOKEN_TYPE = "tokenizer.ggml.token_type"
+    TOKENIZER_MERGES = "tokenizer.ggml.merges"
+    BOS_ID = "tokenizer.ggml.bos_token_id"
+    EOS_ID = "tokenizer.ggml.eos_token_id"
+    PAD_ID = "tokenizer.ggml.padding_token_id"
+    ADD_BOS = "tokenizer.ggml.add_bos_token"
     CHAT_TEMPLATE = "tokenizer.chat_template"
 
     # Keys lemonslice adds to every file it writes.
@@ -183,6 +190,53 @@ class Keys:
     LS_FORMAT = "lemonslice.format"
     LS_LAYER_INDEX = "lemonslice.layer_index"
     LS_ROLE = "lemonslice.role"
+
+
+class TokenType(enum.IntEnum):
+    """Values of `tokenizer.ggml.token_type`."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+class FileType(enum.IntEnum):
+    """Values of `general.file_type` (llama.cpp's `llama_ftype`); informational only."""
+
+    ALL_F32 = 0
+    MOSTLY_F16 = 1
+    MOSTLY_Q4_0 = 2
+    MOSTLY_Q4_1 = 3
+    MOSTLY_Q8_0 = 7
+    MOSTLY_Q5_0 = 8
+    MOSTLY_Q5_1 = 9
+    MOSTLY_Q4_K_M = 15
+    MOSTLY_BF16 = 32
+    MOSTLY_TQ1_0 = 36
+    MOSTLY_TQ2_0 = 37
+    MOSTLY_MXFP4_MOE = 38
+
+
+# The file type of a file whose weight matrices are mostly of one ggml type.
+FILE_TYPE_OF: dict[GGMLType, FileType] = {
+    GGMLType.F32: FileType.ALL_F32,
+    GGMLType.F16: FileType.MOSTLY_F16,
+    GGMLType.Q4_0: FileType.MOSTLY_Q4_0,
+    GGMLType.Q4_1: FileType.MOSTLY_Q4_1,
+    GGMLType.Q8_0: FileType.MOSTLY_Q8_0,
+    GGMLType.Q5_0: FileType.MOSTLY_Q5_0,
+    GGMLType.Q5_1: FileType.MOSTLY_Q5_1,
+    GGMLType.BF16: FileType.MOSTLY_BF16,
+    GGMLType.TQ1_0: FileType.MOSTLY_TQ1_0,
+    GGMLType.TQ2_0: FileType.MOSTLY_TQ2_0,
+    GGMLType.MXFP4: FileType.MOSTLY_MXFP4_MOE,
+}
+
+# Value of general.quantization_version for the current ggml quant formats.
+GGML_QUANTIZATION_VERSION = 2
 
 
 def arch_key(template: str, arch: str) -> str:

@@ -125,14 +125,16 @@ class GGUFReader:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = -1
         self._mmap: mmap.mmap | None = None
+        self._fd = os.open(self.path, os.O_RDONLY)
         try:
             st = os.fstat(self._fd)
             self.file_size = st.st_size
             self._parse_growing()
         except BaseException:
-            os.close(self._fd)
+            # close() marks the fd closed, so __del__ cannot close a reused descriptor later.
+            self.close()
             raise
 
     # ---- lifetime -------------------------------------------------------------------
@@ -169,6 +171,9 @@ class GGUFReader:
         size = min(self.file_size, _FIRST_READ)
         while True:
             buf = os.pread(self._fd, size, 0)
+            if len(buf) < size:
+                # The file shrank after fstat; growing the read again would never finish.
+                raise TruncatedError(f"{self.path}: file shrank to {len(buf)} bytes while being read")
             try:
                 self._parse(buf)
                 return
@@ -427,6 +432,8 @@ class _Cursor:
         if size > remaining:
             raise CountError(f"{self.path}: KV {key!r} array of {count} items cannot fit in the file")
         self._need(size)
+        if item_type == ValueType.BOOL and self.buf[self.pos : self.pos + size].translate(None, b"\0\1"):
+            raise BadValueTypeError(f"{self.path}: KV {key!r} bool array holds a value other than 0 or 1")
         self.pos += size
 
 

@@ -43,7 +43,7 @@ def encode_kv(key: str, vtype: ValueType, value: Any, item_type: ValueType | Non
         if item_type == ValueType.STRING:
             out.extend(encode_string(v) for v in items)
         else:
-            out.append(np.asarray(items).astype(NUMPY_DTYPES[item_type]).tobytes())
+            out.append(np.asarray(items, dtype=NUMPY_DTYPES[item_type]).tobytes())
     else:
         out.append(struct.pack(SCALAR_FORMATS[vtype], value))
     return b"".join(out)

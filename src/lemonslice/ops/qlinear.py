@@ -1,0 +1,147 @@
+"""Quantized linear layers: the seam between model code and weight kernels.
+
+Model code calls `linear` and `gathered_linear`. Each has a `_ref` twin with the same
+signature that dequantizes the weight a few rows at a time and multiplies in float32;
+a faster kernel can later replace the fast path without touching callers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..gguf.constants import BLOCK_SIZES, GGMLType
+from .dequant import RawData, as_uint8, dequantize
+
+# Most bytes of float32 weight the reference expands at once (read at call time).
+CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class QuantWeight:
+    """A weight kept as its raw ggml blocks.
+
+    `shape` is in ggml order: (in_features, out_features) or, for MoE experts,
+    (in_features, out_features, n_expert). `raw` is uint8 [out, row_bytes] or
+    [n_expert, out, row_bytes]; it is never expanded whole.
+    """
+
+    raw: torch.Tensor
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        ggml_type = GGMLType(self.ggml_type)
+        shape = tuple(int(n) for n in self.shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(f"a weight has 2 or 3 dimensions, got shape {shape}")
+        block, type_size = BLOCK_SIZES[ggml_type]
+        if shape[0] % block:
+            raise ValueError(f"{ggml_type.name}: row length {shape[0]} is not a multiple of {block}")
+        raw = as_uint8(self.raw)
+        raw_shape = (*reversed(shape[1:]), shape[0] // block * type_size)
+        if raw.numel() != math.prod(raw_shape):
+            raise ValueError(
+                f"{ggml_type.name} shape {shape} needs {math.prod(raw_shape)} bytes, got {raw.numel()}"
+            )
+        object.__setattr__(self, "raw", raw.reshape(raw_shape))
+        object.__setattr__(self, "ggml_type", ggml_type)
+        object.__setattr__(self, "shape", shape)
+
+    @classmethod
+    def from_buffer(cls, buf: RawData, ggml_type: GGMLType, shape: tuple[int, ...]) -> "QuantWeight":
+        """Wrap bytes (e.g. a memory-mapped tensor) without copying them."""
+        return cls(as_uint8(buf), ggml_type, shape)
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def n_expert(self) -> int | None:
+        return self.shape[2] if len(self.shape) == 3 else None
+
+    @property
+    def row_bytes(self) -> int:
+        return self.raw.shape[-1]
+
+    def expert(self, index: int) -> "QuantWeight":
+        """Expert `index` of a 3-D weight, as a 2-D view of its byte range."""
+        if self.n_expert is None:
+            raise ValueError("expert() needs a 3-D weight")
+        return QuantWeight(self.raw[index], self.ggml_type, self.shape[:2])
+
+    def to(self, device: torch.device | str) -> "QuantWeight":
+        return QuantWeight(self.raw.to(device), self.ggml_type, self.shape)
+
+
+def _matmul_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: int) -> torch.Tensor:
+    """xf [N, in] float32 times the weight rows raw [rows, row_bytes] -> [N, rows] float32."""
+    rows = raw.shape[0]
+    step = max(1, CHUNK_BYTES // (4 * n_in))
+    out = xf.new_empty((xf.shape[0], rows))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        # Only this chunk's bytes move to the activations' device.
+        w = dequantize(raw[r0:r1].to(xf.device), ggml_type, (n_in, r1 - r0))  # [r1-r0, in]
+        out[:, r0:r1] = xf @ w.T
+    return out
+
+
+def _check_2d(x: torch.Tensor, w: QuantWeight) -> None:
+    if w.n_expert is not None:
+        raise ValueError(f"linear needs a 2-D weight, got shape {w.shape}")
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {w.in_features}")
+
+
+def linear_ref(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x [..., in] @ W.T -> [..., out], in float32, returned in x's dtype."""
+    _check_2d(x, w)
+    xf = x.reshape(-1, w.in_features).to(torch.float32)
+    y = _matmul_rows(xf, w.raw, w.ggml_type, w.in_features)
+    return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x [..., in] @ W.T -> [..., out]; the op model code calls."""
+    return linear_ref(x, w)
+
+
+def _check_gathered(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> None:
+    if w.n_expert is None:
+        raise ValueError(f"gathered_linear needs a 3-D weight, got shape {w.shape}")
+    if x.dim() != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"input must be [T, {w.in_features}], got {tuple(x.shape)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_ids must be [{x.shape[0]}, k], got {tuple(expert_ids.shape)}")
+
+
+def gathered_linear_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, in], expert_ids [T, k] -> [T, k, out]: row t, slot j uses expert expert_ids[t, j].
+
+    Only the selected experts' byte ranges are dequantized, one expert at a time.
+    """
+    _check_gathered(x, w, expert_ids)
+    k = expert_ids.shape[1]
+    xf = x.to(torch.float32)
+    flat = expert_ids.reshape(-1).to(x.device)
+    out = xf.new_empty((flat.shape[0], w.out_features))
+    experts = torch.unique(flat).tolist()
+    if experts and not (0 <= experts[0] and experts[-1] < w.n_expert):
+        raise IndexError(f"expert ids must lie in [0, {w.n_expert}), got {experts[0]}..{experts[-1]}")
+    for e in experts:
+        pos = (flat == e).nonzero(as_tuple=True)[0]  # [n_e] slots routed to expert e
+        out[pos] = _matmul_rows(xf[pos // k], w.raw[e], w.ggml_type, w.in_features)
+    return out.reshape(x.shape[0], k, w.out_features).to(x.dtype)
+
+
+def gathered_linear(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, in], expert_ids [T, k] -> [T, k, out]; the MoE op model code calls."""
+    return gathered_linear_ref(x, w, expert_ids)
