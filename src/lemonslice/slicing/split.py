@@ -99,6 +99,26 @@ class _Hasher(threading.Thread):
             raise self.error
 
 
+class _Copier(threading.Thread):
+    """Copies whole tensors kernel-side, in source order, beside the hashing pass."""
+
+    def __init__(self, src_fd: int, jobs: list[tuple[int, int, int, int]]):
+        super().__init__(daemon=True)
+        self.src_fd = src_fd
+        self.jobs = jobs  # (source offset, output fd, output offset, length)
+        self.error: BaseException | None = None
+        self.stop = False
+
+    def run(self) -> None:
+        try:
+            for src_off, out_fd, dst_off, n in self.jobs:
+                if self.stop:
+                    return
+                copy_range(self.src_fd, src_off, out_fd, dst_off, n)
+        except BaseException as e:  # surfaced by the main thread
+            self.error = e
+
+
 def split_gguf(
     src: str | os.PathLike[str],
     outdir: str | os.PathLike[str],
@@ -229,6 +249,8 @@ def _stream(
         out_hasher.submit(start_out, out)
 
     spans = sorted((t.data_start, t.data_start + t.n_bytes, t.name) for t in reader.tensors)
+    copier = _Copier(reader._fd, [(a, dest[n][0].fd, dest[n][1], b - a) for a, b, n in spans])
+    copier.start()
     gaps: list[tuple[int, str]] = []
     gap_total = 0
     size, fd = reader.file_size, reader._fd
@@ -273,17 +295,21 @@ def _stream(
                 stop = min(t_end, end)
                 out, dst = dest[tname]
                 jobs.append((out, view[cur - pos : stop - pos], dst + (cur - t_start)))
-                copy_range(fd, cur, out.fd, dst + (cur - t_start), stop - cur)
                 cur = stop
             out_hasher.submit(lambda js, b: ([feed(*j) for j in js], release(b)), jobs, buf)
             pos = end
             if progress:
                 progress(pos, size)
-            if src_hasher.error or out_hasher.error:
+            if src_hasher.error or out_hasher.error or copier.error:
                 break
+        copier.join()
+        if copier.error is not None:
+            raise copier.error
     except EOFError:
         raise LemonsliceError(f"{reader.path} changed during the split (it shrank); nothing was written") from None
     finally:
+        copier.stop = True
+        copier.join()
         src_hasher.finish()
         out_hasher.finish()
 
