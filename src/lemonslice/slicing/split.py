@@ -8,6 +8,7 @@ are copied between the files inside the kernel (copy_file_range).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
 import queue
@@ -39,7 +40,7 @@ from .manifest import FileEntry, Manifest, SourceInfo, TensorEntry
 Progress = Callable[[int, int], None]
 CHUNK = 8 << 20
 # Chunks in flight between the reader and the hashing threads (bounds memory).
-IN_FLIGHT = 6
+IN_FLIGHT = 4
 # Non-tensor bytes kept in the manifest for a byte-exact merge are capped at this.
 MAX_GAP_BYTES = 1 << 20
 
@@ -50,7 +51,7 @@ class _Out:
     plan: FilePlan
     fd: int
     hasher: "hashlib._Hash"
-    hashed_to: int  # bytes of the output fed to its hasher so far
+    hashed_to: int  # bytes of the output fed to its hasher so far (header included)
 
 
 def layer_roles(reader: GGUFReader) -> dict[int, Role]:
@@ -100,14 +101,15 @@ class _Hasher(threading.Thread):
 
 
 class _Copier(threading.Thread):
-    """Copies whole tensors kernel-side, in source order, beside the hashing pass."""
+    """Copies whole tensors kernel-side in source order. It runs ahead of the hashing
+    pass, so on a cold cache it does the disk reads and the hashers find pages cached."""
 
     def __init__(self, src_fd: int, jobs: list[tuple[int, int, int, int]]):
         super().__init__(daemon=True)
         self.src_fd = src_fd
         self.jobs = jobs  # (source offset, output fd, output offset, length)
-        self.error: BaseException | None = None
         self.stop = False
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
@@ -117,6 +119,12 @@ class _Copier(threading.Thread):
                 copy_range(self.src_fd, src_off, out_fd, dst_off, n)
         except BaseException as e:  # surfaced by the main thread
             self.error = e
+
+    def finish(self, cancel: bool) -> None:
+        self.stop = cancel
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def split_gguf(
@@ -172,12 +180,19 @@ def _split(reader: GGUFReader, src: Path, tmp: Path, progress: Progress | None) 
                 name, role.value, layer, len(ts), plan.size, "",
                 [TensorEntry(t.name, t.ggml_type.name, list(t.shape), t.n_bytes, t.offset) for t in ts],
             )
-            out = _Out(entry, plan, fd, hashlib.sha256(), 0)
+            header = plan.padded_header()
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, plan.size)
+            # Hash the header now and drop it: with a real vocabulary each is ~10 MB.
+            out = _Out(entry, dataclasses.replace(plan, header=b""), fd, hashlib.sha256(header), plan.data_offset)
             outs[name] = out
-            os.pwrite(fd, plan.padded_header(), 0)
+            del header
             for pt in plan.tensors:
                 dest[pt.name] = (out, plan.data_offset + pt.offset)
-        src_sha256, gaps = _stream(reader, outs, dest, progress)
+        try:
+            src_sha256, gaps = _stream(reader, outs, dest, progress)
+        except EOFError:
+            raise LemonsliceError(f"{src} changed during the split (it shrank); nothing was written") from None
         st1 = os.fstat(reader._fd)
         if (st1.st_size, st1.st_mtime_ns, st1.st_ino) != (st0.st_size, st0.st_mtime_ns, st0.st_ino):
             raise LemonsliceError(f"{src} changed during the split; nothing was written")
@@ -241,13 +256,6 @@ def _stream(
         out.hasher.update(view)
         out.hashed_to = upto + len(view)
 
-    def start_out(out: _Out) -> None:
-        out.hasher.update(out.plan.padded_header())
-        out.hashed_to = out.plan.data_offset
-
-    for out in outs.values():
-        out_hasher.submit(start_out, out)
-
     spans = sorted((t.data_start, t.data_start + t.n_bytes, t.name) for t in reader.tensors)
     copier = _Copier(reader._fd, [(a, dest[n][0].fd, dest[n][1], b - a) for a, b, n in spans])
     copier.start()
@@ -256,6 +264,7 @@ def _stream(
     size, fd = reader.file_size, reader._fd
     ti = 0
     pos = 0
+    done = False
     try:
         while pos < size:
             slots.acquire()
@@ -302,14 +311,9 @@ def _stream(
                 progress(pos, size)
             if src_hasher.error or out_hasher.error or copier.error:
                 break
-        copier.join()
-        if copier.error is not None:
-            raise copier.error
-    except EOFError:
-        raise LemonsliceError(f"{reader.path} changed during the split (it shrank); nothing was written") from None
+        done = True
     finally:
-        copier.stop = True
-        copier.join()
+        copier.finish(cancel=not done)
         src_hasher.finish()
         out_hasher.finish()
 
@@ -317,5 +321,4 @@ def _stream(
         if out.hashed_to < out.plan.size:
             out.hasher.update(bytes(out.plan.size - out.hashed_to))
         out.entry.sha256 = out.hasher.hexdigest()
-        os.ftruncate(out.fd, out.plan.size)
     return src_hash.hexdigest(), gaps
