@@ -22,8 +22,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Run and reshape GGUF models one layer at a time.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 log = logging.getLogger("lemonslice")
 
 
@@ -83,9 +83,9 @@ def verify(outdir: Path = typer.Argument(..., help="Split directory.")) -> None:
     with _progress("verify") as cb:
         problems = verify_split(outdir, progress=cb)
     for p in problems:
-        err.print(f"[red]{p}[/red]", highlight=False)
+        err.print(str(p), style="red", markup=False, highlight=False)
     if problems:
-        err.print(f"{outdir}: {len(problems)} problem(s)")
+        err.print(f"{outdir}: {len(problems)} problem(s)", markup=False, highlight=False)
         raise typer.Exit(1)
     out.print(f"{outdir}: all files intact")
 
@@ -174,11 +174,11 @@ def main() -> None:
     try:
         app()
     except (LemonsliceError, GGUFError) as e:
-        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        err.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(1)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        err.print(f"error: {e.strerror or e}{where}", highlight=False, soft_wrap=True)
+        err.print(f"error: {e.strerror or e}{where}", markup=False, highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")

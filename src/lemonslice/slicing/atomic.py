@@ -8,6 +8,8 @@ remove what a killed one left behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -37,6 +39,26 @@ def _remove_stale(target: Path) -> None:
             continue
         if not _pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def fsync_dir(path: Path) -> None:
@@ -80,12 +102,16 @@ def staged_dir(target: Path, force: bool = False, inputs: tuple[Path, ...] = ())
         fsync_dir(tmp)
         check_target_dir(target, force, inputs)
         if target.exists():
-            old = target.parent / f".{target.name}{_STAGE_TAG}{os.getpid()}-old"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+            # After the swap the old set sits at `tmp` and is removed below.
+            if not _exchange(tmp, target):
+                old = target.parent / f".{target.name}{_STAGE_TAG}{os.getpid()}-old"
+                os.rename(target, old)
+                os.rename(tmp, target)
+                tmp = old
+            fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        os.rename(tmp, target)
         fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

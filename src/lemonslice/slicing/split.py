@@ -82,7 +82,14 @@ class _Hasher(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while True:
+            try:
+                # Poll: an interrupt landing inside queue.put can lose the wakeup.
+                job = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
             fn, args = job
             try:
                 if self.error is None:
