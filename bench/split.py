@@ -16,10 +16,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lemonslice.testing import write_large_random
+from lemonslice.testing.measure import measure
 
 
 def drop_caches() -> None:
@@ -29,13 +29,10 @@ def drop_caches() -> None:
 
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd)} failed")
-    return wall, ru.ru_maxrss * 1024
+    m = measure(cmd)
+    if m.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed: {m.stderr.strip()}")
+    return m.wall_s, m.peak_rss
 
 
 def main() -> None:
