@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -12,7 +13,9 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn, TransferSpeedColumn,
+)
 from rich.table import Table
 
 from .errors import LemonsliceError
@@ -161,6 +164,90 @@ def demo(
             raise LemonsliceError(f"fresh split failed verification: {problems[0]}")
         out.print(f"split into {splitdir} and verified")
     _print_summary(inspect_path(splitdir))
+
+
+@app.command()
+def convert(
+    hf_dir: Path = typer.Argument(..., help="Checkpoint directory: config.json, *.safetensors, tokenizer.json."),
+    model: Path = typer.Argument(..., help="GGUF file to write."),
+    out_type: str = typer.Option(
+        "bf16", "--type", help="Weight type: f32, f16, bf16 or q8_0 (norms, routers and 1-D tensors stay f32).",
+    ),
+    no_mtp: bool = typer.Option(False, "--no-mtp", help="Leave out the multi-token-prediction (nextn) block."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing MODEL."),
+) -> None:
+    """Convert a Qwen3.5 (MoE or dense) Hugging Face checkpoint to GGUF, one tensor at a time."""
+    from .convert import convert_hf
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("convert", total=None)
+        r = convert_hf(hf_dir, model, out_type, force=force, mtp=not no_mtp,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    mtp = f" + {r.nextn_predict_layers} MTP" if r.nextn_predict_layers else ""
+    out.print(f"wrote {model}: {r.arch}, {r.block_count - r.nextn_predict_layers} layers{mtp}, "
+              f"{r.n_tensors} tensors, {_human(r.n_bytes)} ({out_type})")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_size(text: str) -> int:
+    """'2GB', '512MiB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise LemonsliceError(f"cannot read size {text!r} (e.g. 2GB, 512MiB)")
+    try:
+        return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise LemonsliceError(f"cannot read size {text!r} (e.g. 2GB, 512MiB)") from None
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="A .gguf file or a split directory."),
+    prompt_ids: str = typer.Option(..., "--prompt-ids", help="Prompt token ids, comma-separated."),
+    n: int = typer.Option(32, "-n", help="Tokens to generate (greedy)."),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory", help="Weight budget, e.g. 2GB; a larger model is streamed one layer at a time.",
+    ),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
+) -> None:
+    """Greedy generation from token ids; prints the new ids, speeds and peak RSS."""
+    from .engine import Engine
+
+    try:
+        ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise LemonsliceError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    if not ids or n < 0:
+        raise LemonsliceError("need at least one prompt id and -n >= 0")
+    engine = Engine(model, max_memory=_parse_size(max_memory) if max_memory else None, threads=threads)
+    mode = "streaming (shared + one layer resident)" if engine.streaming else "full load"
+    out.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}")
+    new = engine.generate(ids, n)
+    s = engine.stats
+    out.print(f"generated: {' '.join(map(str, new))}")
+    out.print(f"prefill: {s.prefill_tokens} tokens in {s.prefill_seconds:.2f} s ({s.prefill_tps:.2f} tokens/s)")
+    out.print(f"decode: {s.decode_tokens} tokens in {s.decode_seconds:.2f} s ({s.decode_tps:.2f} tokens/s)")
+    out.print(f"peak RSS: {_human(_peak_rss())}")
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _on_term(signum, frame):  # noqa: ANN001

@@ -145,6 +145,7 @@ class Keys:
     ARCHITECTURE = "general.architecture"
     ALIGNMENT = "general.alignment"
     NAME = "general.name"
+    TYPE = "general.type"
     FILE_TYPE = "general.file_type"
     QUANTIZATION_VERSION = "general.quantization_version"
 
@@ -162,6 +163,9 @@ class Keys:
     ROPE_FREQ_BASE = "{arch}.rope.freq_base"
     ROPE_DIMENSION_COUNT = "{arch}.rope.dimension_count"
     ROPE_DIMENSION_SECTIONS = "{arch}.rope.dimension_sections"
+    ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
+    ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
+    ROPE_SCALING_ORIG_CTX = "{arch}.rope.scaling.original_context_length"
     EXPERT_COUNT = "{arch}.expert_count"
     EXPERT_USED_COUNT = "{arch}.expert_used_count"
     EXPERT_FEED_FORWARD_LENGTH = "{arch}.expert_feed_forward_length"
@@ -182,7 +186,9 @@ class Keys:
     BOS_ID = "tokenizer.ggml.bos_token_id"
     EOS_ID = "tokenizer.ggml.eos_token_id"
     PAD_ID = "tokenizer.ggml.padding_token_id"
+    UNK_ID = "tokenizer.ggml.unknown_token_id"
     ADD_BOS = "tokenizer.ggml.add_bos_token"
+    ADD_EOS = "tokenizer.ggml.add_eos_token"
     CHAT_TEMPLATE = "tokenizer.chat_template"
 
     # Keys lemonslice adds to every file it writes.
@@ -288,6 +294,7 @@ class Tensors:
     FFN_GATE_EXPS = "blk.{bid}.ffn_gate_exps.weight"
     FFN_UP_EXPS = "blk.{bid}.ffn_up_exps.weight"
     FFN_DOWN_EXPS = "blk.{bid}.ffn_down_exps.weight"
+    FFN_GATE_UP_EXPS = "blk.{bid}.ffn_gate_up_exps.weight"  # optional fused gate+up, gate half first
     FFN_GATE_INP_SHEXP = "blk.{bid}.ffn_gate_inp_shexp.weight"
     FFN_GATE_SHEXP = "blk.{bid}.ffn_gate_shexp.weight"
     FFN_UP_SHEXP = "blk.{bid}.ffn_up_shexp.weight"

@@ -1,0 +1,110 @@
+"""Qwen3.5 (`qwen35moe`, `qwen35`): blocks, embedding/head and per-layer caches.
+
+A block is x += mixer(RMSNorm(x; attn_norm)); x += FFN(RMSNorm(x; post_attention_norm)).
+The mixer is a Gated DeltaNet or gated full attention, the FFN a routed MoE with a shared
+expert (qwen35moe) or a dense SwiGLU (qwen35). A block decides its kinds once, from the
+tensors it is given, and checks them against the metadata. No I/O here: the engine hands
+the weights in.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ..errors import LemonsliceError
+from ..gguf.constants import Role
+from ..gguf.constants import Tensors as TN
+from ..ops import dequantize, linear
+from .qwen35_args import ModelArgs
+from .qwen35_layers import (
+    Attention,
+    AttentionCache,
+    DeltaNetCache,
+    DenseFFN,
+    GatedDeltaNet,
+    MoE,
+    Weights,
+    as_float,
+    as_matrix,
+    rms_norm,
+)
+
+LayerCache = Union[AttentionCache, DeltaNetCache]
+
+__all__ = ["AttentionCache", "Block", "DeltaNetCache", "LayerCache", "ModelArgs", "Shared", "make_cache"]
+
+
+class Block:
+    """One trunk block. `role` is Role.RECURRENT or Role.ATTENTION, `moe` says which FFN."""
+
+    def __init__(self, args: ModelArgs, bid: int, weights: Weights):
+        if not 0 <= bid < args.n_layer:
+            raise LemonsliceError(f"block {bid} is not a trunk block (0..{args.n_layer - 1})")
+        self.args = args
+        self.bid = bid
+        has = lambda t: t.format(bid=bid) in weights  # noqa: E731
+        if has(TN.SSM_A) or has(TN.ATTN_QKV):
+            self.role = Role.RECURRENT
+            self.mixer: GatedDeltaNet | Attention = GatedDeltaNet(args, bid, weights)
+        elif has(TN.ATTN_Q):
+            self.role = Role.ATTENTION
+            self.mixer = Attention(args, bid, weights)
+        else:
+            raise LemonsliceError(f"block {bid} has neither Gated DeltaNet nor attention tensors")
+        if (self.role == Role.RECURRENT) != args.recurrent[bid]:
+            want = "recurrent" if args.recurrent[bid] else "attention"
+            raise LemonsliceError(f"block {bid}: tensors say {self.role.value}, metadata says {want}")
+        self.moe = has(TN.FFN_GATE_INP)
+        if self.moe:
+            self.ffn: MoE | DenseFFN = MoE(args, bid, weights)
+        elif has(TN.FFN_GATE):
+            self.ffn = DenseFFN.from_templates(weights, bid, TN.FFN_GATE, TN.FFN_UP, TN.FFN_DOWN)
+        else:
+            raise LemonsliceError(f"block {bid} has no FFN tensors")
+        self.attn_norm = as_float(weights, TN.ATTN_NORM, bid)  # [E]
+        self.ffn_norm = as_float(weights, TN.ATTN_POST_NORM, bid)  # [E], post_attention_norm is the pre-FFN norm
+
+    def new_cache(self) -> LayerCache:
+        return self.mixer.new_cache()
+
+    def __call__(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """x [T, E] -> [T, E]; advances `cache` by T positions."""
+        eps = self.args.rms_eps
+        x = x + self.mixer(rms_norm(x, self.attn_norm, eps), cache)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
+
+
+def make_cache(args: ModelArgs, layer: Block) -> LayerCache:
+    """Fresh state for one playlist position running `layer`: a KV cache or DeltaNet conv + recurrent state."""
+    if layer.args != args:
+        raise LemonsliceError("make_cache: the block was built for other model args")
+    return layer.new_cache()
+
+
+class Shared:
+    """Token embedding, final norm and LM head (output.weight, or token_embd when tied)."""
+
+    def __init__(self, args: ModelArgs, weights: Weights):
+        self.args = args
+        self.embd = as_matrix(weights, TN.TOKEN_EMBD, 0)
+        self.norm = as_float(weights, TN.OUTPUT_NORM, 0)  # [E]
+        self.output = as_matrix(weights, TN.OUTPUT, 0) if TN.OUTPUT in weights else self.embd
+        if self.embd.in_features != args.n_embd:
+            raise LemonsliceError(f"token_embd rows have {self.embd.in_features} values, n_embd is {args.n_embd}")
+
+    @property
+    def n_vocab(self) -> int:
+        return self.output.out_features
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, E] float32; only the selected rows are dequantized."""
+        ids = ids.to(torch.long)
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.embd.out_features):
+            raise LemonsliceError(f"token ids must lie in [0, {self.embd.out_features})")
+        return dequantize(self.embd.raw[ids], self.embd.ggml_type)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, E] -> [T, V]."""
+        return linear(rms_norm(x, self.norm, self.args.rms_eps), self.output)

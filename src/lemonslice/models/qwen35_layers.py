@@ -1,0 +1,261 @@
+"""Qwen3.5 token mixers (gated full attention, Gated DeltaNet) and FFNs (MoE, dense).
+
+Every module takes one sequence x [T, E] (float32) and its layer's cache, and is built
+from the layer's weights as handed in: matrices as `QuantWeight`s (multiplied through
+`ops.linear` / `ops.gathered_linear`, never expanded whole), 1-D tensors as float tensors.
+Norm weights already hold llama.cpp's +1, so RMSNorm is x / rms(x) * w.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LemonsliceError
+from ..gguf.constants import GGMLType
+from ..gguf.constants import Tensors as TN
+from ..ops import QuantWeight, dequantize, gathered_linear, linear
+from .gated_delta import causal_conv, delta_rule_chunked, delta_rule_recurrent, l2_normalize
+from .qwen35_args import ModelArgs
+
+Weight = Union[QuantWeight, torch.Tensor]
+Weights = Mapping[str, Weight]
+
+
+def take(w: Weights, template: str, bid: int) -> Weight:
+    name = template.format(bid=bid)
+    if name not in w:
+        raise LemonsliceError(f"layer {bid}: tensor {name} is missing")
+    return w[name]
+
+
+def as_matrix(w: Weights, template: str, bid: int) -> QuantWeight:
+    t = take(w, template, bid)
+    if not isinstance(t, QuantWeight):
+        raise LemonsliceError(f"{template.format(bid=bid)}: expected a weight matrix")
+    return t
+
+
+def as_float(w: Weights, template: str, bid: int) -> torch.Tensor:
+    """A small tensor (norm, bias, conv kernel) as float32 in torch order."""
+    t = take(w, template, bid)
+    if isinstance(t, QuantWeight) and t.ggml_type == GGMLType.F32:
+        return t.raw.view(torch.float32).reshape(tuple(reversed(t.shape)))  # shares the loaded buffer
+    if isinstance(t, QuantWeight):
+        t = dequantize(t.raw, t.ggml_type, t.shape)
+    return t.to(torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """[rope_dim/2] angle per position of each rotated pair: base^(-2i/rope_dim)."""
+    exponent = torch.arange(0, args.rope_dim, 2, dtype=torch.float32) / args.rope_dim
+    return 1.0 / (args.rope_base ** exponent)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*len(inv_freq) dims of x [T, H, D] at positions pos [T].
+
+    NEOX layout: dim i pairs with dim i + rope_dim/2 (llama.cpp's IMROPE rotates pairs this
+    way too). With text positions every IMRoPE section sees the same position, so the
+    sections drop out and this is plain partial RoPE.
+    """
+    half = inv_freq.shape[0]
+    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, half]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, half]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
+    """Causal GQA softmax attention. q [T, H, D] at positions q_pos0.. ; k, v [S, Hkv, D] at 0..S-1.
+
+    Query head h reads KV head h // (H / Hkv). Returns [T, H, D].
+    """
+    T, H, D = q.shape
+    rep = H // k.shape[1]
+    kh = k.repeat_interleave(rep, dim=1).transpose(0, 1)  # [H, S, D]
+    vh = v.repeat_interleave(rep, dim=1).transpose(0, 1)
+    scores = (q.transpose(0, 1) @ kh.transpose(-1, -2)) * D**-0.5  # [H, T, S]
+    qpos = torch.arange(T, device=q.device)[:, None] + q_pos0
+    future = torch.arange(k.shape[0], device=q.device)[None, :] > qpos  # [T, S]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return (probs @ vh).transpose(0, 1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
+    """Fast twin of `attend_ref` (torch SDPA with grouped KV heads)."""
+    T, S = q.shape[0], k.shape[0]
+    mask = None
+    if T > 1:
+        qpos = torch.arange(T, device=q.device)[:, None] + q_pos0
+        mask = torch.arange(S, device=q.device)[None, :] <= qpos  # [T, S], True = may attend
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+    )
+    return o.transpose(0, 1)
+
+
+@dataclass
+class AttentionCache:
+    """Post-RoPE keys and values of every position so far, float32 [capacity, Hkv, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v [T, Hkv, D]; return all keys and values [length, Hkv, D]."""
+        end = self.length + k.shape[0]
+        if end > self.k.shape[0]:
+            cap = max(end, 2 * self.k.shape[0])
+            grow = lambda t: torch.cat((t[: self.length], t.new_empty((cap - self.length, *t.shape[1:]))))  # noqa: E731
+            self.k, self.v = grow(self.k), grow(self.v)
+        self.k[self.length : end] = k
+        self.v[self.length : end] = v
+        self.length = end
+        return self.k[:end], self.v[:end]
+
+
+@dataclass
+class DeltaNetCache:
+    """The last K-1 conv inputs [K-1, conv_dim] and the delta-rule state [Hv, Dk, Dv] (float32)."""
+
+    conv: torch.Tensor
+    state: torch.Tensor
+    length: int = 0
+
+
+class Attention:
+    """Gated full attention: per-head Q/K RMSNorm, partial RoPE, GQA, output * sigmoid(gate)."""
+
+    def __init__(self, args: ModelArgs, bid: int, w: Weights):
+        self.args = args
+        self.wq = as_matrix(w, TN.ATTN_Q, bid)  # rows per head: D query rows, then D gate rows
+        self.wk = as_matrix(w, TN.ATTN_K, bid)
+        self.wv = as_matrix(w, TN.ATTN_V, bid)
+        self.wo = as_matrix(w, TN.ATTN_OUT, bid)
+        self.q_norm = as_float(w, TN.ATTN_Q_NORM, bid)  # [D]
+        self.k_norm = as_float(w, TN.ATTN_K_NORM, bid)  # [D]
+        self.inv_freq = rope_inv_freq(args)
+
+    def new_cache(self) -> AttentionCache:
+        a = self.args
+        empty = torch.zeros(0, a.n_head_kv, a.head_dim)
+        return AttentionCache(empty, empty.clone())
+
+    def __call__(self, x: torch.Tensor, cache: AttentionCache, attn=attend) -> torch.Tensor:
+        """x [T, E] at positions cache.length.. -> [T, E]. `attn`: `attend` or its twin `attend_ref`."""
+        a = self.args
+        T, H, Hkv, D = x.shape[0], a.n_head, a.n_head_kv, a.head_dim
+        qg = linear(x, self.wq).view(T, H, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:]  # [T, H, D] each
+        q = rms_norm(q, self.q_norm, a.rms_eps)
+        k = rms_norm(linear(x, self.wk).view(T, Hkv, D), self.k_norm, a.rms_eps)
+        v = linear(x, self.wv).view(T, Hkv, D)
+        pos0 = cache.length
+        pos = torch.arange(pos0, pos0 + T, device=x.device)
+        q, k = apply_rope(q, pos, self.inv_freq), apply_rope(k, pos, self.inv_freq)
+        k_all, v_all = cache.append(k, v)  # [S, Hkv, D]
+        o = attn(q, k_all, v_all, pos0).reshape(T, H * D)
+        return linear(o * torch.sigmoid(gate.reshape(T, H * D)), self.wo)
+
+
+class GatedDeltaNet:
+    """Linear-attention mixer: conv over [q, k, v], L2-normalised q/k, gated delta rule, gated RMSNorm."""
+
+    def __init__(self, args: ModelArgs, bid: int, w: Weights):
+        self.args = args
+        self.w_qkv = as_matrix(w, TN.ATTN_QKV, bid)  # -> [q (G heads) | k (G heads) | v (Hv heads)]
+        self.w_z = as_matrix(w, TN.ATTN_GATE, bid)
+        self.w_beta = as_matrix(w, TN.SSM_BETA, bid)
+        self.w_alpha = as_matrix(w, TN.SSM_ALPHA, bid)
+        self.w_out = as_matrix(w, TN.SSM_OUT, bid)
+        self.conv_w = as_float(w, TN.SSM_CONV1D, bid).reshape(args.ssm_conv_dim, args.ssm_conv_kernel)  # [C, K]
+        self.dt_bias = as_float(w, TN.SSM_DT, bid).reshape(-1)  # [Hv]
+        self.a = as_float(w, TN.SSM_A, bid).reshape(-1)  # [Hv], = -exp(A_log)
+        self.norm = as_float(w, TN.SSM_NORM, bid).reshape(-1)  # [Dv]
+
+    def new_cache(self) -> DeltaNetCache:
+        a = self.args
+        conv = torch.zeros(a.ssm_conv_kernel - 1, a.ssm_conv_dim)
+        state = torch.zeros(a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim)
+        return DeltaNetCache(conv, state)
+
+    def __call__(self, x: torch.Tensor, cache: DeltaNetCache, rule=None) -> torch.Tensor:
+        """x [T, E] -> [T, E]. `rule` forces a delta-rule kernel; by default chunked for T > 1."""
+        a = self.args
+        T, G, Hv, Dk, Dv = x.shape[0], a.ssm_n_group, a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim
+        y, cache.conv = causal_conv(linear(x, self.w_qkv), cache.conv, self.conv_w)
+        y = F.silu(y)  # [T, conv_dim]
+        q, k, v = y.split((G * Dk, G * Dk, Hv * Dv), dim=-1)
+        q = l2_normalize(q.reshape(T, G, Dk), a.rms_eps)
+        k = l2_normalize(k.reshape(T, G, Dk), a.rms_eps)
+        # V heads are stored tiled (converter's reorder): value head h reads key head h % G.
+        q = q.repeat(1, Hv // G, 1) * Dk**-0.5  # [T, Hv, Dk]
+        k = k.repeat(1, Hv // G, 1)
+        beta = torch.sigmoid(linear(x, self.w_beta))  # [T, Hv]
+        g = self.a * F.softplus(linear(x, self.w_alpha) + self.dt_bias)  # [T, Hv] log decay, <= 0
+        rule = rule or (delta_rule_recurrent if T == 1 else delta_rule_chunked)
+        o, cache.state = rule(q, k, v.reshape(T, Hv, Dv), g, beta, cache.state)  # o [T, Hv, Dv]
+        cache.length += T
+        z = linear(x, self.w_z).view(T, Hv, Dv)
+        o = rms_norm(o, self.norm, a.rms_eps) * F.silu(z)
+        return linear(o.reshape(T, Hv * Dv), self.w_out)
+
+
+class MoE:
+    """Softmax router, top-k renormalised, SwiGLU experts, plus a sigmoid-gated shared expert."""
+
+    def __init__(self, args: ModelArgs, bid: int, w: Weights):
+        self.args = args
+        self.router = as_matrix(w, TN.FFN_GATE_INP, bid)
+        fused = TN.FFN_GATE_UP_EXPS.format(bid=bid)
+        self.gate_up = as_matrix(w, TN.FFN_GATE_UP_EXPS, bid) if fused in w else None
+        self.gate = None if self.gate_up is not None else as_matrix(w, TN.FFN_GATE_EXPS, bid)
+        self.up = None if self.gate_up is not None else as_matrix(w, TN.FFN_UP_EXPS, bid)
+        self.down = as_matrix(w, TN.FFN_DOWN_EXPS, bid)
+        self.shexp_gate = as_float(w, TN.FFN_GATE_INP_SHEXP, bid).reshape(-1)  # [E]
+        self.shexp = DenseFFN.from_templates(w, bid, TN.FFN_GATE_SHEXP, TN.FFN_UP_SHEXP, TN.FFN_DOWN_SHEXP)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, E] -> (weights [T, k], expert ids [T, k])."""
+        probs = linear(x, self.router).to(torch.float32).softmax(-1)  # [T, X]
+        w, ids = probs.topk(self.args.n_expert_used, dim=-1)
+        return w / w.sum(-1, keepdim=True), ids
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        T, E = x.shape
+        w, ids = self.route(x)
+        if self.gate_up is not None:
+            gate, up = gathered_linear(x, self.gate_up, ids).chunk(2, dim=-1)  # [T, k, Fe] each
+        else:
+            gate, up = gathered_linear(x, self.gate, ids), gathered_linear(x, self.up, ids)
+        h = F.silu(gate) * up  # [T, k, Fe]
+        k = ids.shape[1]
+        # Each slot has its own input row, so run the down projection as T*k rows of one slot.
+        d = gathered_linear(h.reshape(T * k, -1), self.down, ids.reshape(T * k, 1)).view(T, k, E)
+        routed = (d * w.unsqueeze(-1)).sum(1)  # [T, E]
+        shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
+        return routed + shared
+
+
+class DenseFFN:
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight):
+        self.gate, self.up, self.down = gate, up, down
+
+    @classmethod
+    def from_templates(cls, w: Weights, bid: int, gate: str, up: str, down: str) -> "DenseFFN":
+        return cls(as_matrix(w, gate, bid), as_matrix(w, up, bid), as_matrix(w, down, bid))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
