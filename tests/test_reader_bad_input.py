@@ -621,7 +621,7 @@ def test_fuzz_mutations(fuzz_dir, data):
 
 _PROBE = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     from lemonslice.gguf.errors import GGUFError
     from lemonslice.gguf.reader import GGUFReader
     out = []
@@ -633,7 +633,9 @@ _PROBE = textwrap.dedent(
         except GGUFError as e:
             res = type(e).__name__
         out.append([p, res, time.perf_counter() - t0])
-    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "files": out}))
+    # VmHWM belongs to this process's own memory map; ru_maxrss would carry the parent's.
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"maxrss_kb": hwm, "files": out}))
     """
 )
 
