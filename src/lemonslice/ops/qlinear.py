@@ -15,8 +15,9 @@ import torch
 from ..gguf.constants import BLOCK_SIZES, GGMLType
 from .dequant import RawData, as_uint8, dequantize
 
-# Most bytes of float32 weight the reference expands at once (read at call time).
-CHUNK_BYTES = 16 << 20
+# Most bytes of float32 weight the reference expands at once (read at call time). Dequantizing
+# makes a few temporaries of this size, so it sets the op's scratch memory.
+CHUNK_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,257 @@
+"""Generation speed and memory of lemonslice (full load and streaming) against llama.cpp, side
+by side in one run, on the same file with the same thread count.
+
+    python bench/engine.py --layers 4 --vocab 32000 --threads 2 --prompt 64 -n 8
+
+The model is a synthetic qwen35moe with the real Qwen3.5-35B-A3B layer shapes and Q4_K_M-like
+types (about 0.55 GB a layer), random weights with finite scales, and a reduced vocabulary
+(a full 248k vocabulary makes lemonslice's reference LM head cost seconds per token). It is
+built once under --workdir and split there (both re-used by later runs).
+
+Each engine runs in its own subprocess (this script with --worker), measured by
+`lemonslice.testing.measure` for its peak RSS:
+
+* lemonslice full load: the monolithic .gguf, every layer read up front;
+* lemonslice streaming: the split directory with a weight budget below the model's size
+  (default: shared + largest layer), so each layer is read, run and dropped;
+* llama.cpp (llama-cpp-python, low-level API): the monolithic .gguf, memory-mapped as usual
+  (its RSS counts the mapped file pages it touched), CPU only, with the test harness's settings
+  (tests/llama_ref.py): no extra (AMX/repacked) weight buffers, F32 KV cache, flash attention off.
+
+Prefill is one P-token prompt; decode is N more tokens, one forward each (greedy). Load time
+is reported apart and is in neither rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+RESULT = "BENCH-RESULT "
+_keep_log_callback = None
+
+
+# ---- workers (run in their own process; print one JSON line on stderr) ---------------------
+
+
+def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_memory: int | None) -> dict:
+    from lemonslice.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(model, max_memory=max_memory, threads=threads)
+    load_s = time.perf_counter() - t0
+    # n + 1 tokens: the first comes out of the prefill, the other n from n decode forwards.
+    ids = engine.generate(prompt, n + 1)
+    s = engine.stats
+    return {
+        "mode": "streaming" if engine.streaming else "full load",
+        "load_s": load_s, "prefill_tokens": s.prefill_tokens, "prefill_s": s.prefill_seconds,
+        "decode_tokens": s.decode_tokens, "decode_s": s.decode_seconds, "ids": ids,
+    }
+
+
+def worker_llama(model: str, prompt: list[int], n: int, threads: int) -> dict:
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    log: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level in (3, 4):  # WARN, ERROR
+            log.append(text.decode("utf-8", "replace"))
+
+    global _keep_log_callback
+    _keep_log_callback = on_log  # llama.cpp may log until the process exits
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    mp.use_extra_bufts = False  # the AMX path segfaults on these machines (see tests/llama_ref.py)
+    mp.load_mtp = False
+    t0 = time.perf_counter()
+    m = llama_cpp.llama_model_load_from_file(model.encode(), mp)
+    if not m:
+        raise SystemExit(f"llama.cpp could not load {model}: {''.join(log)}")
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = len(prompt) + n + 1
+    cp.n_batch = cp.n_ubatch = len(prompt)
+    cp.n_seq_max = 1
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32
+    cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(m, cp)
+    if not ctx:
+        raise SystemExit(f"llama.cpp could not create a context: {''.join(log)}")
+    load_s = time.perf_counter() - t0
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))
+    batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
+
+    def decode(tokens: list[int], pos0: int) -> int:
+        batch.n_tokens = len(tokens)
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit(f"llama_decode failed at position {pos0}: {''.join(log)}")
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, len(tokens) - 1), shape=(n_vocab,))
+        return int(np.argmax(row))
+
+    t0 = time.perf_counter()
+    ids = [decode(prompt, 0)]
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k in range(n):
+        ids.append(decode(ids[-1:], len(prompt) + k))
+    decode_s = time.perf_counter() - t0
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(m)
+    return {
+        "mode": "mmap", "load_s": load_s, "prefill_tokens": len(prompt), "prefill_s": prefill_s,
+        "decode_tokens": n, "decode_s": decode_s, "ids": ids,
+    }
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def build(args: argparse.Namespace) -> tuple[Path, Path, dict]:
+    """The model file and its split directory (made or re-used), and the manifest's byte counts."""
+    from lemonslice.slicing import split_gguf
+    from lemonslice.slicing.manifest import load_manifest
+    from lemonslice.testing import write_large_random
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = args.workdir / f"qwen35moe-a3b-L{args.layers}-V{args.vocab}-X{args.experts}.gguf"
+    split = model.with_suffix(".split")
+    if not model.exists():
+        print(f"building {model} ({args.layers} real-shape layers, vocab {args.vocab})…", flush=True)
+        tmp = model.with_suffix(".tmp")
+        write_large_random(tmp, n_layer=args.layers, n_vocab=args.vocab, n_expert=args.experts)
+        os.replace(tmp, model)
+    manifest = None
+    if (split / "manifest.json").exists():
+        manifest = load_manifest(split)
+        if manifest.source.name != model.name or manifest.source.size != model.stat().st_size:
+            manifest = None
+    if manifest is None:
+        print(f"splitting into {split}…", flush=True)
+        manifest = split_gguf(model, split, force=True)
+    sizes = {f.layer: f.n_bytes for f in manifest.files}
+    shared = sizes.pop(None)
+    return model, split, {"shared": shared, "largest": max(sizes.values()), "total": shared + sum(sizes.values())}
+
+
+def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[int], max_memory: int | None) -> dict:
+    from lemonslice.testing.measure import measure
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model),
+           "--threads", str(args.threads), "-n", str(args.n), "--prompt-ids", ",".join(map(str, prompt))]
+    if max_memory is not None:
+        cmd += ["--max-memory", str(max_memory)]
+    m = measure(cmd)
+    lines = [ln for ln in m.stderr.splitlines() if ln.startswith(RESULT)]
+    if m.returncode != 0 or not lines:
+        sys.exit(f"{kind} worker failed (exit {m.returncode}):\n{m.stderr.strip()}")
+    return {**json.loads(lines[-1][len(RESULT):]), "peak_rss": m.peak_rss, "wall_s": m.wall_s}
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    num = text.rstrip("KMGiBkmgib ")
+    return int(float(num) * units[text[len(num):].strip().upper()])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lemonslice-bench-engine"))
+    ap.add_argument("--layers", type=int, default=4, help="trunk layers (~0.55 GB each)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens P")
+    ap.add_argument("-n", type=int, default=8, help="decode tokens N")
+    ap.add_argument("--stream-memory", type=parse_size, default=None,
+                    help="weight budget of the streaming run (default: shared + largest layer)")
+    ap.add_argument("--only", choices=["full", "streaming", "llama"], action="append",
+                    help="run only these engines (repeatable)")
+    ap.add_argument("--seed", type=int, default=0, help="of the prompt's token ids")
+    # worker mode
+    ap.add_argument("--worker", choices=["lemonslice", "llama"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    ap.add_argument("--max-memory", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+        if args.worker == "lemonslice":
+            r = worker_lemonslice(args.model, prompt, args.n, args.threads, args.max_memory)
+        else:
+            r = worker_llama(args.model, prompt, args.n, args.threads)
+        print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
+        return
+
+    if args.layers < 4 and (not args.only or "llama" in args.only):
+        # Layer i is full attention when (i + 1) % 4 == 0: with fewer layers there is none, and
+        # llama.cpp aborts (GGML_ASSERT(buffer) in ggml-backend.cpp) making an empty KV cache.
+        sys.exit("llama.cpp needs a full-attention layer: use --layers >= 4 (or --only full/streaming)")
+    model, split, sizes = build(args)
+    budget = args.stream_memory if args.stream_memory is not None else sizes["shared"] + sizes["largest"]
+    budget = min(budget, sizes["total"] - 1)
+    rng = random.Random(args.seed)
+    prompt = [rng.randrange(args.vocab - 3) for _ in range(args.prompt)]  # no special tokens
+    print(f"model: {model} ({model.stat().st_size / 1e9:.2f} GB; shared {sizes['shared'] / 1e6:.0f} MB, "
+          f"largest layer {sizes['largest'] / 1e6:.0f} MB)")
+    print(f"{os.cpu_count()} CPUs, {args.threads} threads, prompt {args.prompt} tokens, decode {args.n} tokens, "
+          f"streaming budget {budget / 1e6:.0f} MB", flush=True)
+
+    runs = {
+        "full": ("lemonslice", model, None),
+        "streaming": ("lemonslice", split, budget),
+        "llama": ("llama", model, None),
+    }
+    labels = {"full": "lemonslice full load", "streaming": "lemonslice streaming", "llama": "llama.cpp (mmap)"}
+    results: dict[str, dict] = {}
+    head = (f"{'engine':22} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12} "
+            f"{'wall s':>7}  first tokens")
+    print(head)
+    for key, (kind, path, mem) in runs.items():
+        if args.only and key not in args.only:
+            continue
+        r = results[key] = run_worker(kind, path, args, prompt, mem)
+        r["prefill_tps"] = r["prefill_tokens"] / r["prefill_s"] if r["prefill_s"] else 0.0
+        r["decode_tps"] = r["decode_tokens"] / r["decode_s"] if r["decode_s"] else 0.0
+        if kind == "lemonslice" and (r["mode"] == "streaming") != (key == "streaming"):
+            sys.exit(f"{labels[key]}: the engine chose {r['mode']} mode")
+        print(f"{labels[key]:22} {r['load_s']:>7.2f} {r['prefill_tps']:>14.2f} {r['decode_tps']:>13.3f} "
+              f"{r['peak_rss'] / 1e6:>12.0f} {r['wall_s']:>7.1f}  {' '.join(map(str, r['ids'][:6]))}", flush=True)
+
+    if "llama" in results:
+        ll = results["llama"]
+        for key in ("full", "streaming"):
+            if key not in results:
+                continue
+            r = results[key]
+            same = sum(a == b for a, b in zip(r["ids"], ll["ids"]))
+            print(f"{labels[key]} / llama.cpp: prefill {r['prefill_tps'] / ll['prefill_tps']:.3f}x, "
+                  f"decode {r['decode_tps'] / ll['decode_tps']:.3f}x, peak RSS {r['peak_rss'] / ll['peak_rss']:.2f}x"
+                  f"; tokens equal at {same}/{len(ll['ids'])} positions")
+    if "full" in results and "streaming" in results:
+        f, s = results["full"], results["streaming"]
+        print(f"streaming / full load: decode {s['decode_tps'] / f['decode_tps']:.3f}x, "
+              f"peak RSS {s['peak_rss'] / f['peak_rss']:.2f}x; same tokens: {s['ids'] == f['ids']}")
+
+
+if __name__ == "__main__":
+    main()
