@@ -213,7 +213,9 @@ def run(
     prompt_ids: str = typer.Option(..., "--prompt-ids", help="Prompt token ids, comma-separated."),
     n: int = typer.Option(32, "-n", help="Tokens to generate (greedy)."),
     max_memory: Optional[str] = typer.Option(
-        None, "--max-memory", help="Weight budget, e.g. 2GB; a larger model is streamed one layer at a time.",
+        None, "--max-memory",
+        help="Weight budget, e.g. 2GB; a larger model is streamed one layer at a time. "
+        "Default: 80% of the memory available now.",
     ),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
 ) -> None:
@@ -226,7 +228,8 @@ def run(
         raise LemonsliceError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
     if not ids or n < 0:
         raise LemonsliceError("need at least one prompt id and -n >= 0")
-    engine = Engine(model, max_memory=_parse_size(max_memory) if max_memory else None, threads=threads)
+    budget = _parse_size(max_memory) if max_memory else _default_budget()
+    engine = Engine(model, max_memory=budget, threads=threads)
     mode = "streaming (shared + one layer resident)" if engine.streaming else "full load"
     out.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}")
     new = engine.generate(ids, n)
@@ -235,6 +238,17 @@ def run(
     out.print(f"prefill: {s.prefill_tokens} tokens in {s.prefill_seconds:.2f} s ({s.prefill_tps:.2f} tokens/s)")
     out.print(f"decode: {s.decode_tokens} tokens in {s.decode_seconds:.2f} s ({s.decode_tps:.2f} tokens/s)")
     out.print(f"peak RSS: {_human(_peak_rss())}")
+
+
+def _default_budget() -> int | None:
+    """80% of MemAvailable: weights that would crowd out the page cache are streamed instead."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 * 8 // 10
+    except OSError:
+        pass
+    return None
 
 
 def _peak_rss() -> int:
