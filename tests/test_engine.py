@@ -29,13 +29,7 @@ from lemonslice.testing import tiny_qwen35, tiny_qwen35moe, write_synthetic
 
 from hf_models import HFSpec, hf_model  # noqa: F401  (hf_model is a session fixture)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: with -n 2 on few cores, torch's intra-op threads only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LEMONSLICE = str(Path(sys.executable).with_name("lemonslice"))

@@ -44,7 +44,7 @@ from lemonslice.models.gated_delta import delta_rule_chunked
 from llama_ref import llama_logits, llama_quantize
 from llama_sdist import llama_convert_hf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SPECS = {"moe": HFSpec(), "dense": HFSpec(moe=False)}
 KINDS = list(SPECS)
@@ -67,15 +67,6 @@ grown potatoes, onions and a stubborn row of sweet peas against the seaward wall
 to a small trust of volunteers. They open the door to visitors on summer weekends, sell postcards and \
 honey from the nearby farms, and tell the story of the storm to anyone who will stay and listen.
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: more torch threads only spin against llama.cpp's and the other worker's."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def figure(text: str) -> None:

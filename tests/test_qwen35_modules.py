@@ -28,13 +28,7 @@ from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig 
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as HM  # noqa: E402
 from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: with -n 2 on few cores, torch's intra-op threads only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 E, H, HKV, D, G, HV, DK = 64, 4, 2, 32, 2, 6, 16
