@@ -66,7 +66,9 @@ def test_streaming_holds_shared_plus_one_layer(model):
     assert store.resident_bytes == shared
     store.reset_peak()
     e.generate(PROMPT, 3)
-    assert shared + min(store.nbytes(i) for i in e.playlist) <= store.peak_resident_bytes <= shared + largest
+    # Streaming MoE maps its expert tensors rather than reading them, so only the upper bound
+    # is exact; the experts' resident pages are measured as RSS in test_streaming_memory.
+    assert shared < store.peak_resident_bytes <= shared + largest
     assert store.resident_bytes == shared  # every layer went back
     full = Engine(model)
     assert full.store.resident_bytes == full.weight_bytes == shared + sum(store.nbytes(i) for i in e.playlist)

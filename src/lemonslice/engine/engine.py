@@ -1,4 +1,4 @@
-"""Engine: runs a Qwen3.5 model from a WeightStore, fully loaded or streamed a layer at a time.
+"""Engine: runs a model (Qwen3.5, Gemma 3) from a WeightStore, fully loaded or streamed a layer at a time.
 
 * Full-load mode (the model fits `max_memory`, or no budget given): every block is built once.
 * Streaming mode: only the shared weights stay resident; each block is read, run and
@@ -17,12 +17,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import LemonsliceError
-from ..models.qwen35 import Block, LayerCache, ModelArgs, Shared, make_cache
+from ..models import family
 from .store import WeightStore
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ class Engine:
         if threads is not None:
             torch.set_num_threads(threads)
         self.store = model if isinstance(model, WeightStore) else WeightStore(model)
-        self.args = ModelArgs.from_gguf(self.store.metadata)
+        # The family (general.architecture) supplies the args, blocks, shared weights and caches.
+        self.family = family(self.store.metadata)
+        self.args = self.family.ModelArgs.from_gguf(self.store.metadata)
         self.playlist = list(playlist) if playlist is not None else list(range(self.args.n_layer))
         bad = [i for i in self.playlist if not 0 <= i < self.args.n_layer]
         if bad or not self.playlist:
@@ -93,11 +95,12 @@ class Engine:
         )
         if self.streaming:
             _return_large_frees_to_os()
-        self.shared = Shared(self.args, self.store.load_shared())
-        self._blocks: dict[int, Block] = {}
+            self.store.map_experts = True
+        self.shared = self.family.Shared(self.args, self.store.load_shared())
+        self._blocks: dict[int, Any] = {}
         if not self.streaming:
-            self._blocks = {i: Block(self.args, i, self.store.load_layer(i)) for i in unique}
-        self.caches: list[LayerCache | None] = []
+            self._blocks = {i: self.family.Block(self.args, i, self.store.load_layer(i)) for i in unique}
+        self.caches: list[Any] = []
         self.stats = RunStats()
         self.reset()
 
@@ -119,9 +122,9 @@ class Engine:
         self.caches = [None] * len(self.playlist)
         self.n_past = 0
 
-    def _block(self, layer: int) -> Block:
+    def _block(self, layer: int) -> Any:
         if self.streaming:
-            return Block(self.args, layer, self.store.load_layer(layer))
+            return self.family.Block(self.args, layer, self.store.load_layer(layer))
         return self._blocks[layer]
 
     @torch.inference_mode()
@@ -136,7 +139,7 @@ class Engine:
             for pos, layer in enumerate(self.playlist):
                 block = self._block(layer)
                 if self.caches[pos] is None:
-                    self.caches[pos] = make_cache(self.args, block)
+                    self.caches[pos] = self.family.make_cache(self.args, block)
                 x = block(x, self.caches[pos])
                 # Drop the block before the next is read, so streaming holds one layer at a time.
                 del block

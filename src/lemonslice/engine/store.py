@@ -9,6 +9,7 @@ alive (`resident_bytes`, `peak_resident_bytes`).
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -54,8 +55,11 @@ class WeightStore:
     as float32 torch tensors.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], map_experts: bool = False):
         self.path = Path(path)
+        # Streaming MoE: map ffn_*_exps instead of reading them, so only the pages of the
+        # experts the router picks become resident, and dropping the layer unmaps them.
+        self.map_experts = map_experts
         self._readers: dict[Path, GGUFReader] = {}
         self._fds: dict[Path, int] = {}
         self._resident = 0
@@ -169,10 +173,21 @@ class WeightStore:
         weakref.finalize(buf, self._released, n)
         return buf
 
+    def _map(self, path: Path, start: int, n: int) -> torch.Tensor:
+        """n bytes at `start`, mapped read-only: pages are read when touched."""
+        arr = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(n,))
+        with warnings.catch_warnings():
+            # Nothing writes to weights; torch only warns that it could.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
+
     def load(self, name: str) -> Weight:
         """One tensor: a QuantWeight for matrices, float32 for 1-D tensors."""
         info = self.info(name)
-        raw = torch.from_numpy(self._read(self._file_of(name), info.data_start, info.n_bytes))
+        path = self._file_of(name)
+        if self.map_experts and len(info.shape) == 3:
+            return QuantWeight(self._map(path, info.data_start, info.n_bytes), info.ggml_type, info.shape)
+        raw = torch.from_numpy(self._read(path, info.data_start, info.n_bytes))
         if len(info.shape) == 1:
             if info.ggml_type == GGMLType.F32:
                 return raw.view(torch.float32)  # shares the counted buffer
