@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ..errors import LemonsliceError
 from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
-from ..ops import dequantize, linear
+from ..ops import linear
+from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
 from .qwen35_layers import AttentionCache, Weights, apply_rope, as_float, as_matrix, rms_norm
 
 ARCH = "gemma3"
@@ -228,39 +229,18 @@ class Block:
         return h + rms_norm(self.ffn(rms_norm(h, self.ffn_norm, eps)), self.ffn_post_norm, eps)
 
 
-def make_cache(args: ModelArgs, layer: Block) -> AttentionCache:
-    """Fresh KV cache for one playlist position running `layer`."""
-    if layer.args != args:
-        raise LemonsliceError("make_cache: the block was built for other model args")
-    return layer.new_cache()
-
-
-class Shared:
+class Shared(SharedWeights):
     """Scaled token embedding, final norm, LM head (output.weight, or token_embd when tied), softcap."""
 
     def __init__(self, args: ModelArgs, weights: Weights):
-        self.args = args
-        self.embd = as_matrix(weights, TN.TOKEN_EMBD, 0)
-        self.norm = as_float(weights, TN.OUTPUT_NORM, 0)  # [E]
-        self.output = as_matrix(weights, TN.OUTPUT, 0) if TN.OUTPUT in weights else self.embd
-        if self.embd.in_features != args.n_embd:
-            raise LemonsliceError(f"token_embd rows have {self.embd.in_features} values, n_embd is {args.n_embd}")
+        super().__init__(args, weights)
         # sqrt(n_embd) rounded to float32 once, as both llama.cpp and transformers apply it.
         self.embed_scale = torch.tensor(math.sqrt(args.n_embd), dtype=torch.float32)
 
-    @property
-    def n_vocab(self) -> int:
-        return self.output.out_features
-
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] -> [T, E] float32; only the selected rows are dequantized."""
-        ids = ids.to(torch.long)
-        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.embd.out_features):
-            raise LemonsliceError(f"token ids must lie in [0, {self.embd.out_features})")
-        return dequantize(self.embd.raw[ids], self.embd.ggml_type) * self.embed_scale
+        return super().embed(ids) * self.embed_scale
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, E] -> [T, V]."""
-        out = linear(rms_norm(x, self.norm, self.args.rms_eps), self.output)
+        out = super().logits(x)
         cap = self.args.final_softcap
         return torch.tanh(out / cap) * cap if cap else out

@@ -16,7 +16,7 @@ import torch
 from ..errors import LemonsliceError
 from ..gguf.constants import Role
 from ..gguf.constants import Tensors as TN
-from ..ops import dequantize, linear
+from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
 from .qwen35_args import ModelArgs
 from .qwen35_layers import (
     Attention,
@@ -27,7 +27,6 @@ from .qwen35_layers import (
     MoE,
     Weights,
     as_float,
-    as_matrix,
     rms_norm,
 )
 
@@ -76,35 +75,5 @@ class Block:
         return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
 
 
-def make_cache(args: ModelArgs, layer: Block) -> LayerCache:
-    """Fresh state for one playlist position running `layer`: a KV cache or DeltaNet conv + recurrent state."""
-    if layer.args != args:
-        raise LemonsliceError("make_cache: the block was built for other model args")
-    return layer.new_cache()
-
-
-class Shared:
+class Shared(SharedWeights):
     """Token embedding, final norm and LM head (output.weight, or token_embd when tied)."""
-
-    def __init__(self, args: ModelArgs, weights: Weights):
-        self.args = args
-        self.embd = as_matrix(weights, TN.TOKEN_EMBD, 0)
-        self.norm = as_float(weights, TN.OUTPUT_NORM, 0)  # [E]
-        self.output = as_matrix(weights, TN.OUTPUT, 0) if TN.OUTPUT in weights else self.embd
-        if self.embd.in_features != args.n_embd:
-            raise LemonsliceError(f"token_embd rows have {self.embd.in_features} values, n_embd is {args.n_embd}")
-
-    @property
-    def n_vocab(self) -> int:
-        return self.output.out_features
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] -> [T, E] float32; only the selected rows are dequantized."""
-        ids = ids.to(torch.long)
-        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.embd.out_features):
-            raise LemonsliceError(f"token ids must lie in [0, {self.embd.out_features})")
-        return dequantize(self.embd.raw[ids], self.embd.ggml_type)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, E] -> [T, V]."""
-        return linear(rms_norm(x, self.norm, self.args.rms_eps), self.output)
