@@ -117,6 +117,18 @@ class Engine:
     def n_vocab(self) -> int:
         return self.shared.n_vocab
 
+    def set_playlist(self, playlist: Sequence[int]) -> None:
+        """Run another order of the same blocks (no weights are re-read in full-load mode); resets state."""
+        playlist = list(playlist)
+        bad = [i for i in playlist if not 0 <= i < self.args.n_layer]
+        if bad or not playlist:
+            raise LemonsliceError(f"playlist needs trunk block indices in [0, {self.args.n_layer}), got {bad or 'none'}")
+        self.playlist = playlist
+        if not self.streaming:
+            for i in sorted(set(playlist) - set(self._blocks)):
+                self._blocks[i] = self.family.Block(self.args, i, self.store.load_layer(i))
+        self.reset()
+
     def reset(self) -> None:
         """Forget the sequence: fresh state for every playlist position."""
         self.caches = [None] * len(self.playlist)

@@ -1,0 +1,122 @@
+"""Format commands: split, merge, verify, inspect, convert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from ._app import _human, _progress, app, err, out
+
+
+@app.command()
+def split(
+    model: Path = typer.Argument(..., help="Monolithic GGUF file."),
+    outdir: Path = typer.Argument(..., help="Directory to write shared.gguf, layer_NNNN.gguf and manifest.json to."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTDIR."),
+) -> None:
+    """Split a GGUF into one file per block plus shared.gguf and manifest.json."""
+    from ..slicing import split_gguf
+
+    with _progress("split") as cb:
+        m = split_gguf(model, outdir, force=force, progress=cb)
+    n_layers = len(m.layers)
+    out.print(f"wrote {n_layers} layer files + shared.gguf to {outdir} (source sha256 {m.source.sha256[:16]}…)")
+
+
+@app.command()
+def merge(
+    outdir: Path = typer.Argument(..., help="Split directory."),
+    model: Path = typer.Argument(..., help="GGUF file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing MODEL."),
+) -> None:
+    """Rebuild the monolithic GGUF; checks it byte for byte against the source's sha256."""
+    from ..slicing import merge_split
+
+    with _progress("merge") as cb:
+        digest = merge_split(outdir, model, force=force, progress=cb)
+    out.print(f"wrote {model}: sha256 {digest} matches the source")
+
+
+@app.command()
+def verify(outdir: Path = typer.Argument(..., help="Split directory.")) -> None:
+    """Re-hash every file and check names, counts, sizes and roles against the manifest."""
+    from ..slicing import verify_split
+
+    with _progress("verify") as cb:
+        problems = verify_split(outdir, progress=cb)
+    for p in problems:
+        err.print(str(p), style="red", markup=False, highlight=False)
+    if problems:
+        err.print(f"{outdir}: {len(problems)} problem(s)", markup=False, highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{outdir}: all files intact")
+
+
+def _print_summary(s: dict) -> None:
+    hp = s["hyperparameters"]
+    t = Table(title=f"{s['path']} ({s['kind']}, {s['files']} file(s), {_human(s['file_bytes'])})", show_lines=False)
+    t.add_column("key")
+    t.add_column("value")
+    for k, v in hp.items():
+        if v is not None:
+            t.add_row(k, str(v))
+    out.print(t)
+    lt = Table(title="layers")
+    for c in ("index", "role", "tensors", "bytes", "types"):
+        lt.add_column(c, justify="right" if c in ("index", "tensors", "bytes") else "left")
+    for row in s["layers"]:
+        types = ", ".join(f"{k}×{v}" for k, v in row["types"].items())
+        lt.add_row(str(row["index"]), row["role"], str(row["tensors"]), _human(row["bytes"]), types)
+    out.print(lt)
+    tot = s["totals"]
+    roles = ", ".join(f"{v} {k}" for k, v in tot["roles"].items())
+    out.print(
+        f"{tot['layers']} layers ({roles}); tensors {_human(tot['tensor_bytes'])}; "
+        f"shared {_human(tot['shared_bytes'])}; largest layer {_human(tot['largest_layer_bytes'])}\n"
+        f"peak weights for a one-layer-at-a-time run: {_human(tot['peak_one_layer_bytes'])} "
+        f"(shared + largest layer), against {_human(tot['tensor_bytes'])} for a full load"
+    )
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A .gguf file or a split directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show hyperparameters, a layer table and totals."""
+    from ..slicing import inspect_path
+
+    s = inspect_path(path)
+    if as_json:
+        out.print_json(json.dumps(s, default=str))
+    else:
+        _print_summary(s)
+
+
+@app.command()
+def convert(
+    hf_dir: Path = typer.Argument(..., help="Checkpoint directory: config.json, *.safetensors, tokenizer.json."),
+    model: Path = typer.Argument(..., help="GGUF file to write."),
+    out_type: str = typer.Option(
+        "bf16", "--type", help="Weight type: f32, f16, bf16 or q8_0 (norms, routers and 1-D tensors stay f32).",
+    ),
+    no_mtp: bool = typer.Option(False, "--no-mtp", help="Leave out the multi-token-prediction (nextn) block."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing MODEL."),
+) -> None:
+    """Convert a Qwen3.5 (MoE or dense) Hugging Face checkpoint to GGUF, one tensor at a time."""
+    from ..convert import convert_hf
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("convert", total=None)
+        r = convert_hf(hf_dir, model, out_type, force=force, mtp=not no_mtp,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    mtp = f" + {r.nextn_predict_layers} MTP" if r.nextn_predict_layers else ""
+    out.print(f"wrote {model}: {r.arch}, {r.block_count - r.nextn_predict_layers} layers{mtp}, "
+              f"{r.n_tensors} tensors, {_human(r.n_bytes)} ({out_type})")
