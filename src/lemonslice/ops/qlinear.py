@@ -1,8 +1,9 @@
 """Quantized linear layers: the seam between model code and weight kernels.
 
 Model code calls `linear` and `gathered_linear`. Each has a `_ref` twin with the same
-signature that dequantizes the weight a few rows at a time and multiplies in float32;
-a faster kernel can later replace the fast path without touching callers.
+signature that dequantizes the weight a few rows at a time in torch and multiplies in
+float32. The fast path uses the C kernels (ops/kernels.c): a fused decode-and-dot for a
+few activation rows (decode), and C dequantization of row chunks + BLAS for many (prefill).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..gguf.constants import BLOCK_SIZES, GGMLType
+from . import kernels
 from .dequant import RawData, as_uint8, dequantize
 
 # Most bytes of float32 weight the reference expands at once (read at call time). Dequantizing
@@ -95,6 +97,25 @@ def _matmul_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in:
     return out
 
 
+def _fast_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: int) -> torch.Tensor:
+    """`_matmul_rows` through the C kernels where they cover the type and device."""
+    if xf.device.type != "cpu" or not kernels.supported(ggml_type):
+        return _matmul_rows(xf, raw, ggml_type, n_in)
+    if ggml_type == GGMLType.F32 and raw.data_ptr() % 4 == 0 and raw.stride(-1) == 1:
+        return xf @ raw.view(torch.float32).T  # already float: no copy at all
+    if BLOCK_SIZES[ggml_type][0] == 1:
+        return _matmul_rows(xf, raw, ggml_type, n_in)
+    if xf.shape[0] <= kernels.MAX_ROWS:
+        return kernels.qmatmul(xf, raw, ggml_type, n_in)
+    rows = raw.shape[0]
+    step = max(1, CHUNK_BYTES // (4 * n_in))
+    out = xf.new_empty((xf.shape[0], rows))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out[:, r0:r1] = xf @ kernels.dequant(raw[r0:r1], ggml_type, n_in).T
+    return out
+
+
 def _check_2d(x: torch.Tensor, w: QuantWeight) -> None:
     if w.n_expert is not None:
         raise ValueError(f"linear needs a 2-D weight, got shape {w.shape}")
@@ -112,7 +133,10 @@ def linear_ref(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [..., in] @ W.T -> [..., out]; the op model code calls."""
-    return linear_ref(x, w)
+    _check_2d(x, w)
+    xf = x.reshape(-1, w.in_features).to(torch.float32)
+    y = _fast_rows(xf, w.raw, w.ggml_type, w.in_features)
+    return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
 
 
 def _check_gathered(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> None:
@@ -124,11 +148,7 @@ def _check_gathered(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -
         raise ValueError(f"expert_ids must be [{x.shape[0]}, k], got {tuple(expert_ids.shape)}")
 
 
-def gathered_linear_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
-    """x [T, in], expert_ids [T, k] -> [T, k, out]: row t, slot j uses expert expert_ids[t, j].
-
-    Only the selected experts' byte ranges are dequantized, one expert at a time.
-    """
+def _gathered(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor, rows_fn) -> torch.Tensor:  # noqa: ANN001
     _check_gathered(x, w, expert_ids)
     k = expert_ids.shape[1]
     xf = x.to(torch.float32)
@@ -139,10 +159,18 @@ def gathered_linear_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tenso
         raise IndexError(f"expert ids must lie in [0, {w.n_expert}), got {experts[0]}..{experts[-1]}")
     for e in experts:
         pos = (flat == e).nonzero(as_tuple=True)[0]  # [n_e] slots routed to expert e
-        out[pos] = _matmul_rows(xf[pos // k], w.raw[e], w.ggml_type, w.in_features)
+        out[pos] = rows_fn(xf[pos // k], w.raw[e], w.ggml_type, w.in_features)
     return out.reshape(x.shape[0], k, w.out_features).to(x.dtype)
+
+
+def gathered_linear_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, in], expert_ids [T, k] -> [T, k, out]: row t, slot j uses expert expert_ids[t, j].
+
+    Only the selected experts' byte ranges are dequantized, one expert at a time.
+    """
+    return _gathered(x, w, expert_ids, _matmul_rows)
 
 
 def gathered_linear(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
     """x [T, in], expert_ids [T, k] -> [T, k, out]; the MoE op model code calls."""
-    return gathered_linear_ref(x, w, expert_ids)
+    return _gathered(x, w, expert_ids, _fast_rows)

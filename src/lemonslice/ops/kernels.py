@@ -1,0 +1,131 @@
+"""The C kernels in kernels.c, compiled on first use and called through ctypes.
+
+The library is built once per source/compiler/CPU into the cache directory
+($LEMONSLICE_CACHE, default ~/.cache/lemonslice) with -march=native, like llama.cpp's own
+CPU build. If no C compiler is found, or LEMONSLICE_KERNELS=ref, `library()` is None and
+the ops use their torch reference twins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..gguf.constants import BLOCK_SIZES, GGMLType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
+# Most activation rows the fused kernel takes; more rows go through dequantize + BLAS.
+MAX_ROWS = 16
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEMONSLICE_CACHE") or Path.home() / ".cache" / "lemonslice")
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()]))
+    out = cache_dir() / "kernels" / f"libls_kernels-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename, so a concurrent or killed build never leaves a torn library.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be had (the reference ops are used)."""
+    if os.environ.get("LEMONSLICE_KERNELS", "").lower() == "ref":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        log.warning("no C compiler found; using the reference (slow) quantized kernels")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except OSError as e:
+        log.warning("could not build the C kernels (%s); using the reference kernels", e)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ls_supported.argtypes = [ctypes.c_int]
+    lib.ls_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.ls_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
+@lru_cache(maxsize=None)
+def supported(ggml_type: int) -> bool:
+    lib = library()
+    return lib is not None and bool(lib.ls_supported(int(ggml_type)))
+
+
+def _check(raw: torch.Tensor, ggml_type: int, n_in: int) -> None:
+    # The C side trusts these sizes, so they are checked here.
+    if raw.device.type != "cpu" or raw.dtype != torch.uint8 or raw.dim() != 2 or raw.stride(1) != 1:
+        raise ValueError("kernels take CPU uint8 [rows, row_bytes] tensors with contiguous rows")
+    block, type_size = BLOCK_SIZES[GGMLType(ggml_type)]
+    if n_in % block or raw.shape[1] != n_in // block * type_size:
+        raise ValueError(f"{GGMLType(ggml_type).name} rows of {n_in} values take {n_in // block * type_size} bytes")
+
+
+def dequant(raw: torch.Tensor, ggml_type: int, n_in: int) -> torch.Tensor:
+    """raw [rows, row_bytes] ggml blocks -> float32 [rows, n_in]."""
+    _check(raw, ggml_type, n_in)
+    out = torch.empty((raw.shape[0], n_in), dtype=torch.float32)
+    rc = library().ls_dequant(
+        int(ggml_type), raw.data_ptr(), raw.stride(0), raw.shape[0], n_in, out.data_ptr(), torch.get_num_threads()
+    )
+    if rc:
+        raise ValueError(f"ls_dequant rejected type {ggml_type} with {n_in} columns")
+    return out
+
+
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -> torch.Tensor:
+    """x [N, in] float32 (N <= MAX_ROWS) @ W.T, W = raw [rows, row_bytes] -> [N, rows] float32."""
+    _check(raw, ggml_type, n_in)
+    x = x.contiguous()
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be float32 [N, {n_in}] with 1 <= N <= {MAX_ROWS}")
+    out = torch.empty((x.shape[0], raw.shape[0]), dtype=torch.float32)
+    rc = library().ls_qmatmul(
+        int(ggml_type), raw.data_ptr(), raw.stride(0), raw.shape[0], n_in, x.data_ptr(), x.shape[0],
+        out.data_ptr(), torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"ls_qmatmul rejected type {ggml_type}, {x.shape[0]} rows, {n_in} columns")
+    return out
