@@ -182,9 +182,9 @@ def test_run_cli(moe_model):
     assert r.returncode == 0, r.stderr
     m = re.search(r"^generated: ([\d ]+)$", r.stdout, re.M)
     assert m and [int(t) for t in m.group(1).split()] == want
-    assert "streaming" in r.stdout
+    assert "streaming" in r.stderr
     for label in ("prefill", "decode", "peak RSS"):
-        assert label in r.stdout
+        assert label in r.stderr
     bad = subprocess.run([LEMONSLICE, "run", str(model), "--prompt-ids", "1,x"], capture_output=True, text=True)
     assert bad.returncode != 0 and "error" in bad.stderr
 

@@ -29,7 +29,7 @@ import torch
 from lemonslice.engine import Engine
 from lemonslice.models import gemma3
 
-from llama_ref import llama_tokenize
+from llama_ref import llama_detokenize, llama_tokenize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,9 +124,44 @@ def test_cli_run(gemma_path, hf_ref):
         capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert "gemma3: 18 layers" in r.stdout
+    assert "gemma3: 18 layers" in r.stderr
     m = re.search(r"generated: ([\d ]+)", r.stdout)
     assert m and [int(t) for t in m.group(1).split()] == hf_ref["greedy"][1][:2]
+
+
+def test_cli_run_streams_text(gemma_path, hf_ref):
+    """`run -p` tokenizes as llama.cpp does and prints transformers' greedy text; stats go to stderr."""
+    r = subprocess.run(
+        [LEMONSLICE, "run", str(gemma_path), "-p", PROMPTS[0], "-n", "12", "--threads", "1", "--max-memory", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    want = llama_detokenize(gemma_path, hf_ref["greedy"][0][:12])
+    assert r.stdout == want + "\n"
+    assert "streaming" in r.stderr and re.search(r"decode: 11 tokens in [\d.]+ s", r.stderr)
+
+
+def test_cli_sampling_is_reproducible(gemma_path):
+    cmd = [LEMONSLICE, "run", str(gemma_path), "-p", PROMPTS[1], "-n", "10", "--threads", "1",
+           "--preset", "instruct-general"]
+    a, b, c = (subprocess.run(cmd + ["--seed", s], capture_output=True, text=True, timeout=300) for s in "557")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+    assert a.stdout != c.stdout  # another seed draws another continuation here
+
+
+def test_cli_chat_multi_turn(gemma_path):
+    """Two turns and a thinking toggle; the second turn feeds only its new tokens."""
+    r = subprocess.run(
+        [LEMONSLICE, "chat", str(gemma_path), "-n", "8", "--threads", "1"],
+        input="Name a colour.\n/think\nName an animal.\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    replies = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(replies) >= 2
+    reused = [int(m) for m in re.findall(r"(\d+) prompt tokens re-used", r.stderr)]
+    assert len(reused) == 2 and reused[0] == 0 and reused[1] > 10
+    assert "[thinking on]" in r.stderr and "[thinking off]" in r.stderr
 
 
 def _attend_brute(q, k, v, scale, window):

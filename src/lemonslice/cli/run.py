@@ -1,22 +1,298 @@
-"""Model commands: demo, run."""
+"""Model commands: run, chat, perplexity and the demo.
+
+Generated text goes to stdout as it is produced; statistics and prompts go to stderr.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from ..errors import LemonsliceError
-from ._app import _default_budget, _human, _parse_size, _peak_rss, _progress, app, out
+from ._app import _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
 from .format import _print_summary
+
+# Options every model command shares (typer needs them per function; these keep one text).
+_MODEL_HELP = "A .gguf file or a split directory."
+_MEMORY_HELP = ("Weight budget, e.g. 2GB; a larger model is streamed one layer at a time. "
+                "Default: 80% of the memory available now.")
+_THREADS_HELP = "CPU threads (default: torch's choice)."
+_PRESET_HELP = ("Sampling preset: thinking-general, thinking-coding, instruct-general, instruct-reasoning. "
+                "Without one, decoding is greedy unless --temperature is given.")
+_TEMPLATE_HELP = "Jinja chat template file that overrides the GGUF's own."
+_LAYERS_HELP = "Layer playlist or plan file, e.g. '0-11,8-11,12-17' or 'repeat 8-11' (see `surgery`)."
+
+
+def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None):
+    from ..engine import Engine
+
+    if threads is not None and threads < 1:
+        raise LemonsliceError(f"--threads must be >= 1, got {threads}")
+    budget = _parse_size(max_memory) if max_memory else _default_budget()
+    playlist = None
+    if layers:
+        from ..surgery.plan import playlist_for
+
+        playlist = playlist_for(layers, model)
+    engine = Engine(model, max_memory=budget, threads=threads, playlist=playlist)
+    mode = "streaming (shared + one layer resident)" if engine.streaming else "full load"
+    err.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}",
+              highlight=False)
+    return engine
+
+
+def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
+    from ..engine.sampling import SamplingParams
+
+    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    try:
+        if preset:
+            params = SamplingParams.preset(preset, **given)
+        else:
+            params = SamplingParams(**({"temperature": 0.0} | given))
+        return params.replace(seed=seed) if seed is not None else params
+    except ValueError as e:
+        raise LemonsliceError(str(e)) from None
+
+
+def _text_tools(engine, chat_template: Optional[Path]):  # noqa: ANN001, ANN202
+    from ..eval.generate import chat_template_for, stop_ids
+    from ..text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(engine.store.metadata)
+    template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)
+    return tok, template, stop_ids(tok, engine.store.metadata)
+
+
+def _special_kwargs(tok) -> dict[str, str]:  # noqa: ANN001
+    return {
+        "bos_token": tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+        "eos_token": tok.tokens[tok.eos_id] if tok.eos_id is not None else "",
+    }
+
+
+def _encode_prompt(tok, text: str, templated: bool) -> list[int]:  # noqa: ANN001
+    ids = tok.encode(text, add_special=not templated, parse_special=True)
+    # A template that does not write the BOS text itself still needs it when the vocabulary asks for it.
+    if templated and tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids.insert(0, tok.bos_id)
+    return ids
+
+
+def _stream(session, tok, ids: list[int], sampler, max_tokens: int, stops: frozenset[int],  # noqa: ANN001
+            stop_strings: tuple[str, ...], write) -> str:  # noqa: ANN001
+    """Generate, writing text as it completes; returns the whole text (stop string excluded)."""
+    from ..engine.sampling import StopMatcher
+
+    dec, matcher, text = tok.stream(skip_special=True), StopMatcher(stop_strings), []
+    gen = session.generate(ids, sampler, max_tokens, stops)
+    for t in gen:
+        piece, stopped = matcher.feed(dec.feed(t))
+        if piece:
+            write(piece)
+            text.append(piece)
+        if stopped:
+            gen.close()
+            break
+    tail, _ = matcher.feed(dec.flush())
+    tail += matcher.flush()
+    if tail:
+        write(tail)
+        text.append(tail)
+    return "".join(text)
+
+
+def _write_out(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _report(stats, stats_json: Optional[Path] = None, **extra: Any) -> None:  # noqa: ANN001
+    peak = _peak_rss()
+    err.print(
+        f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_seconds:.2f} s ({stats.prefill_tps:.2f} tokens/s)"
+        f"{f', {stats.reused_tokens} re-used' if getattr(stats, 'reused_tokens', 0) else ''}\n"
+        f"decode: {stats.decode_tokens} tokens in {stats.decode_seconds:.2f} s ({stats.decode_tps:.2f} tokens/s)\n"
+        f"peak RSS: {_human(peak)}", highlight=False,
+    )
+    if stats_json is not None:
+        d = {"prefill_tokens": stats.prefill_tokens, "prefill_seconds": stats.prefill_seconds,
+             "decode_tokens": stats.decode_tokens, "decode_seconds": stats.decode_seconds,
+             "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps, "peak_rss": peak, **extra}
+        stats_json.write_text(json.dumps(d, indent=1))
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma-separated."),
+    n: int = typer.Option(128, "-n", "--max-tokens", help="Most tokens to generate."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template as one user turn."),
+    thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="With --chat: the template's thinking mode."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
+) -> None:
+    """Generate from a prompt: text streams to stdout, statistics go to stderr."""
+    from ..engine.generation import Session
+    from ..engine.sampling import Sampler
+
+    if (prompt is None) == (prompt_ids is None):
+        raise LemonsliceError("give exactly one of -p/--prompt and --prompt-ids")
+    if n < 0:
+        raise LemonsliceError(f"-n must be >= 0, got {n}")
+    params = _sampling(preset, seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
+    engine = _open_engine(model, max_memory, threads, layers)
+    session, sampler = Session(engine), Sampler(params)
+    if prompt_ids is not None:
+        try:
+            ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise LemonsliceError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+        if not ids:
+            raise LemonsliceError("--prompt-ids has no ids")
+        new = list(session.generate(ids, sampler, n))
+        out.print(f"generated: {' '.join(map(str, new))}")
+    else:
+        tok, template, stops = _text_tools(engine, chat_template)
+        if chat:
+            text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   enable_thinking=thinking, **_special_kwargs(tok))
+        else:
+            text = prompt
+        ids = _encode_prompt(tok, text, templated=chat)
+        _stream(session, tok, ids, sampler, n, stops, params.stop, _write_out)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    _report(session.stats, stats_json, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
+            seed=sampler.seed)
+
+
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="Start with thinking on (toggle: /think)."),
+    n: int = typer.Option(1024, "-n", "--max-tokens", help="Most tokens per reply."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+) -> None:
+    """Interactive multi-turn chat. Commands: /think (toggle thinking), /reset, /exit."""
+    from ..engine.generation import Session
+    from ..engine.sampling import Sampler
+    from ..text.chat import opens_think_block, split_reasoning
+
+    params = _sampling(preset, seed, temperature=temperature)
+    engine = _open_engine(model, max_memory, threads, layers)
+    tok, template, stops = _text_tools(engine, chat_template)
+    session, sampler = Session(engine), Sampler(params)
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    err.print("type a message; /think toggles thinking, /reset starts over, /exit quits", highlight=False)
+    while True:
+        err.print(f"[thinking {'on' if thinking else 'off'}] > ", end="", highlight=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/think":
+            thinking = not thinking
+            continue
+        if line.strip() == "/reset":
+            messages, _ = list(base), session.reset()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text = template.render(messages, add_generation_prompt=True, enable_thinking=thinking, **_special_kwargs(tok))
+        reply = _stream(session, tok, _encode_prompt(tok, text, templated=True), sampler, n, stops,
+                        params.stop, _write_out)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        # The history keeps the answer only; templates drop past reasoning anyway.
+        messages.append({"role": "assistant", "content": split_reasoning(reply, opened=opens_think_block(text)).answer})
+        s = session.stats
+        err.print(f"({s.decode_tokens + 1} tokens, {s.decode_tps:.2f} tokens/s, {s.reused_tokens} prompt tokens re-used)",
+                  highlight=False)
+
+
+@app.command()
+def perplexity(
+    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    text_file: Path = typer.Argument(..., help="UTF-8 text to score."),
+    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens (the second half of each is scored)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+    layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
+) -> None:
+    """Perplexity as llama.cpp's llama-perplexity computes it (windows of --ctx, second halves scored)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from ..eval.perplexity import perplexity as score
+    from ..text.tokenizer import Tokenizer
+
+    if preset is not None:
+        _sampling(preset, None)  # still reject an unknown name
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LemonsliceError(f"{text_file} is not UTF-8 text") from None
+    engine = _open_engine(model, max_memory, threads, layers)
+    tok = Tokenizer.from_gguf(engine.store.metadata)
+    tokens = tok.encode(text, add_special=True, parse_special=False)
+    err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("perplexity", total=None)
+        r = score(engine, tokens, ctx, tok.bos_id if tok.add_bos else None, max_windows=chunks,
+                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    err.print("running: " + " ".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(r.window_ppl)), highlight=False)
+    out.print(f"perplexity: {r.ppl:.4f} over {r.scored} tokens ({r.windows} windows of {r.ctx})")
+
+
+def _budget_for_streaming(splitdir: Path) -> int:
+    from ..slicing import inspect_path
+
+    tot = inspect_path(splitdir)["totals"]
+    return int(tot["peak_one_layer_bytes"])
 
 
 @app.command()
 def demo(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Cache directory (default ~/.cache/lemonslice)."),
+    prompt: str = typer.Option("The three most important inventions of the twentieth century are",
+                               "-p", "--prompt", help="Prompt to continue."),
+    n: int = typer.Option(48, "-n", "--max-tokens", help="Tokens to generate."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
-    """The main job on the real Gemma 3 270M GGUF: split (re-used once it verifies), verify, inspect."""
+    """The main job on the real Gemma 3 270M: split (re-used once it verifies), stream text a layer at a time,
+    and compare peak memory with a full load."""
     from ..slicing import inspect_path, split_gguf, verify_split
 
     try:
@@ -43,35 +319,29 @@ def demo(
         out.print(f"split into {splitdir} and verified")
     _print_summary(inspect_path(splitdir))
 
-
-@app.command()
-def run(
-    model: Path = typer.Argument(..., help="A .gguf file or a split directory."),
-    prompt_ids: str = typer.Option(..., "--prompt-ids", help="Prompt token ids, comma-separated."),
-    n: int = typer.Option(32, "-n", help="Tokens to generate (greedy)."),
-    max_memory: Optional[str] = typer.Option(
-        None, "--max-memory",
-        help="Weight budget, e.g. 2GB; a larger model is streamed one layer at a time. "
-        "Default: 80% of the memory available now.",
-    ),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
-) -> None:
-    """Greedy generation from token ids; prints the new ids, speeds and peak RSS."""
-    from ..engine import Engine
-
-    try:
-        ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
-    except ValueError:
-        raise LemonsliceError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
-    if not ids or n < 0:
-        raise LemonsliceError("need at least one prompt id and -n >= 0")
-    budget = _parse_size(max_memory) if max_memory else _default_budget()
-    engine = Engine(model, max_memory=budget, threads=threads)
-    mode = "streaming (shared + one layer resident)" if engine.streaming else "full load"
-    out.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}")
-    new = engine.generate(ids, n)
-    s = engine.stats
-    out.print(f"generated: {' '.join(map(str, new))}")
-    out.print(f"prefill: {s.prefill_tokens} tokens in {s.prefill_seconds:.2f} s ({s.prefill_tps:.2f} tokens/s)")
-    out.print(f"decode: {s.decode_tokens} tokens in {s.decode_seconds:.2f} s ({s.decode_tps:.2f} tokens/s)")
-    out.print(f"peak RSS: {_human(_peak_rss())}")
+    # Each run is its own process so its peak RSS (VmHWM) is its own.
+    budget = _budget_for_streaming(splitdir)
+    common = ["-p", prompt, "-n", str(n)] + (["--threads", str(threads)] if threads else [])
+    runs = {}
+    for label, extra in (("streaming", ["--max-memory", str(budget)]), ("full load", ["--max-memory", "1TB"])):
+        stats = workdir / f"demo-{label.replace(' ', '-')}.json"
+        out.print(f"\n--- {label} ---")
+        out.file.flush()
+        cmd = [sys.executable, "-m", "lemonslice", "run", str(splitdir if label == "streaming" else model),
+               *common, *extra, "--stats-json", str(stats)]
+        # The streaming run's text shows live; the full-load run only measures.
+        r = subprocess.run(cmd, stdout=None if label == "streaming" else subprocess.DEVNULL,
+                           env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        if r.returncode:
+            raise LemonsliceError(f"the {label} run failed (exit {r.returncode})")
+        runs[label] = json.loads(stats.read_text())
+    s, f = runs["streaming"], runs["full load"]
+    out.print(
+        f"\nfile {_human(model.stat().st_size)}; streaming budget {_human(budget)} (shared + largest layer)\n"
+        f"streaming: peak RSS {_human(s['peak_rss'])}, decode {s['decode_tps']:.2f} tokens/s\n"
+        f"full load: peak RSS {_human(f['peak_rss'])}, decode {f['decode_tps']:.2f} tokens/s\n"
+        f"streaming peak RSS is {s['peak_rss'] / f['peak_rss']:.2f}× the full-load peak"
+        f" and {s['peak_rss'] / model.stat().st_size:.2f}× the file size"
+    )
+    if s["peak_rss"] >= f["peak_rss"]:
+        raise LemonsliceError("streaming did not use less memory than a full load")

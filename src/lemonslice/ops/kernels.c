@@ -267,7 +267,8 @@ int ls_qmatmul(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int
     deq_fn fn;
     if (type_info(type, &block, &bytes, &fn) || block == 1 || ncols % block || T < 1 || T > MAXT) return -1;
     const int64_t nb = ncols / block;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    /* Dynamic chunks: a thread that the OS preempts does not hold the whole product back. */
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
     for (int64_t r = 0; r < nrows; r++) {
         float acc[MAXT] = {0};
         const uint8_t *row = W + r * row_bytes;

@@ -1,0 +1,5 @@
+"""`python -m lemonslice` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Perplexity the way llama.cpp's `llama-perplexity` computes it.
+
+The text is tokenized once (with BOS when the vocabulary asks for it) and cut into
+non-overlapping windows of `ctx` tokens; the first token of each window is replaced by
+BOS. Each window starts from a fresh state and only its second half is scored: the
+log-probability of token j+1 from the logits at j, for j in [ctx/2, ctx-1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import Engine
+from ..errors import LemonsliceError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    scored: int  # tokens scored
+    windows: int
+    ctx: int
+    window_ppl: tuple[float, ...]  # running perplexity after each window, as llama.cpp prints it
+
+
+def perplexity(
+    engine: Engine,
+    tokens: Sequence[int],
+    ctx: int,
+    bos_id: int | None,
+    max_windows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    if ctx < 4:
+        raise LemonsliceError(f"--ctx must be at least 4, got {ctx}")
+    if len(tokens) < 2 * ctx:
+        raise LemonsliceError(
+            f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} needs at least {2 * ctx}"
+        )
+    windows = len(tokens) // ctx
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    first = ctx // 2
+    nll, count, running = 0.0, 0, []
+    for w in range(windows):
+        ids = list(tokens[w * ctx : (w + 1) * ctx])
+        if bos_id is not None:
+            ids[0] = bos_id
+        engine.reset()
+        engine.forward(ids[:first])  # the first half only builds state; its logits are not needed
+        logits = engine.forward(ids[first:], all_logits=True)[:-1]  # [ctx - 1 - first, V]
+        targets = torch.tensor(ids[first + 1 :], dtype=torch.long)
+        # log p(target) = logit - logsumexp, per row; the running sum is kept in double.
+        lse = torch.logsumexp(logits, dim=-1)  # [n]
+        nll -= float((logits.gather(1, targets[:, None])[:, 0] - lse).double().sum())
+        count += len(targets)
+        running.append(math.exp(nll / count))
+        if progress is not None:
+            progress(w + 1, windows)
+    return PerplexityResult(math.exp(nll / count), nll / count, count, windows, ctx, tuple(running))

@@ -1,0 +1,9 @@
+"""Layer surgery: plans (playlists of blocks) and writing them out as models."""
+
+from .plan import Entry, PatternReport, Plan, PlanError, load_plan, pattern_report, playlist_for
+from .write import SurgeryResult, surgery
+
+__all__ = [
+    "Entry", "PatternReport", "Plan", "PlanError", "SurgeryResult", "load_plan", "pattern_report", "playlist_for",
+    "surgery",
+]
