@@ -10,7 +10,7 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..errors import LemonsliceError
 
@@ -35,7 +35,7 @@ def _human(n: int) -> str:
 def _progress(label: str) -> Iterator:
     """A byte progress bar on stderr; yields the callback the library calls."""
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal,
     ) as bar:
         task = bar.add_task(label, total=None)

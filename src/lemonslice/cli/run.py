@@ -17,6 +17,7 @@ from rich.table import Table
 
 from ..errors import LemonsliceError
 from ._app import _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
+from ..text.prompt import encode_prompt, special_kwargs
 from .format import _print_summary
 
 # Options every model command shares (typer needs them per function; these keep one text).
@@ -63,27 +64,12 @@ def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
 
 
 def _text_tools(engine, chat_template: Optional[Path]):  # noqa: ANN001, ANN202
-    from ..eval.generate import chat_template_for, stop_ids
+    from ..text.prompt import chat_template_for, stop_ids
     from ..text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(engine.store.metadata)
     template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)
     return tok, template, stop_ids(tok, engine.store.metadata)
-
-
-def _special_kwargs(tok) -> dict[str, str]:  # noqa: ANN001
-    return {
-        "bos_token": tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
-        "eos_token": tok.tokens[tok.eos_id] if tok.eos_id is not None else "",
-    }
-
-
-def _encode_prompt(tok, text: str, templated: bool) -> list[int]:  # noqa: ANN001
-    ids = tok.encode(text, add_special=not templated, parse_special=True)
-    # A template that does not write the BOS text itself still needs it when the vocabulary asks for it.
-    if templated and tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-        ids.insert(0, tok.bos_id)
-    return ids
 
 
 def _stream(session, tok, ids: list[int], sampler, max_tokens: int, stops: frozenset[int],  # noqa: ANN001
@@ -177,10 +163,10 @@ def run(
         tok, template, stops = _text_tools(engine, chat_template)
         if chat:
             text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   enable_thinking=thinking, **_special_kwargs(tok))
+                                   enable_thinking=thinking, **special_kwargs(tok))
         else:
             text = prompt
-        ids = _encode_prompt(tok, text, templated=chat)
+        ids = encode_prompt(tok, text, templated=chat)
         _stream(session, tok, ids, sampler, n, stops, params.stop, _write_out)
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -229,8 +215,8 @@ def chat(
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        text = template.render(messages, add_generation_prompt=True, enable_thinking=thinking, **_special_kwargs(tok))
-        reply = _stream(session, tok, _encode_prompt(tok, text, templated=True), sampler, n, stops,
+        text = template.render(messages, add_generation_prompt=True, enable_thinking=thinking, **special_kwargs(tok))
+        reply = _stream(session, tok, encode_prompt(tok, text, templated=True), sampler, n, stops,
                         params.stop, _write_out)
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -253,7 +239,7 @@ def perplexity(
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
 ) -> None:
     """Perplexity as llama.cpp's llama-perplexity computes it (windows of --ctx, second halves scored)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..eval.perplexity import perplexity as score
     from ..text.tokenizer import Tokenizer
@@ -268,7 +254,7 @@ def perplexity(
     tok = Tokenizer.from_gguf(engine.store.metadata)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("perplexity", total=None)
         r = score(engine, tokens, ctx, tok.bos_id if tok.add_bos else None, max_windows=chunks,
