@@ -440,3 +440,17 @@ def test_cli_surgery(models, tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "donor architecture" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("spec", ["repeat 3-5", "repeat 1-5", "drop 2; repeat 5-7"])
+def test_cli_run_layers_equals_surgery_file(models, spec, tmp_path):
+    """`run --layers PLAN` on the source generates what `run` generates on the file `surgery` wrote."""
+    out = tmp_path / "out.gguf"
+    assert cli("surgery", spec, models["qwen35moe"], "-o", out).returncode == 0
+    args = ["--prompt-ids", "3,1,4,1,5,9,2,6", "-n", "12", "--threads", "1"]
+    a = cli("run", models["qwen35moe"], "--layers", spec, *args)
+    b = cli("run", out, *args)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and "generated:" in a.stdout
+    bad = cli("run", models["qwen35moe"], "--layers", "repeat 5-99", *args)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
