@@ -299,7 +299,7 @@ def test_finished_sweep_reruns_nothing(tiny, full_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(full_run, out)
     engine = Engine(tiny)
-    prompter = ChatPrompter(Tokenizer.from_gguf(engine.store.metadata), chat_template_for(engine.store.metadata))
+    prompter = ChatPrompter(Tokenizer.from_gguf(engine.store.metadata), chat_template_for(engine.store.metadata, style="auto"))
     suites = load_suites("math,eq,reasoning")
     cfg = make_config(engine, suites, prompter, block=2, stride=1, layer_range=None, limit=2, max_new_tokens=12)
     resumed: list[tuple[int, int]] = []
@@ -354,3 +354,15 @@ def test_parse_range():
     assert _parse_range("8-32") == (8, 32) and _parse_range(" 0 - 4 ") == (0, 4)
     with pytest.raises(LemonsliceError, match="--range must look like 8-32"):
         _parse_range("eight-32")
+
+
+def test_completion_prompt_style_for_base_models(tiny):
+    """No template in the GGUF: 'auto' asks a plain question; 'chat' falls back to a chat template."""
+    meta = Engine(tiny).store.metadata
+    assert "tokenizer.chat_template" not in meta
+    auto = chat_template_for(meta, style="auto")
+    text = auto.render([{"role": "user", "content": "What is 6 * 7? "}], bos_token="<s>")
+    assert text == "<s>Question: What is 6 * 7?\nAnswer:"
+    assert chat_template_for(meta, style="chat").origin != auto.origin
+    with pytest.raises(ValueError, match="prompt style"):
+        chat_template_for(meta, style="poem")

@@ -75,6 +75,10 @@ def sweep(
         None, "--max-new-tokens", help="Reply length cap (default: math 24, reasoning 24, eq 48; 1024 with --thinking)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N items of each suite."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja chat template file to use."),
+    prompt_style: str = typer.Option(
+        "auto", "--prompt-style",
+        help="chat (the chat template), completion ('Question: …\\nAnswer:' for base models) or auto: chat when "
+        "the GGUF carries a chat template, else completion."),
     max_memory: Optional[str] = typer.Option(
         None, "--max-memory", help="Weight budget, e.g. 2GB; a larger model is streamed a layer at a time."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
@@ -91,10 +95,13 @@ def sweep(
         raise LemonsliceError(f"--limit must be >= 1, got {limit}")
     if threads is not None and threads < 1:
         raise LemonsliceError(f"--threads must be >= 1, got {threads}")
+    if prompt_style not in ("auto", "chat", "completion"):
+        raise LemonsliceError(f"--prompt-style must be auto, chat or completion, got {prompt_style!r}")
     budget = _parse_size(max_memory) if max_memory else _default_budget()
     engine = Engine(model, max_memory=budget, threads=threads)
     tokenizer = Tokenizer.from_gguf(engine.store.metadata)
-    template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)
+    template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None,
+                                 style=prompt_style)
     prompter = ChatPrompter(tokenizer, template, thinking=thinking)
     config = make_config(engine, suites, prompter, block=block, stride=stride, layer_range=rng,
                          limit=limit, max_new_tokens=max_new_tokens)

@@ -30,7 +30,9 @@ Weight = Union[QuantWeight, torch.Tensor]
 class Metadata(Mapping[str, Any]):
     """The model's KV pairs, decoded on first access (the tokenizer arrays are large)."""
 
-    def __init__(self, entries: Mapping[str, KVEntry]):
+    def __init__(self, entries: Mapping[str, KVEntry], owner: Any = None):
+        # Values are read lazily from the owner's open file, so the owner must outlive this mapping.
+        self._owner = owner
         # Keys lemonslice adds to split files describe the file, not the model.
         self._entries = {k: e for k, e in entries.items() if not k.startswith(Keys.LS_PREFIX)}
         self._cache: dict[str, Any] = {}
@@ -72,12 +74,12 @@ class WeightStore:
                 self._files[f.layer] = self.path / f.name
             self._files[None] = self.path / SHARED_FILE
             # Every split file repeats the source's KVs; shared.gguf's are the model's.
-            self.metadata = Metadata(self._reader(None).kv)
+            self.metadata = Metadata(self._reader(None).kv, owner=self)
             self._tensor_files = {t.name: f.layer for f in manifest.files for t in f.tensors}
         else:
             self._files[None] = self.path
             reader = self._reader(None)
-            self.metadata = Metadata(reader.kv)
+            self.metadata = Metadata(reader.kv, owner=self)
             self._tensor_files = {t.name: None for t in reader.tensors}
         self._by_layer: dict[int | None, list[str]] = {}
         for name in self._tensor_files:

@@ -16,7 +16,7 @@ from .chat import ChatTemplate, builtin_template, load_template, opens_think_blo
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "BUILTIN_GEMMA3_TEMPLATE", "ChatPrompter", "chat_template_for", "encode_prompt", "special_kwargs", "stop_ids",
+    "BUILTIN_GEMMA3_TEMPLATE", "COMPLETION_TEMPLATE", "ChatPrompter", "chat_template_for", "encode_prompt", "special_kwargs", "stop_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,30 @@ BUILTIN_GEMMA3_TEMPLATE = r"""
 {%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}
 """
 
+# For base (not chat-tuned) models: one question, answered by continuing the text.
+COMPLETION_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages if m.role == 'user' %}Question: {{ m.content | trim }}\n"
+    "{% endfor %}Answer:"
+)
+
 # Control tokens that end a turn in the chat formats lemonslice meets (looked up by text).
 _END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<eos>")
 _EOT_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
-def chat_template_for(metadata: Mapping[str, Any], override: str | None = None) -> ChatTemplate:
-    """An override file, else the GGUF's own template, else a built-in one for its architecture."""
+def chat_template_for(metadata: Mapping[str, Any], override: str | None = None, style: str = "chat"
+                      ) -> ChatTemplate:
+    """An override file, else the GGUF's own template, else a built-in one for its architecture.
+
+    style "completion" is a plain question/answer text for base models; "auto" uses it when the
+    GGUF has no template of its own (which usually means a base model) and no override is given.
+    """
+    if style not in ("chat", "completion", "auto"):
+        raise ValueError(f"prompt style must be chat, completion or auto, got {style!r}")
     if override is not None:
         return load_template(override)
+    if style == "completion" or (style == "auto" and not metadata.get(Keys.CHAT_TEMPLATE)):
+        return ChatTemplate(COMPLETION_TEMPLATE, origin="built-in question/answer completion")
     embedded = metadata.get(Keys.CHAT_TEMPLATE)
     if embedded:
         return ChatTemplate(embedded, origin="GGUF tokenizer.chat_template")
