@@ -317,58 +317,79 @@ class _Planner:
         return self.ckpt.load_rows(self.canon[src], lo, hi)  # only the needed half of the fused tensor
 
 
-def plan_tensors(ckpt: HFCheckpoint, canon: dict[str, str], h: HParams) -> list[OutTensor]:
-    """Every GGUF tensor in output order; raises if the checkpoint lacks any."""
-    p = _Planner(ckpt, canon, h)
-    E, V = h.n_embd, h.n_vocab
+def _block_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
+    """Numpy-order shape of every per-block tensor kind, from the config."""
+    E = h.n_embd
     key_dim, val_dim = h.lin_k_heads * h.lin_k_dim, h.lin_v_heads * h.lin_v_dim
     q_dim, kv_dim = h.n_head * h.head_dim, h.n_head_kv * h.head_dim
-    attn_shapes = {
+    return {
         Tensors.ATTN_Q: (2 * q_dim, E), Tensors.ATTN_K: (kv_dim, E), Tensors.ATTN_V: (kv_dim, E),
         Tensors.ATTN_Q_NORM: (h.head_dim,), Tensors.ATTN_K_NORM: (h.head_dim,), Tensors.ATTN_OUT: (E, q_dim),
-    }
-    linear_shapes = {
         Tensors.ATTN_QKV: (2 * key_dim + val_dim, E), Tensors.ATTN_GATE: (val_dim, E),
         Tensors.SSM_CONV1D: (2 * key_dim + val_dim, h.conv_kernel), Tensors.SSM_DT: (h.lin_v_heads,),
         Tensors.SSM_A: (h.lin_v_heads,), Tensors.SSM_BETA: (h.lin_v_heads, E), Tensors.SSM_ALPHA: (h.lin_v_heads, E),
         Tensors.SSM_NORM: (h.lin_v_dim,), Tensors.SSM_OUT: (E, val_dim),
-    }
-    moe_shapes = {
         Tensors.FFN_GATE_INP: (h.n_expert, E), Tensors.FFN_GATE_INP_SHEXP: (1, E),
         Tensors.FFN_GATE_SHEXP: (h.n_ff, E), Tensors.FFN_UP_SHEXP: (h.n_ff, E), Tensors.FFN_DOWN_SHEXP: (E, h.n_ff),
+        Tensors.FFN_GATE: (h.n_ff, E), Tensors.FFN_UP: (h.n_ff, E), Tensors.FFN_DOWN: (E, h.n_ff),
+        Tensors.NEXTN_EH_PROJ: (E, 2 * E), Tensors.NEXTN_ENORM: (E,), Tensors.NEXTN_HNORM: (E,),
+        Tensors.NEXTN_SHARED_HEAD_NORM: (E,),
     }
-    dense_shapes = {Tensors.FFN_GATE: (h.n_ff, E), Tensors.FFN_UP: (h.n_ff, E), Tensors.FFN_DOWN: (E, h.n_ff)}
 
+
+def _plan_block(p: _Planner, bid: int, h: HParams, shapes: dict[str, tuple[int, ...]]) -> list[OutTensor | None]:
+    """Block `bid`'s tensors in output order; blocks from `h.n_layer` on come from `mtp.layers.*`."""
+    E = h.n_embd
+    mtp = bid >= h.n_layer
+    pre = f"mtp.layers.{bid - h.n_layer}." if mtp else f"model.layers.{bid}."
+    out = [p.plain(Tensors.ATTN_NORM, bid, pre + "input_layernorm.weight", (E,))]
+    mixer = _LINEAR if not mtp and h.recurrent[bid] else _ATTN
+    out += [p.plain(k, bid, pre + s, shapes[k]) for s, k in mixer.items()]
+    out.append(p.plain(Tensors.ATTN_POST_NORM, bid, pre + "post_attention_layernorm.weight", (E,)))
+    if h.moe:
+        out.append(p.plain(Tensors.FFN_GATE_INP, bid, pre + "mlp.gate.weight", shapes[Tensors.FFN_GATE_INP]))
+        out += p.experts(bid, pre + "mlp.experts.")
+        out += [p.plain(k, bid, pre + s, shapes[k]) for s, k in _MOE.items() if k != Tensors.FFN_GATE_INP]
+    else:
+        out += [p.plain(k, bid, pre + s, shapes[k]) for s, k in _DENSE.items()]
+    if bid == h.n_layer:
+        out += [p.plain(k, bid, s, shapes[k]) for s, k in _NEXTN.items()]
+    return out
+
+
+def _raise_missing(ckpt: HFCheckpoint, missing: list[str]) -> None:
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LemonsliceError(f"{ckpt.path}: missing tensor {missing[0]}{more}")
+
+
+def plan_tensors(ckpt: HFCheckpoint, canon: dict[str, str], h: HParams) -> list[OutTensor]:
+    """Every GGUF tensor in output order; raises if the checkpoint lacks any."""
+    p = _Planner(ckpt, canon, h)
+    E, V = h.n_embd, h.n_vocab
+    shapes = _block_shapes(h)
     out: list[OutTensor | None] = [p.plain(Tensors.TOKEN_EMBD, None, "model.embed_tokens.weight", (V, E))]
     for bid in range(h.block_count):
-        mtp = bid >= h.n_layer
-        pre = f"mtp.layers.{bid - h.n_layer}." if mtp else f"model.layers.{bid}."
-        out.append(p.plain(Tensors.ATTN_NORM, bid, pre + "input_layernorm.weight", (E,)))
-        if not mtp and h.recurrent[bid]:
-            out += [p.plain(k, bid, pre + s, linear_shapes[k]) for s, k in _LINEAR.items()]
-        else:
-            out += [p.plain(k, bid, pre + s, attn_shapes[k]) for s, k in _ATTN.items()]
-        out.append(p.plain(Tensors.ATTN_POST_NORM, bid, pre + "post_attention_layernorm.weight", (E,)))
-        if h.moe:
-            out.append(p.plain(Tensors.FFN_GATE_INP, bid, pre + "mlp.gate.weight", moe_shapes[Tensors.FFN_GATE_INP]))
-            out += p.experts(bid, pre + "mlp.experts.")
-            out += [p.plain(k, bid, pre + s, moe_shapes[k]) for s, k in _MOE.items() if k != Tensors.FFN_GATE_INP]
-        else:
-            out += [p.plain(k, bid, pre + s, dense_shapes[k]) for s, k in _DENSE.items()]
-        if bid == h.n_layer:
-            shapes = {Tensors.NEXTN_EH_PROJ: (E, 2 * E)}
-            out += [p.plain(k, bid, s, shapes.get(k, (E,))) for s, k in _NEXTN.items()]
+        out += _plan_block(p, bid, h, shapes)
     out.append(p.plain(Tensors.OUTPUT_NORM, None, "model.norm.weight", (E,)))
     if not h.tied:
         out.append(p.plain(Tensors.OUTPUT, None, "lm_head.weight", (V, E)))
-    if p.missing:
-        more = f" (and {len(p.missing) - 1} more)" if len(p.missing) > 1 else ""
-        raise LemonsliceError(f"{ckpt.path}: missing tensor {p.missing[0]}{more}")
+    _raise_missing(ckpt, p.missing)
     unused = sorted(set(canon) - p.used - ({"lm_head.weight"} if h.tied else set()))
     if h.n_mtp == 0:
         unused = [n for n in unused if not n.startswith("mtp.")]
     if unused:
         log.warning("skipping %d tensor(s) the converter does not know, e.g. %s", len(unused), canon[unused[0]])
+    return [t for t in out if t is not None]
+
+
+def plan_mtp_tensors(ckpt: HFCheckpoint, canon: dict[str, str], h: HParams) -> list[OutTensor]:
+    """Only the MTP blocks' tensors (blocks n_layer..block_count-1), named and valued exactly as
+    `plan_tensors` makes them; no trunk tensor is opened."""
+    p = _Planner(ckpt, canon, h)
+    shapes = _block_shapes(h)
+    out = [t for bid in range(h.n_layer, h.block_count) for t in _plan_block(p, bid, h, shapes)]
+    _raise_missing(ckpt, p.missing)
     return [t for t in out if t is not None]
 
 

@@ -1,0 +1,248 @@
+"""Speculative decoding with the model's own MTP (nextn) head as the drafter.
+
+Each step drafts K tokens with the MTP head (`models.qwen35_mtp.MTPHead`), then runs the
+trunk once over [last token, d1..dK] and keeps the longest prefix the trunk agrees with,
+plus one token of its own. Greedy output is the trunk's greedy output; with sampling, the
+drafts go through standard speculative sampling (accept d with min(1, p(d)/q(d)), else
+draw from max(0, p - q)), so the output follows the trunk's sampling distribution.
+
+State after a partial accept: attention KV caches are truncated; Gated DeltaNet conv and
+recurrent states are restored from a copy taken before the verify pass and advanced over
+the accepted tokens by re-running only each recurrent layer's mixer on the input it saw
+during verification (the FFNs and attention layers are not re-run).
+
+The MTP head has its own KV cache. Pair t of that cache is (final-normed trunk state h_t,
+token x_{t+1}) at position t, as in training; draft steps after the first pair each drafted
+token with the head's own output state and are dropped from the cache before the next
+step, which re-adds the accepted pairs with the trunk's states.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import LemonsliceError
+from ..models.qwen35_args import ModelArgs as Qwen35Args
+from ..models.qwen35_layers import AttentionCache, DeltaNetCache, rms_norm
+from ..models.qwen35_mtp import MTPHead
+from .engine import Engine
+from .sampling import Sampler, SamplingParams, filter_logits
+
+MAX_DRAFT = 16
+
+__all__ = ["MAX_DRAFT", "SpecStats", "Speculator", "generate", "load_mtp_head"]
+
+
+@dataclass
+class SpecStats:
+    """What one speculative `generate` did. `accepted_hist[j]` counts the steps that kept j drafts."""
+
+    draft_max: int
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0  # the trunk's prompt pass plus the MTP head's
+    decode_tokens: int = 0  # tokens produced after the first (which comes out of the prefill)
+    decode_seconds: float = 0.0
+    steps: int = 0  # verify passes of the trunk
+    drafted: int = 0
+    accepted: int = 0
+    accepted_hist: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.decode_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def load_mtp_head(engine: Engine) -> MTPHead:
+    """The MTP head of the engine's model (its first nextn block), read from the engine's store."""
+    args = engine.args
+    if not isinstance(args, Qwen35Args):
+        raise LemonsliceError(f"speculative decoding with MTP needs a qwen35 or qwen35moe model, not {args.arch}")
+    if args.nextn_predict_layers < 1:
+        raise LemonsliceError(f"{engine.store.path} has no MTP block (nextn_predict_layers is 0); "
+                              "add one with `lemonslice mtp inject`")
+    return MTPHead(args, args.n_layer, engine.store.load_layer(args.n_layer), engine.shared)
+
+
+class _Chooser:
+    """Picks tokens and gives the distributions speculative sampling compares (greedy when
+    there is no sampler or its temperature is 0)."""
+
+    def __init__(self, sampler: Sampler | None):
+        self.params: SamplingParams | None = sampler.params if sampler is not None else None
+        self.greedy = self.params is None or self.params.temperature == 0.0
+        self.gen = None
+        if not self.greedy:
+            self.gen = torch.Generator().manual_seed(sampler.seed)
+
+    def _filtered(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        return logits if self.params is None else filter_logits(logits, history, self.params)
+
+    def greedy_pick(self, logits: torch.Tensor, history: Sequence[int]) -> int:
+        return int(torch.argmax(self._filtered(logits, history)))
+
+    def probs(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """[V] float64 probabilities after the filters and temperature."""
+        x = self._filtered(logits.float(), history).double()
+        return torch.softmax(x / self.params.temperature, dim=0)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.gen, dtype=torch.float64))
+
+
+class Speculator:
+    """An engine plus its MTP head, loaded once; `generate` runs one speculative generation."""
+
+    def __init__(self, engine: Engine, head: MTPHead | None = None):
+        self.engine = engine
+        self.head = head if head is not None else load_mtp_head(engine)
+
+    @torch.inference_mode()
+    def generate(
+        self, ids: Sequence[int], n: int, draft_max: int, sampler: Sampler | None = None,
+    ) -> tuple[list[int], SpecStats]:
+        """The `n` tokens that follow `ids` (from a fresh state), drafting up to `draft_max` per step."""
+        if not 1 <= draft_max <= MAX_DRAFT:
+            raise LemonsliceError(f"draft_max must be in [1, {MAX_DRAFT}], got {draft_max}")
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise LemonsliceError("no token ids given")
+        eng, head, eps = self.engine, self.head, self.engine.args.rms_eps
+        choose = _Chooser(sampler)
+        stats = SpecStats(draft_max, accepted_hist=[0] * (draft_max + 1))
+        new: list[int] = []
+        if n <= 0:
+            return new, stats
+        eng.reset()
+        cache = head.new_cache()
+
+        t0 = time.perf_counter()
+        x = eng.forward_hidden(ids)  # [P, E]
+        logits = eng.shared.logits(x[-1:])[0]  # [V]
+        tok = choose.greedy_pick(logits, ids) if choose.greedy else choose.draw(choose.probs(logits, ids))
+        new.append(tok)
+        # Pending pairs (h_t, x_{t+1}) not yet in the head's cache; the last one drafts d1.
+        pend_h = rms_norm(x, eng.shared.norm, eps)  # [P, E]
+        pend_ids = ids[1:] + [tok]
+        if len(pend_ids) > 1 and n > 1:
+            head(torch.tensor(pend_ids[:-1]), pend_h[:-1], cache)
+            pend_h, pend_ids = pend_h[-1:], pend_ids[-1:]
+        stats.prefill_tokens, stats.prefill_seconds = len(ids), time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        while len(new) < n:
+            history = ids + new
+            k = min(draft_max, n - len(new) - 1)  # a verify pass yields up to k + 1 tokens
+            drafts: list[int] = []
+            qs: list[torch.Tensor] = []
+            if k > 0:
+                d_logits, g = head(torch.tensor(pend_ids), pend_h, cache)
+                committed = cache.length
+                for i in range(k):
+                    if i:
+                        d_logits, g = head(torch.tensor(drafts[-1:]), g[-1:], cache)
+                    if choose.greedy:
+                        drafts.append(choose.greedy_pick(d_logits[-1], history + drafts))
+                    else:
+                        qs.append(choose.probs(d_logits[-1], history + drafts))
+                        drafts.append(choose.draw(qs[-1]))
+                cache.length = committed  # draft pairs are rebuilt from the trunk's states below
+                pend_h, pend_ids = pend_h[:0], []
+
+            n_past = eng.n_past
+            snap = _snapshot(eng)
+            inputs: list[torch.Tensor] = []
+            x = eng.forward_hidden([tok] + drafts, inputs)  # [k+1, E]
+            logits = eng.shared.logits(x)  # [k+1, V]
+            j, nxt = _accept(choose, logits, drafts, qs, history)
+            if j < k:
+                _rollback(eng, snap, inputs, n_past, j + 1)
+
+            stats.steps += 1
+            stats.drafted += k
+            stats.accepted += j
+            stats.accepted_hist[j] += 1
+            new += drafts[:j] + [nxt]
+            pend_h = torch.cat((pend_h, rms_norm(x[: j + 1], eng.shared.norm, eps)))
+            pend_ids = pend_ids + drafts[:j] + [nxt]
+            tok = nxt
+        stats.decode_seconds = time.perf_counter() - t0
+        stats.decode_tokens = len(new) - 1
+        return new, stats
+
+
+def _accept(
+    choose: _Chooser, logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor], history: list[int],
+) -> tuple[int, int]:
+    """(drafts kept, the trunk's own next token). logits [k+1, V]: row i follows drafts[:i]."""
+    k = len(drafts)
+    if choose.greedy:
+        for i in range(k + 1):
+            want = choose.greedy_pick(logits[i], history + drafts[:i])
+            if i == k or drafts[i] != want:
+                return i, want
+    for i in range(k):
+        p = choose.probs(logits[i], history + drafts[:i])
+        q, d = qs[i], drafts[i]
+        if choose.uniform() * float(q[d]) < float(p[d]):  # accept with probability min(1, p/q)
+            continue
+        resid = (p - q).clamp_min(0)
+        # p == q everywhere leaves nothing to reject into; only reachable through rounding.
+        return i, choose.draw(resid / resid.sum() if float(resid.sum()) > 0 else p)
+    return k, choose.draw(choose.probs(logits[k], history + drafts))
+
+
+def _snapshot(eng: Engine) -> list[tuple[torch.Tensor, torch.Tensor, int] | None]:
+    """Copies of every Gated DeltaNet state (attention caches are rolled back by truncation)."""
+    return [(c.conv.clone(), c.state.clone(), c.length) if isinstance(c, DeltaNetCache) else None
+            for c in eng.caches]
+
+
+def _rollback(eng: Engine, snap: list, inputs: list[torch.Tensor], n_past: int, keep: int) -> None:
+    """Keep only the first `keep` tokens of the last verify pass in every cache."""
+    for pos, c in enumerate(eng.caches):
+        if isinstance(c, AttentionCache):
+            c.length = n_past + keep
+        elif isinstance(c, DeltaNetCache):
+            c.conv, c.state, c.length = snap[pos]
+            block = eng._block(eng.playlist[pos])
+            # Causal: the accepted tokens' inputs are what they would have been without the drafts.
+            block.mixer(rms_norm(inputs[pos][:keep], block.attn_norm, block.args.rms_eps), c)
+        else:
+            raise LemonsliceError(f"cannot roll back a {type(c).__name__} for speculative decoding")
+    eng.n_past = n_past + keep
+
+
+_speculators: "weakref.WeakKeyDictionary[Engine, Speculator]" = weakref.WeakKeyDictionary()
+
+
+def generate(
+    engine: Engine, ids: Sequence[int], n: int, draft_max: int, sampler: Sampler | None = None,
+) -> tuple[list[int], SpecStats]:
+    """Speculative generation on `engine` with its MTP head (loaded once per engine).
+
+    Returns the `n` new tokens and the acceptance statistics; greedy (no sampler, or
+    temperature 0) gives exactly the tokens of plain greedy decoding."""
+    spec = _speculators.get(engine)
+    if spec is None:
+        spec = _speculators[engine] = Speculator(engine)
+    return spec.generate(ids, n, draft_max, sampler)
