@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -391,3 +392,18 @@ def test_cli_inject(files, tmp_path):
     shutil.copy(out, tmp_path / "again.gguf")
     assert cli("mtp", "strip", tmp_path / "again.gguf", tmp_path / "s.gguf").returncode == 0
     assert (tmp_path / "s.gguf").read_bytes() == files["base"].read_bytes()
+
+
+def test_cli_run_mtp(tmp_path):
+    """`run --mtp` prints plain greedy's ids and the acceptance figures; --mtp-compare checks both runs."""
+    model = _drafting_model(tmp_path / "m.gguf", moe=True)
+    args = ["--prompt-ids", ",".join(map(str, PROMPTS[0])), "-n", "24", "--threads", "1"]
+    plain = cli("run", model, *args)
+    spec = cli("run", model, *args, "--mtp", "--draft-max", "3", "--mtp-compare")
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and "generated:" in spec.stdout
+    m = re.search(r"drafted (\d+), accepted (\d+) \(([\d.]+)%\)", spec.stderr)
+    assert m and 0 < int(m.group(2)) <= int(m.group(1))
+    assert "tokens identical" in spec.stderr and "decode without MTP" in spec.stderr
+    bad = cli("run", model, *args, "--mtp-compare")
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --mtp-compare needs --mtp"

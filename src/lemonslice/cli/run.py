@@ -134,6 +134,10 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
+    mtp: bool = typer.Option(False, "--mtp", help="Speculative decoding with the model's MTP head (Qwen3.5)."),
+    draft_max: int = typer.Option(3, "--draft-max", help="With --mtp: most draft tokens per step (1-4 pay off best)."),
+    mtp_compare: bool = typer.Option(
+        False, "--mtp-compare", help="With --mtp: also decode without it and report both speeds."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
@@ -148,15 +152,16 @@ def run(
         raise LemonsliceError(f"-n must be >= 0, got {n}")
     params = _sampling(preset, seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
+    if mtp_compare and not mtp:
+        raise LemonsliceError("--mtp-compare needs --mtp")
     engine = _open_engine(model, max_memory, threads, layers)
     session, sampler = Session(engine), Sampler(params)
+    if mtp:
+        _run_mtp(engine, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
+                 stats_json)
+        return
     if prompt_ids is not None:
-        try:
-            ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise LemonsliceError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
-        if not ids:
-            raise LemonsliceError("--prompt-ids has no ids")
+        ids = _parse_ids(prompt_ids)
         new = list(session.generate(ids, sampler, n))
         out.print(f"generated: {' '.join(map(str, new))}")
     else:
@@ -172,6 +177,68 @@ def run(
         sys.stdout.flush()
     _report(session.stats, stats_json, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
             peak_weight_bytes=engine.store.peak_resident_bytes, seed=sampler.seed)
+
+
+def _parse_ids(prompt_ids: str) -> list[int]:
+    try:
+        ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise LemonsliceError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    if not ids:
+        raise LemonsliceError("--prompt-ids has no ids")
+    return ids
+
+
+def _run_mtp(engine, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, compare,  # noqa: ANN001
+             stats_json) -> None:  # noqa: ANN001
+    """Speculative decoding: the whole reply is printed when done, then the acceptance statistics."""
+    from ..engine.sampling import Sampler
+    from ..engine.speculative import Speculator
+
+    spec = Speculator(engine)
+    tok = stops = None
+    if prompt_ids is not None:
+        ids = _parse_ids(prompt_ids)
+    else:
+        tok, template, stops = _text_tools(engine, chat_template)
+        text = prompt
+        if chat:
+            text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   enable_thinking=thinking, **special_kwargs(tok))
+        ids = encode_prompt(tok, text, templated=chat)
+    sampler = Sampler(params)
+    new, s = spec.generate(ids, n, draft_max, sampler=sampler)
+    if tok is None:
+        out.print(f"generated: {' '.join(map(str, new))}")
+    else:
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        _write_out(tok.decode(new[:cut], skip_special=True) + "\n")
+    err.print(
+        f"MTP draft-max {draft_max}: {s.steps} verify passes, drafted {s.drafted}, accepted {s.accepted} "
+        f"({s.acceptance_rate:.1%}), {s.tokens_per_step:.2f} tokens per pass\n"
+        f"prefill: {s.prefill_tokens} tokens in {s.prefill_seconds:.2f} s ({s.prefill_tps:.2f} tokens/s)\n"
+        f"decode with MTP: {s.decode_tokens} tokens in {s.decode_seconds:.2f} s ({s.decode_tps:.2f} tokens/s)",
+        highlight=False,
+    )
+    extra = {"drafted": s.drafted, "accepted": s.accepted, "acceptance_rate": s.acceptance_rate,
+             "mtp_decode_tps": s.decode_tps}
+    if compare:
+        plain = engine.generate(ids, n) if params.temperature == 0 else None
+        p = engine.stats
+        if plain is None:
+            from ..engine.generation import Session
+
+            gen = Session(engine)
+            list(gen.generate(ids, Sampler(params), n))
+            p = gen.stats
+        same = "" if plain is None else f"; tokens {'identical' if plain == new else 'DIFFER'}"
+        err.print(f"decode without MTP: {p.decode_tokens} tokens in {p.decode_seconds:.2f} s "
+                  f"({p.decode_tps:.2f} tokens/s); MTP speed-up {s.decode_tps / p.decode_tps:.2f}×{same}",
+                  highlight=False)
+        extra["plain_decode_tps"] = p.decode_tps
+    if stats_json is not None:
+        stats_json.write_text(json.dumps({"decode_tps": s.decode_tps, "peak_rss": _peak_rss(), **extra}, indent=1))
+    err.print(f"peak RSS: {_human(_peak_rss())}", highlight=False)
 
 
 @app.command()
