@@ -30,7 +30,7 @@ from ..errors import LemonsliceError
 from ..models.qwen35_args import ModelArgs as Qwen35Args
 from ..models.qwen35_layers import AttentionCache, DeltaNetCache, rms_norm
 from ..models.qwen35_mtp import MTPHead
-from .engine import Engine
+from .engine import Engine, RunStats
 from .sampling import Sampler, SamplingParams, filter_logits
 
 MAX_DRAFT = 16
@@ -39,14 +39,14 @@ __all__ = ["MAX_DRAFT", "SpecStats", "Speculator", "generate", "load_mtp_head"]
 
 
 @dataclass
-class SpecStats:
-    """What one speculative `generate` did. `accepted_hist[j]` counts the steps that kept j drafts."""
+class SpecStats(RunStats):
+    """What one speculative `generate` did. `accepted_hist[j]` counts the steps that kept j drafts.
 
-    draft_max: int
-    prefill_tokens: int = 0
-    prefill_seconds: float = 0.0  # the trunk's prompt pass plus the MTP head's
-    decode_tokens: int = 0  # tokens produced after the first (which comes out of the prefill)
-    decode_seconds: float = 0.0
+    prefill covers the trunk's prompt pass plus the MTP head's; decode_tokens counts the tokens
+    after the first (which comes out of the prefill).
+    """
+
+    draft_max: int = 0
     steps: int = 0  # verify passes of the trunk
     drafted: int = 0
     accepted: int = 0
@@ -59,14 +59,6 @@ class SpecStats:
     @property
     def tokens_per_step(self) -> float:
         return self.decode_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
 def load_mtp_head(engine: Engine) -> MTPHead:
@@ -128,7 +120,7 @@ class Speculator:
             raise LemonsliceError("no token ids given")
         eng, head, eps = self.engine, self.head, self.engine.args.rms_eps
         choose = _Chooser(sampler)
-        stats = SpecStats(draft_max, accepted_hist=[0] * (draft_max + 1))
+        stats = SpecStats(draft_max=draft_max, accepted_hist=[0] * (draft_max + 1))
         new: list[int] = []
         if n <= 0:
             return new, stats
