@@ -49,7 +49,7 @@ def _run(model: Path, out: Path, max_memory: str) -> tuple[Measured, list[int], 
     assert m.returncode == 0, f"{m.stderr}\n{text}"
     lines = [ln for ln in text.splitlines() if ln.startswith("generated:")]
     assert len(lines) == 1, text
-    return m, [int(t) for t in lines[0].split()[1:]], text
+    return m, [int(t) for t in lines[0].split()[1:]], text + m.stderr  # the mode line is on stderr
 
 
 @pytest.fixture
