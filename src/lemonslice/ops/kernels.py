@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..gguf.constants import BLOCK_SIZES, GGMLType
+from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 # Most activation rows the fused kernel takes; more rows go through dequantize + BLAS.
 MAX_ROWS = 16
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LEMONSLICE_CACHE") or Path.home() / ".cache" / "lemonslice")
 
 
 def _cpu_id() -> str:
