@@ -31,8 +31,12 @@ _TEMPLATE_HELP = "Jinja chat template file that overrides the GGUF's own."
 _LAYERS_HELP = "Layer playlist or plan file, e.g. '0-11,8-11,12-17' or 'repeat 8-11' (see `surgery`)."
 
 
-def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None):
-    from ..engine import Engine
+def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
+                 text: bool = False):  # noqa: ANN202
+    """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
+    scratch of building a 250k-token vocabulary does not stack on top of the weights."""
+    from ..engine import Engine, WeightStore
+    from ..text.tokenizer import Tokenizer
 
     if threads is not None and threads < 1:
         raise LemonsliceError(f"--threads must be >= 1, got {threads}")
@@ -42,11 +46,13 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
         from ..surgery.plan import playlist_for
 
         playlist = playlist_for(layers, model)
-    engine = Engine(model, max_memory=budget, threads=threads, playlist=playlist)
+    store = WeightStore(model)
+    tok = Tokenizer.from_gguf(store.metadata) if text else None
+    engine = Engine(store, max_memory=budget, threads=threads, playlist=playlist)
     mode = "streaming (shared + one layer resident)" if engine.streaming else "full load"
     err.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}",
               highlight=False)
-    return engine
+    return engine, tok
 
 
 def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
@@ -63,13 +69,12 @@ def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
         raise LemonsliceError(str(e)) from None
 
 
-def _text_tools(engine, chat_template: Optional[Path]):  # noqa: ANN001, ANN202
+def _text_tools(engine, tok, chat_template: Optional[Path]):  # noqa: ANN001, ANN202
+    """(chat template, end-of-generation ids)."""
     from ..text.prompt import chat_template_for, stop_ids
-    from ..text.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(engine.store.metadata)
     template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)
-    return tok, template, stop_ids(tok, engine.store.metadata)
+    return template, stop_ids(tok, engine.store.metadata)
 
 
 def _stream(session, tok, ids: list[int], sampler, max_tokens: int, stops: frozenset[int],  # noqa: ANN001
@@ -154,10 +159,10 @@ def run(
                        presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
     if mtp_compare and not mtp:
         raise LemonsliceError("--mtp-compare needs --mtp")
-    engine = _open_engine(model, max_memory, threads, layers)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None)
     session, sampler = Session(engine), Sampler(params)
     if mtp:
-        _run_mtp(engine, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
+        _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
                  stats_json)
         return
     if prompt_ids is not None:
@@ -165,7 +170,7 @@ def run(
         new = list(session.generate(ids, sampler, n))
         out.print(f"generated: {' '.join(map(str, new))}")
     else:
-        tok, template, stops = _text_tools(engine, chat_template)
+        template, stops = _text_tools(engine, tok, chat_template)
         if chat:
             text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                    enable_thinking=thinking, **special_kwargs(tok))
@@ -189,18 +194,18 @@ def _parse_ids(prompt_ids: str) -> list[int]:
     return ids
 
 
-def _run_mtp(engine, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, compare,  # noqa: ANN001
+def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, compare,  # noqa: ANN001
              stats_json) -> None:  # noqa: ANN001
     """Speculative decoding: the whole reply is printed when done, then the acceptance statistics."""
     from ..engine.sampling import Sampler
     from ..engine.speculative import Speculator
 
     spec = Speculator(engine)
-    tok = stops = None
+    stops = None
     if prompt_ids is not None:
         ids = _parse_ids(prompt_ids)
     else:
-        tok, template, stops = _text_tools(engine, chat_template)
+        template, stops = _text_tools(engine, tok, chat_template)
         text = prompt
         if chat:
             text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -261,8 +266,8 @@ def chat(
     from ..text.chat import opens_think_block, split_reasoning
 
     params = _sampling(preset, seed, temperature=temperature)
-    engine = _open_engine(model, max_memory, threads, layers)
-    tok, template, stops = _text_tools(engine, chat_template)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True)
+    template, stops = _text_tools(engine, tok, chat_template)
     session, sampler = Session(engine), Sampler(params)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
@@ -309,7 +314,6 @@ def perplexity(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..eval.perplexity import perplexity as score
-    from ..text.tokenizer import Tokenizer
 
     if preset is not None:
         _sampling(preset, None)  # still reject an unknown name
@@ -317,8 +321,7 @@ def perplexity(
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LemonsliceError(f"{text_file} is not UTF-8 text") from None
-    engine = _open_engine(model, max_memory, threads, layers)
-    tok = Tokenizer.from_gguf(engine.store.metadata)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
