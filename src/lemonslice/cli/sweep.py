@@ -84,7 +84,7 @@ def sweep(
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
 ) -> None:
     """Score the baseline and every repeated block (i, j) on probe suites; writes CSV, JSON and heatmaps."""
-    from ..engine import Engine
+    from ..engine import Engine, WeightStore
     from ..eval import ChatPrompter, chat_template_for, load_suites, make_config, run_sweep
     from ..text.tokenizer import Tokenizer
 
@@ -98,8 +98,10 @@ def sweep(
     if prompt_style not in ("auto", "chat", "completion"):
         raise LemonsliceError(f"--prompt-style must be auto, chat or completion, got {prompt_style!r}")
     budget = _parse_size(max_memory) if max_memory else _default_budget()
-    engine = Engine(model, max_memory=budget, threads=threads)
-    tokenizer = Tokenizer.from_gguf(engine.store.metadata)
+    # The tokenizer first: its build scratch then does not stack on top of the weights.
+    store = WeightStore(model)
+    tokenizer = Tokenizer.from_gguf(store.metadata)
+    engine = Engine(store, max_memory=budget, threads=threads)
     template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None,
                                  style=prompt_style)
     prompter = ChatPrompter(tokenizer, template, thinking=thinking)
