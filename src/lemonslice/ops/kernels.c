@@ -303,6 +303,102 @@ static void row_q5_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_
         acc[t] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
     }
 }
+
+/* A[t][0..3] += w[0..31] * x_t[0..31] for every activation row, w = scale * code - minus
+   for the 32 int8 or uint8 codes in qb. */
+static inline void acc32(__m256 A[][4], const uint8_t *qb, int is_signed, __m256 scale, __m256 minus,
+                         const float *X, int64_t ldx, int64_t c0, int T) {
+    __m256 w[4];
+    for (int k = 0; k < 4; k++) {
+        const __m128i q8 = _mm_loadl_epi64((const __m128i *)(qb + 8 * k));
+        const __m256i q32 = is_signed ? _mm256_cvtepi8_epi32(q8) : _mm256_cvtepu8_epi32(q8);
+        w[k] = _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(q32), minus);
+    }
+    for (int t = 0; t < T; t++) {
+        const float *x = X + t * ldx + c0;
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), A[t][k]);
+    }
+}
+
+static inline void hsum_rows(__m256 A[][4], int T, float *acc) {
+    for (int t = 0; t < T; t++) {
+        float v[8];
+        _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3])));
+        acc[t] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    }
+}
+
+/* Q4_K with AVX2: per 64 values, low nibbles (scale 1) and high nibbles (scale 2), each value d*sc*q - dmin*m. */
+static void row_q4_k_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
+    __m256 A[MAXT][4];
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    uint8_t qb[64];
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 144;
+        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+        const uint8_t *scales = b + 4, *qs = b + 16;
+        for (int k = 0; k < 4; k++, qs += 32) {
+            uint8_t sc1, m1, sc2, m2;
+            scale_min_k4(2 * k, scales, &sc1, &m1);
+            scale_min_k4(2 * k + 1, scales, &sc2, &m2);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)qs);
+            _mm256_storeu_si256((__m256i *)qb, _mm256_and_si256(q, low4));
+            _mm256_storeu_si256((__m256i *)(qb + 32), _mm256_and_si256(_mm256_srli_epi16(q, 4), low4));
+            const int64_t c0 = i * 256 + k * 64;
+            acc32(A, qb, 0, _mm256_set1_ps(d * sc1), _mm256_set1_ps(dmin * m1), X, ldx, c0, T);
+            acc32(A, qb + 32, 0, _mm256_set1_ps(d * sc2), _mm256_set1_ps(dmin * m2), X, ldx, c0 + 32, T);
+        }
+    }
+    hsum_rows(A, T, acc);
+}
+
+/* Q6_K with AVX2: 6-bit codes (4 low bits in ql, 2 high in qh) minus 32, one int8 scale per 16. */
+static void row_q6_k_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
+    __m256 A[MAXT][4];
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03), b32 = _mm256_set1_epi8(32);
+    int8_t qb[128];
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 210;
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        const float d = f16_to_f32(rd16(b + 208));
+        for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(h, two), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), two), 4);
+            const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), two), 4);
+            const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), two), 4);
+            _mm256_storeu_si256((__m256i *)qb, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low4), h0), b32));
+            _mm256_storeu_si256((__m256i *)(qb + 32),
+                                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low4), h1), b32));
+            _mm256_storeu_si256((__m256i *)(qb + 64),
+                                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), h2), b32));
+            _mm256_storeu_si256((__m256i *)(qb + 96),
+                                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), h3), b32));
+            /* qb[32*g + l]: group g of 32 values uses scale sc[2*g + l/16] */
+            for (int g = 0; g < 4; g++) {
+                const int64_t c0 = i * 256 + n + 32 * g;
+                __m256 w[4];
+                for (int k = 0; k < 4; k++) {
+                    const __m128i q8 = _mm_loadl_epi64((const __m128i *)(qb + 32 * g + 8 * k));
+                    const __m256 s = _mm256_set1_ps(d * sc[2 * g + k / 2]);
+                    w[k] = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+                }
+                for (int t = 0; t < T; t++) {
+                    const float *x = X + t * ldx + c0;
+                    for (int k = 0; k < 4; k++) A[t][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), A[t][k]);
+                }
+            }
+        }
+    }
+    hsum_rows(A, T, acc);
+}
 #endif
 
 /* Y [T, nrows] = X [T, ncols] @ W.T, W = nrows rows of ggml blocks (stride row_bytes). T <= MAXT. */
@@ -331,9 +427,14 @@ int ls_qmatmul(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int
         case T_Q4_0: row_any(deq_q4_0, 32, 18, row, nb, X, ncols, (int)T, acc); break;
         case T_Q4_1: row_any(deq_q4_1, 32, 20, row, nb, X, ncols, (int)T, acc); break;
         case T_Q5_1: row_any(deq_q5_1, 32, 24, row, nb, X, ncols, (int)T, acc); break;
+#if defined(__AVX2__) && defined(__FMA__)
+        case T_Q4_K: row_q4_k_avx2(row, nb, X, ncols, (int)T, acc); break;
+        case T_Q6_K: row_q6_k_avx2(row, nb, X, ncols, (int)T, acc); break;
+#else
         case T_Q4_K: row_any(deq_q4_k, 256, 144, row, nb, X, ncols, (int)T, acc); break;
-        case T_Q5_K: row_any(deq_q5_k, 256, 176, row, nb, X, ncols, (int)T, acc); break;
         case T_Q6_K: row_any(deq_q6_k, 256, 210, row, nb, X, ncols, (int)T, acc); break;
+#endif
+        case T_Q5_K: row_any(deq_q5_k, 256, 176, row, nb, X, ncols, (int)T, acc); break;
         default: break;
         }
         for (int64_t t = 0; t < T; t++) Y[t * nrows + r] = acc[t];
