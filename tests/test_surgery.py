@@ -442,7 +442,7 @@ def test_cli_surgery(models, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("spec", ["repeat 3-5", "repeat 1-5", "drop 2; repeat 5-7"])
+@pytest.mark.parametrize("spec", ["repeat 3-5", "repeat 1-5", "drop 2; repeat 5-7", "repeat 4-7"])
 def test_cli_run_layers_equals_surgery_file(models, spec, tmp_path):
     """`run --layers PLAN` on the source generates what `run` generates on the file `surgery` wrote."""
     out = tmp_path / "out.gguf"
@@ -452,5 +452,9 @@ def test_cli_run_layers_equals_surgery_file(models, spec, tmp_path):
     b = cli("run", out, *args)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and "generated:" in a.stdout
+    # A playlist that breaks the interval pattern is reported, naming the key that keeps a file loadable.
+    breaks = spec != "repeat 4-7"  # layers 0-7,4-7: attention stays at every 4th position
+    assert ("break the full_attention_interval" in a.stderr) == breaks and (
+        "qwen35moe.attention.recurrent_layers" in a.stderr) == breaks
     bad = cli("run", models["qwen35moe"], "--layers", "repeat 5-99", *args)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")

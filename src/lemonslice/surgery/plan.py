@@ -547,12 +547,19 @@ def resolve_for(plan: Plan, base: SourceModel) -> tuple[list[Entry], dict[str, S
     return entries, donors, report
 
 
-def playlist_for(plan: "str | os.PathLike[str] | Plan", model: str | os.PathLike[str]) -> list[Any]:
+def playlist_and_report(plan: "str | os.PathLike[str] | Plan", model: str | os.PathLike[str]
+                        ) -> tuple[list[Any], "PatternReport | None"]:
     """The Engine playlist of `plan` on `model` (a .gguf or split directory): ints for the
-    model's blocks, (donor path, block) pairs for replaced positions. Donors are checked."""
+    model's blocks, (donor path, block) pairs for replaced positions; donors are checked. Also
+    the layout report (None for models without a hybrid layer pattern)."""
     p = load_plan(plan)
     with SourceModel(model) as base:
-        entries, donors, _ = resolve_for(p, base)
+        entries, donors, report = resolve_for(p, base)
         for d in donors.values():
             d.close()
-    return [e.layer if e.source is None else (e.source, e.layer) for e in entries]
+    return [e.layer if e.source is None else (e.source, e.layer) for e in entries], report
+
+
+def playlist_for(plan: "str | os.PathLike[str] | Plan", model: str | os.PathLike[str]) -> list[Any]:
+    """`playlist_and_report` without the report."""
+    return playlist_and_report(plan, model)[0]
