@@ -54,7 +54,8 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
     store = WeightStore(model)
     tok = Tokenizer.from_gguf(store.metadata) if text else None
     engine = Engine(store, max_memory=budget, threads=threads, playlist=playlist)
-    mode = "streaming (shared + one layer resident)" if engine.streaming else "full load"
+    pins = f", {engine.pinned} pinned" if engine.pinned else ""
+    mode = f"streaming (shared{pins} + one streamed layer resident)" if engine.streaming else "full load"
     err.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}",
               highlight=False)
     return engine, tok

@@ -1,8 +1,10 @@
 """Engine: runs a model (Qwen3.5, Gemma 3) from a WeightStore, fully loaded or streamed a layer at a time.
 
 * Full-load mode (the model fits `max_memory`, or no budget given): every block is built once.
-* Streaming mode: only the shared weights stay resident; each block is read, run and
-  dropped before the next one is read, so at most shared + one layer is held.
+* Streaming mode: the shared weights stay resident, plus as many blocks as the budget has
+  room for beyond one streamed block (pinned, in playlist order); every other block is read,
+  run and dropped before the next one is read. With a budget of shared + largest block, at
+  most shared + one layer is held.
 
 Prefill is layer-major: a prompt chunk goes through block 0, then block 1, ... so each
 layer is read once per chunk. The run order is a playlist of source block indices
@@ -111,9 +113,12 @@ class Engine:
             for store, _ in self._donors.values():
                 store.map_experts = True
         self.shared = self.family.Shared(self.args, self.store.load_shared())
+        self.max_memory = max_memory
         self._blocks: dict[PlaylistEntry, Any] = {}
         if not self.streaming:
             self._blocks = {e: self._build(e) for e in unique}
+        else:
+            self._pin()
         self.caches: list[Any] = []
         self.stats = RunStats()
         self.reset()
@@ -140,7 +145,29 @@ class Engine:
             for e in dict.fromkeys(self.playlist):
                 if e not in self._blocks:
                     self._blocks[e] = self._build(e)
+        else:
+            self._pin()
         self.reset()
+
+    def _pin(self) -> None:
+        """Streaming: keep resident the blocks the budget has room for, in playlist order, so that
+        shared + pinned + the largest block still streamed stays within `max_memory`."""
+        sizes = {e: self._store_of(e).nbytes(self._layer_of(e)) for e in dict.fromkeys(self.playlist)}
+        room = self.max_memory - self.store.nbytes(None)
+        keep: list[Any] = []
+        used = 0
+        for e in sizes:
+            rest = [n for x, n in sizes.items() if x != e and x not in keep]
+            if used + sizes[e] + max(rest, default=0) <= room:
+                keep.append(e)
+                used += sizes[e]
+        self._blocks = {e: self._blocks.get(e) or self._build(e) for e in keep}
+        log.info("streaming: %d of %d blocks pinned (%d bytes)", len(keep), len(sizes), used)
+
+    @property
+    def pinned(self) -> int:
+        """Blocks kept resident in streaming mode (all of them in full-load mode)."""
+        return len(self._blocks)
 
     def _entries(self, playlist: Sequence[PlaylistEntry]) -> list[Any]:
         """Checked entries: an int for a block of this model, (donor key, block) for a donor's."""
@@ -195,9 +222,8 @@ class Engine:
         self.n_past = 0
 
     def _block(self, entry: Any) -> Any:
-        if self.streaming:
-            return self._build(entry)
-        return self._blocks[entry]
+        block = self._blocks.get(entry)
+        return block if block is not None else self._build(entry)
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
