@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LemonsliceError
+from ..slicing.atomic import write_text
 from ._app import _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
 from ..text.prompt import encode_prompt, special_kwargs
 from .format import _print_summary
@@ -123,7 +124,7 @@ def _report(stats, stats_json: Optional[Path] = None, **extra: Any) -> None:  # 
         d = {"prefill_tokens": stats.prefill_tokens, "prefill_seconds": stats.prefill_seconds,
              "decode_tokens": stats.decode_tokens, "decode_seconds": stats.decode_seconds,
              "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps, "peak_rss": peak, **extra}
-        stats_json.write_text(json.dumps(d, indent=1))
+        write_text(stats_json, json.dumps(d, indent=1))
 
 
 @app.command()
@@ -248,7 +249,7 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
                   highlight=False)
         extra["plain_decode_tps"] = p.decode_tps
     if stats_json is not None:
-        stats_json.write_text(json.dumps({"decode_tps": s.decode_tps, "peak_rss": _peak_rss(), **extra}, indent=1))
+        write_text(stats_json, json.dumps({"decode_tps": s.decode_tps, "peak_rss": _peak_rss(), **extra}, indent=1))
     err.print(f"peak RSS: {_human(_peak_rss())}", highlight=False)
 
 

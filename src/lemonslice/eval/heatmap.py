@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ._files import staged_output
+from ..slicing.atomic import staged_output
 
 if TYPE_CHECKING:
     from .sweep import SweepConfig

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..engine import Engine
 from ..errors import LemonsliceError
-from ._files import write_text
+from ..slicing.atomic import write_text
 from .generate import ChatPrompter, greedy, stop_ids
 from .heatmap import draw_heatmaps
 from .probes import ProbeItem, ProbeSuite
