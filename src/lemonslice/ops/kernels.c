@@ -234,76 +234,6 @@ static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, 
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* Q8_0 with AVX2: widen 8 int8 at a time to float, scale by d, accumulate with FMA. */
-static void row_q8_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
-    __m256 A[MAXT][4];
-    for (int t = 0; t < T; t++)
-        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 34;
-        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b)));
-        __m256 w[4];
-        for (int k = 0; k < 4; k++) {
-            const __m128i q8 = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k));
-            w[k] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-        }
-        for (int t = 0; t < T; t++) {
-            const float *x = X + t * ldx + i * 32;
-            for (int k = 0; k < 4; k++) A[t][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), A[t][k]);
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        float v[8];
-        _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3])));
-        acc[t] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-    }
-}
-
-/* The 32 bits of qh as 32 bytes: 0xFF where the bit is set, else 0. */
-static inline __m256i bits_to_bytes(uint32_t qh) {
-    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                           0x0101010101010101LL, 0x0000000000000000LL);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-}
-
-/* Q5_0 with AVX2: nibbles plus the fifth bit, minus 16, as 32 int8; then as Q8_0. */
-static void row_q5_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
-    __m256 A[MAXT][4];
-    for (int t = 0; t < T; t++)
-        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(0x10);
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 22;
-        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b)));
-        uint32_t qh;
-        memcpy(&qh, b + 2, 4);
-        const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6));
-        /* bytes 0..15: low nibbles (values 0..15); bytes 16..31: high nibbles (values 16..31) */
-        const __m256i nib = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
-        const __m256i hi = _mm256_and_si256(bits_to_bytes(qh), b16);
-        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nib, hi), b16);  /* int8 in [-16, 15] */
-        int8_t qb[32];
-        _mm256_storeu_si256((__m256i *)qb, q);
-        __m256 w[4];
-        for (int k = 0; k < 4; k++) {
-            const __m128i q8 = _mm_loadl_epi64((const __m128i *)(qb + 8 * k));
-            w[k] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-        }
-        for (int t = 0; t < T; t++) {
-            const float *x = X + t * ldx + i * 32;
-            for (int k = 0; k < 4; k++) A[t][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), A[t][k]);
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        float v[8];
-        _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3])));
-        acc[t] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-    }
-}
-
 /* A[t][0..3] += w[0..31] * x_t[0..31] for every activation row, w = scale * code - minus
    for the 32 int8 or uint8 codes in qb. */
 static inline void acc32(__m256 A[][4], const uint8_t *qb, int is_signed, __m256 scale, __m256 minus,
@@ -326,6 +256,53 @@ static inline void hsum_rows(__m256 A[][4], int T, float *acc) {
         _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3])));
         acc[t] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
     }
+}
+
+/* Q8_0 with AVX2: widen 8 int8 at a time to float, scale by d, accumulate with FMA. */
+static void row_q8_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
+    __m256 A[MAXT][4];
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 34;
+        acc32(A, b + 2, 1, _mm256_set1_ps(f16_to_f32(rd16(b))), zero, X, ldx, i * 32, T);
+    }
+    hsum_rows(A, T, acc);
+}
+
+/* The 32 bits of qh as 32 bytes: 0xFF where the bit is set, else 0. */
+static inline __m256i bits_to_bytes(uint32_t qh) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* Q5_0 with AVX2: nibbles plus the fifth bit, minus 16, as 32 int8; then as Q8_0. */
+static void row_q5_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
+    __m256 A[MAXT][4];
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(0x10);
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 22;
+        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b)));
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6));
+        /* bytes 0..15: low nibbles (values 0..15); bytes 16..31: high nibbles (values 16..31) */
+        const __m256i nib = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
+        const __m256i hi = _mm256_and_si256(bits_to_bytes(qh), b16);
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nib, hi), b16);  /* int8 in [-16, 15] */
+        int8_t qb[32];
+        _mm256_storeu_si256((__m256i *)qb, q);
+        acc32(A, (const uint8_t *)qb, 1, d, zero, X, ldx, i * 32, T);
+    }
+    hsum_rows(A, T, acc);
 }
 
 /* Q4_K with AVX2: per 64 values, low nibbles (scale 1) and high nibbles (scale 2), each value d*sc*q - dmin*m. */
