@@ -18,7 +18,7 @@ from rich.table import Table
 from ..errors import LemonsliceError
 from ..slicing.atomic import write_text
 from ._app import _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
-from ..text.prompt import encode_prompt, special_kwargs
+from ..text.prompt import ChatPrompter, encode_prompt, special_kwargs
 from .format import _print_summary
 
 # Options every model command shares (typer needs them per function; these keep one text).
@@ -172,18 +172,11 @@ def run(
         _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
                  stats_json)
         return
-    if prompt_ids is not None:
-        ids = _parse_ids(prompt_ids)
+    ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
+    if tok is None:
         new = list(session.generate(ids, sampler, n))
         out.print(f"generated: {' '.join(map(str, new))}")
     else:
-        template, stops = _text_tools(engine, tok, chat_template)
-        if chat:
-            text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   enable_thinking=thinking, **special_kwargs(tok))
-        else:
-            text = prompt
-        ids = encode_prompt(tok, text, templated=chat)
         _stream(session, tok, ids, sampler, n, stops, params.stop, _write_out)
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -201,6 +194,17 @@ def _parse_ids(prompt_ids: str) -> list[int]:
     return ids
 
 
+def _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template):  # noqa: ANN001, ANN202
+    """(prompt ids, end-of-generation ids): from --prompt-ids as given, or from the text, as one
+    chat turn when `chat`."""
+    if tok is None:
+        return _parse_ids(prompt_ids), frozenset()
+    template, stops = _text_tools(engine, tok, chat_template)
+    if chat:
+        return ChatPrompter(tok, template, thinking=thinking).ids(prompt)[0], stops
+    return encode_prompt(tok, prompt, templated=False), stops
+
+
 def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, compare,  # noqa: ANN001
              stats_json) -> None:  # noqa: ANN001
     """Speculative decoding: the whole reply is printed when done, then the acceptance statistics."""
@@ -208,16 +212,7 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
     from ..engine.speculative import Speculator
 
     spec = Speculator(engine)
-    stops = None
-    if prompt_ids is not None:
-        ids = _parse_ids(prompt_ids)
-    else:
-        template, stops = _text_tools(engine, tok, chat_template)
-        text = prompt
-        if chat:
-            text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   enable_thinking=thinking, **special_kwargs(tok))
-        ids = encode_prompt(tok, text, templated=chat)
+    ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
     sampler = Sampler(params)
     new, s = spec.generate(ids, n, draft_max, sampler=sampler)
     if tok is None:
@@ -235,15 +230,13 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
     extra = {"drafted": s.drafted, "accepted": s.accepted, "acceptance_rate": s.acceptance_rate,
              "mtp_decode_tps": s.decode_tps}
     if compare:
-        plain = engine.generate(ids, n) if params.temperature == 0 else None
-        p = engine.stats
-        if plain is None:
-            from ..engine.generation import Session
+        from ..engine.generation import Session
 
-            gen = Session(engine)
-            list(gen.generate(ids, Sampler(params), n))
-            p = gen.stats
-        same = "" if plain is None else f"; tokens {'identical' if plain == new else 'DIFFER'}"
+        gen = Session(engine)
+        plain = list(gen.generate(ids, Sampler(params), n))
+        p = gen.stats
+        # Only greedy decoding has one right answer to compare against.
+        same = f"; tokens {'identical' if plain == new else 'DIFFER'}" if params.temperature == 0 else ""
         err.print(f"decode without MTP: {p.decode_tokens} tokens in {p.decode_seconds:.2f} s "
                   f"({p.decode_tps:.2f} tokens/s); MTP speed-up {s.decode_tps / p.decode_tps:.2f}×{same}",
                   highlight=False)
