@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Each test module that uses these defines its own session-scoped `syn_path` (a synthetic GGUF);
+# module scope keeps one module's split from being served to another.
+@pytest.fixture(scope="module")
+def syn_split(syn_path, tmp_path_factory) -> Path:
+    from lemonslice.slicing import split_gguf
+
+    out = tmp_path_factory.mktemp("synsplit") / "split"
+    split_gguf(syn_path, out)
+    return out
+
+
+@pytest.fixture
+def syn_copy(syn_split, tmp_path) -> Path:
+    """A private copy of the module's synthetic split, free to damage."""
+    dst = tmp_path / "split"
+    shutil.copytree(syn_split, dst)
+    return dst
+

@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import gguf
 import numpy as np
 import pytest
 from gguf_refs import GEMMA_SHA256, GEMMA_SIZE, GGUFPy
 
 from lemonslice.gguf.constants import GGMLType, ValueType
 from lemonslice.gguf.writer import encode_kv, plan_file
-from lemonslice.slicing import split_gguf, verify_split
+from lemonslice.slicing import verify_split
 
 LEMONSLICE = str(Path(sys.executable).with_name("lemonslice"))
 STAGE_TAG = ".lemonslice-tmp-"
@@ -107,20 +106,6 @@ def syn_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clisyn") / "tiny.gguf"
     write_synthetic(path, tiny_qwen35moe(mtp=True, type_overrides={"experts": "Q4_0", "attention": "F16"}))
     return path
-
-
-@pytest.fixture(scope="session")
-def syn_split(syn_path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clisynsplit") / "split"
-    split_gguf(syn_path, out)
-    return out
-
-
-@pytest.fixture
-def split_copy(syn_split, tmp_path) -> Path:
-    dst = tmp_path / "split"
-    shutil.copytree(syn_split, dst)
-    return dst
 
 
 @pytest.fixture(scope="session")
@@ -255,20 +240,20 @@ def damage(d: Path, case: str, tmp_path: Path) -> None:
         raise AssertionError(case)
 
 
-def test_cli_verify_intact(split_copy):
-    r = cli("verify", split_copy.name, cwd=split_copy.parent)
+def test_cli_verify_intact(syn_copy):
+    r = cli("verify", syn_copy.name, cwd=syn_copy.parent)
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and "Traceback" not in r.stdout
 
 
 @pytest.mark.parametrize("case", list(VERIFY_CASES))
-def test_cli_verify_reports(split_copy, tmp_path, case):
+def test_cli_verify_reports(syn_copy, tmp_path, case):
     want, needle = VERIFY_CASES[case]
-    damage(split_copy, case, tmp_path)
-    r = cli("verify", split_copy.name, cwd=split_copy.parent)
+    damage(syn_copy, case, tmp_path)
+    r = cli("verify", syn_copy.name, cwd=syn_copy.parent)
     if want is None:
         if needle == "ABSOLUTE":
-            needle = repr(str(split_copy.parent / "layer_0004.gguf"))
+            needle = repr(str(syn_copy.parent / "layer_0004.gguf"))
         assert_one_line_error(r, needle)
         return
     assert r.returncode != 0
@@ -280,18 +265,18 @@ def test_cli_verify_reports(split_copy, tmp_path, case):
     others = [line for line in lines if not PROBLEM_LINE.match(line)]
     assert len(others) <= 1, r.stderr
     # The library agrees.
-    assert {(p.file, p.kind) for p in verify_split(split_copy)} == want
+    assert {(p.file, p.kind) for p in verify_split(syn_copy)} == want
 
 
 # ---- 4. merge refuses a modified split ----------------------------------------------------
 
 
-def test_cli_merge_hash_mismatch(split_copy, tmp_path):
-    victim = split_copy / "layer_0006.gguf"
+def test_cli_merge_hash_mismatch(syn_copy, tmp_path):
+    victim = syn_copy / "layer_0006.gguf"
     flip(victim, mid_tensor_offset(victim))
     target_dir = tmp_path / "target"
     target_dir.mkdir()
-    r = cli("merge", split_copy, target_dir / "model.gguf")
+    r = cli("merge", syn_copy, target_dir / "model.gguf")
     assert_one_line_error(r, "sha256")
     assert list(target_dir.iterdir()) == []  # no output and no temporary file
 
@@ -310,11 +295,11 @@ BAD_MANIFEST_FIELDS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_MANIFEST_FIELDS))
-def test_cli_merge_damaged_manifest_one_line_error(split_copy, tmp_path, case):
-    edit_manifest(split_copy, BAD_MANIFEST_FIELDS[case])
+def test_cli_merge_damaged_manifest_one_line_error(syn_copy, tmp_path, case):
+    edit_manifest(syn_copy, BAD_MANIFEST_FIELDS[case])
     target_dir = tmp_path / "target"
     target_dir.mkdir()
-    r = cli("merge", split_copy, target_dir / "model.gguf")
+    r = cli("merge", syn_copy, target_dir / "model.gguf")
     assert_one_line_error(r)
     assert list(target_dir.iterdir()) == []
 
@@ -372,25 +357,25 @@ def test_split_outdir_that_is_the_input_file(syn_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
-def test_merge_existing_target_needs_force(syn_path, split_copy, tmp_path):
+def test_merge_existing_target_needs_force(syn_path, syn_copy, tmp_path):
     target = tmp_path / "model.gguf"
     target.write_bytes(b"old contents")
-    r = cli("merge", split_copy, target)
+    r = cli("merge", syn_copy, target)
     assert_one_line_error(r, "--force")
     assert target.read_bytes() == b"old contents"
-    r = cli("merge", split_copy, target, "--force")
+    r = cli("merge", syn_copy, target, "--force")
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == syn_path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "split"]
 
 
 @pytest.mark.parametrize("target", ["layer_0001.gguf", "manifest.json", "shared.gguf", "new.gguf", "."])
-def test_merge_refuses_to_overwrite_its_input(split_copy, target):
-    before = snapshot(split_copy)
-    r = cli("merge", split_copy, split_copy / target, "--force")
+def test_merge_refuses_to_overwrite_its_input(syn_copy, target):
+    before = snapshot(syn_copy)
+    r = cli("merge", syn_copy, syn_copy / target, "--force")
     assert_one_line_error(r)
-    assert snapshot(split_copy) == before
-    assert verify_split(split_copy) == []
+    assert snapshot(syn_copy) == before
+    assert verify_split(syn_copy) == []
 
 
 # ---- 6. killed or terminated midway ------------------------------------------------------

@@ -113,21 +113,6 @@ def syn_src(syn_path):
     return GGUFPy(syn_path)
 
 
-@pytest.fixture(scope="session")
-def syn_split(syn_path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synsplit") / "split"
-    split_gguf(syn_path, out)
-    return out
-
-
-@pytest.fixture
-def syn_copy(syn_split, tmp_path) -> Path:
-    """A private copy of the synthetic split, free to damage."""
-    dst = tmp_path / "split"
-    shutil.copytree(syn_split, dst)
-    return dst
-
-
 # ---- 1. round trip --------------------------------------------------------------------
 
 
