@@ -228,17 +228,8 @@ class Engine:
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Append `ids` to the sequence; logits [T, V] of every new position, or [1, V] of the last."""
-        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
-        if ids_t.numel() == 0:
-            raise LemonsliceError("no token ids given")
-        out = []
-        for start in range(0, ids_t.numel(), self.prefill_chunk):
-            x = self._run_blocks(self.shared.embed(ids_t[start : start + self.prefill_chunk]))  # [T, E]
-            last_chunk = start + self.prefill_chunk >= ids_t.numel()
-            if all_logits or last_chunk:
-                out.append(self.shared.logits(x if all_logits else x[-1:]))
-        self.n_past += ids_t.numel()
-        return torch.cat(out)
+        x = self.forward_hidden(ids)  # [T, E]
+        return self.shared.logits(x if all_logits else x[-1:])
 
     def _run_blocks(self, x: torch.Tensor, inputs: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
         """x [T, E] through the playlist, advancing each position's state; `inputs[pos]` collects
