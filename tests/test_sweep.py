@@ -83,10 +83,10 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 
 def test_repeat_playlist_matches_rys():
-    # RYS's rys_27-30 on a 32-layer model: 0 .. 30, then 27 .. 31.
-    assert compact_playlist(repeat_playlist(32, 27, 31)) == "0-30,27-31"
-    assert repeat_playlist(6, 2, 4) == [0, 1, 2, 3, 2, 3, 4, 5]
-    assert repeat_playlist(4, 0, 4) == [0, 1, 2, 3, 0, 1, 2, 3]
+    # RYS's rys_27-30 on a 32-layer model: 0 .. 30, then 27 .. 31; blocks are inclusive like --layers.
+    assert compact_playlist(repeat_playlist(32, 27, 30)) == "0-30,27-31"
+    assert repeat_playlist(6, 2, 3) == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert repeat_playlist(4, 0, 3) == [0, 1, 2, 3, 0, 1, 2, 3]
     assert compact_playlist([0, 1, 2, 1, 2, 3]) == "0-2,1-3"
     assert compact_playlist([5]) == "5"
 
@@ -94,7 +94,7 @@ def test_repeat_playlist_matches_rys():
 def config(**kw) -> SweepConfig:
     base = dict(
         model={"name": "m.gguf", "arch": "gemma3", "n_layer": 18, "weight_bytes": 1},
-        block=8, stride=4, start=0, end=18, limit=None, thinking=False, max_new_tokens=None,
+        block=8, stride=4, start=0, end=17, limit=None, thinking=False, max_new_tokens=None,
         probes=({"name": "math", "source": "builtin:math", "sha256": "0" * 64, "scorer": "math", "items": 3},),
         chat_template_sha256="f" * 64,
     )
@@ -104,14 +104,14 @@ def config(**kw) -> SweepConfig:
 def test_candidates_pass_1_and_pass_2():
     c = config().candidates()
     assert [(x.name, x.start, x.end) for x in c] == [
-        ("baseline", None, None), ("0-8", 0, 8), ("4-12", 4, 12), ("8-16", 8, 16)]
+        ("baseline", None, None), ("0-7", 0, 7), ("4-11", 4, 11), ("8-15", 8, 15)]
     assert c[0].playlist == tuple(range(18))
     assert c[2].playlist == (*range(12), *range(4, 18))
-    # Pass 2 of the RYS card: blocks of 4, stride 1, within layers 8-32 of 32.
+    # Pass 2 of the RYS card: blocks of 4, stride 1, within layers 8-31 of 32.
     c2 = config(model={"name": "m", "arch": "qwen35", "n_layer": 32, "weight_bytes": 1},
-                block=4, stride=1, start=8, end=32).candidates()
+                block=4, stride=1, start=8, end=31).candidates()
     assert len(c2) == 1 + 21
-    assert (c2[1].name, c2[-1].name) == ("8-12", "28-32")
+    assert (c2[1].name, c2[-1].name) == ("8-11", "28-31")
     assert compact_playlist(c2[-1].playlist) == "0-31,28-31"
 
 
@@ -120,9 +120,9 @@ def test_candidates_pass_1_and_pass_2():
     [
         (dict(block=0), "--block must be >= 1"),
         (dict(stride=0), "--stride must be >= 1"),
-        (dict(start=4, end=20), "--range must satisfy 0 <= i < j <= 18, got 4-20"),
-        (dict(start=9, end=9), "--range must satisfy"),
-        (dict(start=12, end=18), "--range 12-18 is shorter than a block of 8 layers"),
+        (dict(start=4, end=20), "--range must satisfy 0 <= i <= j < 18, got 4-20"),
+        (dict(start=9, end=8), "--range must satisfy"),
+        (dict(start=12, end=17), "--range 12-17 is shorter than a block of 8 layers"),
         (dict(limit=0), "--limit must be >= 1"),
         (dict(max_new_tokens=0), "--max-new-tokens must be >= 1"),
         (dict(probes=()), "at least one probe suite"),
@@ -156,11 +156,11 @@ def test_default_reply_lengths():
 def test_delta_grid():
     rows = [
         {"start": None, "end": None, "delta": {"m": 0.0}},
-        {"start": 0, "end": 8, "delta": {"m": 0.25}},
-        {"start": 4, "end": 12, "delta": {"m": -0.5}},
+        {"start": 0, "end": 7, "delta": {"m": 0.25}},
+        {"start": 4, "end": 11, "delta": {"m": -0.5}},
     ]
     starts, ends, grid = delta_grid(rows, "m")
-    assert (starts, ends) == ([0, 4], [8, 12])
+    assert (starts, ends) == ([0, 4], [7, 11])
     assert grid[0][0] == 0.25 and grid[1][1] == -0.5
     assert grid[0][1] != grid[0][1] and grid[1][0] != grid[1][0]  # NaN: not run
 
@@ -233,7 +233,7 @@ def test_greedy_matches_engine_generate_and_stops(tiny):
 
 def test_sweep_writes_results(full_run):
     cfg = json.loads((full_run / "sweep.json").read_text())
-    assert (cfg["format"], cfg["block"], cfg["stride"], cfg["start"], cfg["end"]) == ("lemonslice-sweep-v1", 2, 1, 0, 8)
+    assert (cfg["format"], cfg["block"], cfg["stride"], cfg["start"], cfg["end"]) == ("lemonslice-sweep-v2", 2, 1, 0, 7)
     assert (cfg["limit"], cfg["thinking"], cfg["max_new_tokens"]) == (2, False, 12)
     assert [(p["name"], p["scorer"], p["items"]) for p in cfg["probes"]] == [
         ("math", "math", 2), ("eq", "eq", 2), ("reasoning", "exact", 2)]
@@ -242,7 +242,7 @@ def test_sweep_writes_results(full_run):
 
     doc = results(full_run)
     rows = doc["rows"]
-    assert [r["config"] for r in rows] == ["baseline", "0-2", "1-3", "2-4", "3-5", "4-6", "5-7", "6-8"]
+    assert [r["config"] for r in rows] == ["baseline", "0-1", "1-2", "2-3", "3-4", "4-5", "5-6", "6-7"]
     assert rows[2]["playlist"] == [0, 1, 2, 1, 2, 3, 4, 5, 6, 7] and rows[2]["n_layers"] == 10
     assert doc["baseline"] == rows[0]["scores"]
     for r in rows:
@@ -257,7 +257,7 @@ def test_sweep_writes_results(full_run):
     assert list(table[0]) == ["config", "start", "end", "n_layers", "playlist", "math", "math_delta", "eq",
                               "eq_delta", "reasoning", "reasoning_delta", "seconds", "finished_at"]
     assert [(t["config"], t["start"], t["end"], t["playlist"]) for t in table[:3]] == [
-        ("baseline", "", "", "0-7"), ("0-2", "0", "2", "0-1,0-7"), ("1-3", "1", "3", "0-2,1-7")]
+        ("baseline", "", "", "0-7"), ("0-1", "0", "1", "0-1,0-7"), ("1-2", "1", "2", "0-2,1-7")]
     assert float(table[3]["eq"]) == pytest.approx(rows[3]["scores"]["eq"], rel=1e-5)
 
     for p in ("math", "eq", "reasoning"):
@@ -327,6 +327,44 @@ def test_sweep_refuses_foreign_outdir(tiny, full_run, tmp_path):
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
+def test_best_block_label_pasted_into_layers_runs_the_scored_playlist(tiny, full_run):
+    """A block label means the same layers in a sweep and in --layers "repeat A-B" (both inclusive)."""
+    from lemonslice.surgery.plan import playlist_for
+
+    rows = results(full_run)["rows"]
+    blocks = [r for r in rows if r["config"] != "baseline"]
+    best = max(blocks, key=lambda r: sum(r["delta"].values()))
+    assert playlist_for(f"repeat {best['config']}", tiny) == best["playlist"]
+    for r in blocks:
+        assert playlist_for(f"repeat {r['config']}", tiny) == r["playlist"], r["config"]
+    # Written out by hand: block 2-3 of 8 layers runs layers 2 and 3 twice.
+    assert next(r for r in rows if r["config"] == "2-3")["playlist"] == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7]
+
+
+def test_half_open_v1_outdir_is_converted_on_resume(tiny, full_run, tmp_path):
+    """An OUTDIR from before the inclusive notation ("0-2" for layers 0..1) is rewritten in it
+    and resumes with nothing to rerun."""
+    out = tmp_path / "v1"
+    shutil.copytree(full_run, out)
+    cfg = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**cfg, "format": "lemonslice-sweep-v1", "end": cfg["end"] + 1}))
+    doc = results(out)
+    for r in doc["rows"]:
+        if r["start"] is not None:
+            r["end"] += 1
+            r["config"] = f"{r['start']}-{r['end']}"
+    (out / "results.json").write_text(json.dumps({**doc, "format": "lemonslice-sweep-results-v1"}))
+    assert [r["config"] for r in doc["rows"]][:3] == ["baseline", "0-2", "1-3"]
+
+    r = cli("sweep", tiny, "-o", out, *SWEEP_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "converted from half-open block labels" in r.stderr
+    assert f"resuming {out}: {N_CONFIGS} of {N_CONFIGS} configurations already done" in r.stderr
+    assert json.loads((out / "sweep.json").read_text()) == cfg
+    assert results(out) == results(full_run)
+    assert (out / "results.csv").read_text() == (full_run / "results.csv").read_text()
+
+
 def test_damaged_results_are_refused(full_run, tmp_path):
     cfg = SweepConfig.from_json(json.loads((full_run / "sweep.json").read_text()))
     doc = results(full_run)
@@ -346,13 +384,13 @@ def test_sweep_bad_options_one_line_errors(tiny, tmp_path):
     r = cli("sweep", tmp_path / "no-model.gguf", "-o", tmp_path / "o", "--probes", f"math,{bad}")
     assert_one_line_error(r, f"{bad}:2: not valid JSON")
     r = cli("sweep", tiny, "-o", tmp_path / "o", "--range", "2-20", "--block", "2")
-    assert_one_line_error(r, "--range must satisfy 0 <= i < j <= 8, got 2-20")
+    assert_one_line_error(r, "--range must satisfy 0 <= i <= j < 8, got 2-20")
     assert not (tmp_path / "o").exists()
 
 
 def test_parse_range():
     assert _parse_range("8-32") == (8, 32) and _parse_range(" 0 - 4 ") == (0, 4)
-    with pytest.raises(LemonsliceError, match="--range must look like 8-32"):
+    with pytest.raises(LemonsliceError, match="--range must look like 8-31"):
         _parse_range("eight-32")
 
 

@@ -20,7 +20,7 @@ from ._app import _default_budget, _human, _parse_size, app, err, out
 def _parse_range(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
     if m is None:
-        raise LemonsliceError(f"--range must look like 8-32 (start i - end j), got {text!r}")
+        raise LemonsliceError(f"--range must look like 8-31 (layers i to j, inclusive), got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -63,11 +63,14 @@ def _duration(seconds: float) -> str:
 @app.command()
 def sweep(
     model: Path = typer.Argument(..., help="A .gguf file or a split directory."),
-    outdir: Path = typer.Option(..., "-o", "--out", help="Results directory; rerun with it to resume."),
+    outdir: Optional[Path] = typer.Option(
+        None, "-o", "--output", metavar="OUTDIR", help="Results directory (required); rerun with it to resume."),
+    old_outdir: Optional[Path] = typer.Option(None, "--out", hidden=True),  # the spelling before -o/--output
     block: int = typer.Option(8, "--block", help="Layers per repeated block."),
     stride: int = typer.Option(4, "--stride", help="Step between block starts."),
     layer_range: Optional[str] = typer.Option(
-        None, "--range", help="i-j: blocks start at i or later and end at j or earlier (default: all layers)."),
+        None, "--range", metavar="I-J",
+        help="Blocks lie within layers I..J, inclusive like --layers (default: all layers)."),
     probes: str = typer.Option(
         "math,eq,reasoning", "--probes", help="Comma-separated built-in suite names or JSONL paths."),
     thinking: bool = typer.Option(False, "--thinking/--no-thinking", help="Let the chat template open a think block."),
@@ -83,10 +86,15 @@ def sweep(
         None, "--max-memory", help="Weight budget, e.g. 2GB; a larger model is streamed a layer at a time."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
 ) -> None:
-    """Score the baseline and every repeated block (i, j) on probe suites; writes CSV, JSON and heatmaps."""
+    """Score the baseline and every repeated block i-j (inclusive, as `--layers "repeat i-j"`) on probe
+    suites; writes CSV, JSON and heatmaps."""
     from ..engine import Engine, WeightStore
     from ..eval import ChatPrompter, chat_template_for, load_suites, make_config, run_sweep
     from ..text.tokenizer import Tokenizer
+
+    outdir = outdir or old_outdir
+    if outdir is None:
+        raise LemonsliceError("give the results directory: -o/--output OUTDIR")
 
     # Cheap checks first: bad probe files or options fail before the model is loaded.
     suites = load_suites(probes)

@@ -19,7 +19,7 @@ def heatmap_path(outdir: Path, probe: str) -> Path:
 
 
 def delta_grid(rows: Sequence[dict[str, Any]], probe: str) -> tuple[list[int], list[int], list[list[float]]]:
-    """(starts, ends, grid): grid[a][b] is the delta of block (starts[a], ends[b]), NaN if not run."""
+    """(starts, ends, grid): grid[a][b] is the delta of block starts[a]..ends[b] (inclusive), NaN if not run."""
     cells = {(r["start"], r["end"]): r["delta"].get(probe, math.nan) for r in rows if r["start"] is not None}
     starts = sorted({i for i, _ in cells})
     ends = sorted({j for _, j in cells})
@@ -46,7 +46,7 @@ def draw_heatmaps(outdir: Path, config: "SweepConfig", rows: Sequence[dict[str, 
         image = ax.imshow(grid, cmap="RdYlGn", norm=Normalize(-span, span), aspect="auto")
         ax.set_xticks(range(len(ends)), [str(j) for j in ends])
         ax.set_yticks(range(len(starts)), [str(i) for i in starts])
-        ax.set_xlabel("end j (block i..j-1 runs twice)")
+        ax.set_xlabel("end j (block i..j runs twice, as --layers 'repeat i-j')")
         ax.set_ylabel("start i")
         ax.set_title(f"{probe}: score - baseline ({base[probe]:.4g})", fontsize=9)
         for a, row in enumerate(grid):

@@ -1,9 +1,10 @@
 """RYS sweeps: score probe suites on every "repeat block (i, j)" playlist of one loaded model.
 
-Candidate (i, j) runs layers 0..j-1 and then i..N-1, so layers i..j-1 run twice (RYS's
-`rys_27-30` is (27, 31)). Blocks of `block` layers start at start, start + stride, ...
-and end at most at `end`; the baseline (every layer once) is scored first. Every
-candidate is a runtime playlist of the same Engine: no GGUF is written.
+Candidate (i, j) runs layers 0..j and then i..N-1, so layers i..j (inclusive, as in
+`--layers "repeat i-j"`) run twice: RYS's `rys_27-30` is (27, 30). Blocks of `block`
+layers start at start, start + stride, ... and end at most at layer `end`; the baseline
+(every layer once) is scored first. Every candidate is a runtime playlist of the same
+Engine: no GGUF is written.
 
 OUTDIR holds
 
@@ -14,6 +15,9 @@ OUTDIR holds
   per-category means, each item's reply and score), rewritten atomically after each one,
   and ``results.csv``, the same rows flattened.
 * ``heatmap_<probe>.png``: score minus baseline over (start i, end j), once all are done.
+
+Format v1 labelled blocks half-open (``8-16`` for layers 8..15); an OUTDIR in it is
+converted to the inclusive v2 notation when a sweep resumes there.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIG_FORMAT = "lemonslice-sweep-v1"
-RESULTS_FORMAT = "lemonslice-sweep-results-v1"
+CONFIG_FORMAT = "lemonslice-sweep-v2"
+RESULTS_FORMAT = "lemonslice-sweep-results-v2"
+# v1 labelled blocks half-open ("8-16" = layers 8..15); v2 is inclusive like --layers.
+_V1_CONFIG_FORMAT, _V1_RESULTS_FORMAT = "lemonslice-sweep-v1", "lemonslice-sweep-results-v1"
 CONFIG_FILE = "sweep.json"
 RESULTS_FILE = "results.json"
 CSV_FILE = "results.csv"
@@ -62,8 +68,8 @@ class SweepError(LemonsliceError):
 
 
 def repeat_playlist(n_layer: int, start: int, end: int) -> list[int]:
-    """Layers 0..end-1, then start..n_layer-1: the block start..end-1 runs twice."""
-    return list(range(end)) + list(range(start, n_layer))
+    """Layers 0..end, then start..n_layer-1: the block start..end (inclusive) runs twice."""
+    return list(range(end + 1)) + list(range(start, n_layer))
 
 
 def compact_playlist(playlist: Sequence[int]) -> str:
@@ -79,7 +85,7 @@ def compact_playlist(playlist: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str  # "baseline" or "<i>-<j>"
+    name: str  # "baseline" or "<i>-<j>", layers i..j inclusive
     start: int | None
     end: int | None
     playlist: tuple[int, ...]
@@ -100,7 +106,7 @@ class SweepConfig:
     model: Mapping[str, Any]  # name, arch, n_layer, weight_bytes
     block: int
     stride: int
-    start: int
+    start: int  # blocks lie within layers start..end, inclusive
     end: int
     probes: tuple[Mapping[str, Any], ...]  # name, source, sha256, scorer, items (after --limit)
     limit: int | None
@@ -123,15 +129,15 @@ class SweepConfig:
         for key, kind in _MODEL_KEYS.items():
             v = self.model.get(key)
             need(isinstance(v, kind) and not isinstance(v, bool), f"model.{key} must be a {kind.__name__}")
-        need(set(self.model) == set(_MODEL_KEYS), f"model must have exactly the keys {sorted(_MODEL_KEYS)}")
+        need(set(self.model) == set(_MODEL_KEYS), f"model must have exactly the keys {', '.join(_MODEL_KEYS)}")
         n = self.model["n_layer"]
         for key in ("block", "stride", "start", "end"):
             need(_is_int(getattr(self, key)), f"{key} must be an integer")
         need(n >= 1, "model.n_layer must be >= 1")
         need(self.block >= 1, f"--block must be >= 1, got {self.block}")
         need(self.stride >= 1, f"--stride must be >= 1, got {self.stride}")
-        need(0 <= self.start < self.end <= n, f"--range must satisfy 0 <= i < j <= {n}, got {self.start}-{self.end}")
-        need(self.end - self.start >= self.block,
+        need(0 <= self.start <= self.end < n, f"--range must satisfy 0 <= i <= j < {n}, got {self.start}-{self.end}")
+        need(self.end - self.start + 1 >= self.block,
              f"--range {self.start}-{self.end} is shorter than a block of {self.block} layers")
         need(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "--limit must be >= 1")
         need(isinstance(self.thinking, bool), "thinking must be true or false")
@@ -143,17 +149,17 @@ class SweepConfig:
         for p in self.probes:
             ok = set(p) == set(_PROBE_KEYS) and all(
                 isinstance(p[k], t) and not isinstance(p[k], bool) for k, t in _PROBE_KEYS.items())
-            need(ok, f"each probe must have exactly the keys {sorted(_PROBE_KEYS)} with the right types")
+            need(ok, f"each probe must have exactly the keys {', '.join(_PROBE_KEYS)} with the right types")
             need(p["items"] >= 1, f"probe {p['name']!r} has no items")
         names = [p["name"] for p in self.probes]
         need(len(set(names)) == len(names), "probe names must differ")
 
     def candidates(self) -> list[Candidate]:
-        """The baseline, then every block (i, i + block) with start <= i and i + block <= end."""
+        """The baseline, then every block i..j = i + block - 1 with start <= i and j <= end."""
         n = self.model["n_layer"]
         out = [Candidate(BASELINE, None, None, tuple(range(n)))]
-        for i in range(self.start, self.end - self.block + 1, self.stride):
-            j = i + self.block
+        for i in range(self.start, self.end - self.block + 2, self.stride):
+            j = i + self.block - 1
             out.append(Candidate(f"{i}-{j}", i, j, tuple(repeat_playlist(n, i, j))))
         return out
 
@@ -197,7 +203,7 @@ def make_config(
     engine: Engine, suites: Sequence[ProbeSuite], prompter: ChatPrompter, *, block: int, stride: int,
     layer_range: tuple[int, int] | None, limit: int | None, max_new_tokens: int | None,
 ) -> SweepConfig:
-    start, end = layer_range if layer_range is not None else (0, engine.args.n_layer)
+    start, end = layer_range if layer_range is not None else (0, engine.args.n_layer - 1)
     probes = tuple(
         {"name": s.name, "source": s.source, "sha256": s.sha256, "scorer": s.scorer, "items": len(s.limited(limit))}
         for s in suites
@@ -244,6 +250,7 @@ def _open_outdir(outdir: Path, config: SweepConfig) -> list[dict[str, Any]]:
         outdir.mkdir(parents=True, exist_ok=True)
         write_text(config_path, json.dumps(config.to_json(), indent=1) + "\n")
         return []
+    _upgrade_v1(outdir)
     try:
         saved = SweepConfig.from_json(_read_json(config_path))
     except SweepError as e:
@@ -254,6 +261,34 @@ def _open_outdir(outdir: Path, config: SweepConfig) -> list[dict[str, Any]]:
             f"{outdir} holds a different sweep ({diff}); use a new -o directory to run this one"
         )
     return load_results(outdir, config)
+
+
+def _upgrade_v1(outdir: Path) -> None:
+    """Rewrite a v1 OUTDIR (half-open block labels) in the inclusive v2 notation.
+
+    results.json goes first and is converted only while it says v1, so a conversion killed
+    before sweep.json is rewritten is simply finished by the next run."""
+    config_path, results_path = outdir / CONFIG_FILE, outdir / RESULTS_FILE
+    cfg = _read_json(config_path)
+    if not isinstance(cfg, dict) or cfg.get("format") != _V1_CONFIG_FORMAT:
+        return
+    if not _is_int(cfg.get("end")):
+        raise SweepError(f"{config_path}: end must be an integer")
+    cfg = {**cfg, "format": CONFIG_FORMAT, "end": cfg["end"] - 1}
+    config = SweepConfig.from_json(cfg)
+    if results_path.exists():
+        data = _read_json(results_path)
+        if isinstance(data, dict) and data.get("format") == _V1_RESULTS_FORMAT and isinstance(data.get("rows"), list):
+            rows = []
+            for row in data["rows"]:
+                if isinstance(row, dict) and _is_int(row.get("start")) and _is_int(row.get("end")):
+                    row = {**row, "end": row["end"] - 1, "config": f"{row['start']}-{row['end'] - 1}"}
+                rows.append(row)
+            data = {**data, "format": RESULTS_FORMAT, "rows": rows}
+            write_text(results_path, json.dumps(data, ensure_ascii=False))
+            _save(outdir, config, load_results(outdir, config))
+    write_text(config_path, json.dumps(config.to_json(), indent=1) + "\n")
+    log.warning("%s: converted from half-open block labels (8-16 was layers 8..15) to inclusive ones (8-15)", outdir)
 
 
 def load_results(outdir: Path, config: SweepConfig) -> list[dict[str, Any]]:
