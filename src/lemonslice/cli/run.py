@@ -247,59 +247,6 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
 
 
 @app.command()
-def chat(
-    model: Path = typer.Argument(..., help=_MODEL_HELP),
-    system: Optional[str] = typer.Option(None, "--system", help="System message."),
-    thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="Start with thinking on (toggle: /think)."),
-    n: int = typer.Option(1024, "-n", "--max-tokens", help="Most tokens per reply."),
-    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
-    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
-) -> None:
-    """Interactive multi-turn chat. Commands: /think (toggle thinking), /reset, /exit."""
-    from ..engine.generation import Session
-    from ..engine.sampling import Sampler
-    from ..text.chat import opens_think_block, split_reasoning
-
-    params = _sampling(preset, seed, temperature=temperature)
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True)
-    template, stops = _text_tools(engine, tok, chat_template)
-    session, sampler = Session(engine), Sampler(params)
-    base = [{"role": "system", "content": system}] if system else []
-    messages = list(base)
-    err.print("type a message; /think toggles thinking, /reset starts over, /exit quits", highlight=False)
-    while True:
-        err.print(f"[thinking {'on' if thinking else 'off'}] > ", end="", highlight=False)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
-            break
-        line = line.rstrip("\n")
-        if line.strip() == "/think":
-            thinking = not thinking
-            continue
-        if line.strip() == "/reset":
-            messages, _ = list(base), session.reset()
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        text = template.render(messages, add_generation_prompt=True, enable_thinking=thinking, **special_kwargs(tok))
-        reply = _stream(session, tok, encode_prompt(tok, text, templated=True), sampler, n, stops,
-                        params.stop, _write_out)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        # The history keeps the answer only; templates drop past reasoning anyway.
-        messages.append({"role": "assistant", "content": split_reasoning(reply, opened=opens_think_block(text)).answer})
-        s = session.stats
-        err.print(f"({s.decode_tokens + 1} tokens, {s.decode_tps:.2f} tokens/s, {s.reused_tokens} prompt tokens re-used)",
-                  highlight=False)
-
-
-@app.command()
 def perplexity(
     model: Path = typer.Argument(..., help=_MODEL_HELP),
     text_file: Path = typer.Argument(..., help="UTF-8 text to score."),

@@ -31,6 +31,7 @@ __all__ = [
     "Reasoning",
     "TemplateError",
     "builtin_template",
+    "has_thinking_mode",
     "load_template",
     "opens_think_block",
     "resolve_template",
@@ -308,3 +309,16 @@ def split_reasoning(text: str, *, opened: bool = False) -> Reasoning:
 def opens_think_block(prompt: str) -> bool:
     """Whether a rendered prompt leaves a <think> block open for the model to continue."""
     return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+
+
+def has_thinking_mode(template: ChatTemplate, **kwargs: Any) -> bool:
+    """Whether the template's `enable_thinking` switch changes the prompt it renders; kwargs
+    (bos_token, ...) reach the template. A template that cannot render the probe is judged by
+    whether its source names the switch."""
+    probe = [{"role": "user", "content": "hello"}]
+    try:
+        on, off = (template.render(probe, add_generation_prompt=True, enable_thinking=flag, **kwargs)
+                   for flag in (True, False))
+    except TemplateError:
+        return "enable_thinking" in template.source
+    return on != off
