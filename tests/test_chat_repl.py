@@ -231,3 +231,13 @@ def test_a_second_ctrl_c_inside_a_forward_pass_abandons_the_turn(tiny, monkeypat
                            **special_kwargs(tok))
     fresh = Session(Engine(tiny)).generate(encode_prompt(tok, text, templated=True), Sampler(params), 4, stops)
     assert capsys.readouterr().out == tok.decode(fresh, skip_special=True) + "\n"
+
+
+def test_default_history_file(monkeypatch, tmp_path):
+    from lemonslice.cli.chat import default_history_file
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert default_history_file() == tmp_path / "state" / "lemonslice" / "chat_history"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_history_file() == tmp_path / ".cache" / "lemonslice" / "chat_history"
