@@ -307,10 +307,10 @@ def test_cli_merge_damaged_manifest_one_line_error(syn_copy, tmp_path, case):
 # ---- 5. atomic output and refusing to clobber ---------------------------------------------
 
 
-def test_split_non_empty_outdir_needs_force(syn_path, tmp_path):
+def test_split_non_empty_outdir_needs_force(syn_path, syn_split, tmp_path):
+    # An earlier split, one file damaged: --force replaces it (unrelated files are refused: test_safety.py).
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    shutil.copytree(syn_split, out)
     (out / "layer_0000.gguf").write_bytes(b"old")
     before = snapshot(out)
     r = cli("split", syn_path, out)
@@ -359,10 +359,10 @@ def test_split_outdir_that_is_the_input_file(syn_path, tmp_path):
 
 def test_merge_existing_target_needs_force(syn_path, syn_copy, tmp_path):
     target = tmp_path / "model.gguf"
-    target.write_bytes(b"old contents")
+    target.write_bytes(b"GGUF old contents")  # an earlier GGUF; anything else is refused (test_safety.py)
     r = cli("merge", syn_copy, target)
     assert_one_line_error(r, "--force")
-    assert target.read_bytes() == b"old contents"
+    assert target.read_bytes() == b"GGUF old contents"
     r = cli("merge", syn_copy, target, "--force")
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == syn_path.read_bytes()

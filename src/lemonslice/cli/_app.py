@@ -80,3 +80,20 @@ def _peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+_VERIFY_HELP = "Re-hash every file of a split directory against its manifest first; refuse on any problem."
+
+
+def _check_model(model: Path, verify: bool = False) -> None:
+    """Check a split directory against its manifest before a weight is read (sizes and headers;
+    with `verify`, every file hashed), printing its warnings. A single GGUF's header is
+    validated when it is opened; there is no recorded hash to check it against."""
+    from ..slicing.integrity import check_split
+
+    if not model.is_dir():
+        if verify:
+            raise LemonsliceError(f"--verify checks a split directory against its manifest; {model} is a single file")
+        return
+    for w in check_split(model, full=verify):
+        err.print(f"warning: {w}", highlight=False)

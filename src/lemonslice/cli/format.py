@@ -9,14 +9,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._app import _human, _progress, app, err, out
+from ._app import _VERIFY_HELP, _human, _progress, app, err, out
 
 
 @app.command()
 def split(
     model: Path = typer.Argument(..., help="Monolithic GGUF file."),
     outdir: Path = typer.Argument(..., help="Directory to write shared.gguf, layer_NNNN.gguf and manifest.json to."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUTDIR."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an OUTDIR that holds an earlier split (never one holding other files)."),
 ) -> None:
     """Split a GGUF into one file per block plus shared.gguf and manifest.json."""
     from ..slicing import split_gguf
@@ -31,23 +32,28 @@ def split(
 def merge(
     outdir: Path = typer.Argument(..., help="Split directory."),
     model: Path = typer.Argument(..., help="GGUF file to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing MODEL."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing MODEL (a GGUF file)."),
+    verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Rebuild the monolithic GGUF; checks it byte for byte against the source's sha256."""
     from ..slicing import merge_split
 
+    def warn(w: str) -> None:
+        err.print(f"warning: {w}", highlight=False)
+
     with _progress("merge") as cb:
-        digest = merge_split(outdir, model, force=force, progress=cb)
+        digest = merge_split(outdir, model, force=force, progress=cb, verify=verify, on_warning=warn)
     out.print(f"wrote {model}: sha256 {digest} matches the source")
 
 
 @app.command()
 def verify(outdir: Path = typer.Argument(..., help="Split directory.")) -> None:
-    """Re-hash every file and check names, counts, sizes and roles against the manifest."""
+    """Re-hash every file and check names, counts, sizes and roles against the manifest; when all
+    is well, leave a stamp (.lemonslice-verified.json) so a later load notices a changed file."""
     from ..slicing import verify_split
 
     with _progress("verify") as cb:
-        problems = verify_split(outdir, progress=cb)
+        problems = verify_split(outdir, progress=cb, stamp=True)
     for p in problems:
         err.print(str(p), style="red", markup=False, highlight=False)
     if problems:

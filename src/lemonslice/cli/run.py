@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..errors import LemonsliceError
 from ..slicing.atomic import write_text
-from ._app import _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
+from ._app import _VERIFY_HELP, _check_model, _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
 from ..text.prompt import ChatPrompter, encode_prompt, special_kwargs
 from .format import _print_summary
 
@@ -33,7 +33,7 @@ _LAYERS_HELP = "Layer playlist or plan file, e.g. '0-11,8-11,12-17' or 'repeat 8
 
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
-                 text: bool = False):  # noqa: ANN202
+                 text: bool = False, verify: bool = False):  # noqa: ANN202
     """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
     scratch of building a 250k-token vocabulary does not stack on top of the weights."""
     from ..engine import Engine, WeightStore
@@ -41,6 +41,7 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
 
     if threads is not None and threads < 1:
         raise LemonsliceError(f"--threads must be >= 1, got {threads}")
+    _check_model(model, verify)
     budget = _parse_size(max_memory) if max_memory else _default_budget()
     playlist = None
     if layers:
@@ -153,6 +154,7 @@ def run(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
+    verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Generate from a prompt: text streams to stdout, statistics go to stderr."""
     from ..engine.generation import Session
@@ -166,7 +168,7 @@ def run(
                        presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
     if mtp_compare and not mtp:
         raise LemonsliceError("--mtp-compare needs --mtp")
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify)
     session, sampler = Session(engine), Sampler(params)
     if mtp:
         _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
@@ -255,6 +257,7 @@ def perplexity(
     layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
 ) -> None:
     """Perplexity as llama.cpp's llama-perplexity computes it (windows of --ctx, second halves scored)."""
@@ -268,7 +271,7 @@ def perplexity(
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LemonsliceError(f"{text_file} is not UTF-8 text") from None
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -303,14 +306,14 @@ def demo(
     reuse = False
     if (splitdir / "manifest.json").exists():
         with _progress("verify") as cb:
-            reuse = not verify_split(splitdir, progress=cb)
+            reuse = not verify_split(splitdir, progress=cb, stamp=True)
     if reuse:
         out.print(f"re-using the verified split in {splitdir}")
     else:
         with _progress("split") as cb:
             split_gguf(model, splitdir, force=True, progress=cb)
         with _progress("verify") as cb:
-            problems = verify_split(splitdir, progress=cb)
+            problems = verify_split(splitdir, progress=cb, stamp=True)
         if problems:
             raise LemonsliceError(f"fresh split failed verification: {problems[0]}")
         out.print(f"split into {splitdir} and verified")

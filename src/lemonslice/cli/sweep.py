@@ -14,7 +14,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..errors import LemonsliceError
-from ._app import _default_budget, _human, _parse_size, app, err, out
+from ._app import _VERIFY_HELP, _check_model, _default_budget, _human, _parse_size, app, err, out
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -85,6 +85,7 @@ def sweep(
     max_memory: Optional[str] = typer.Option(
         None, "--max-memory", help="Weight budget, e.g. 2GB; a larger model is streamed a layer at a time."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads."),
+    verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Score the baseline and every repeated block i-j (inclusive, as `--layers "repeat i-j"`) on probe
     suites; writes CSV, JSON and heatmaps."""
@@ -106,6 +107,7 @@ def sweep(
     if prompt_style not in ("auto", "chat", "completion"):
         raise LemonsliceError(f"--prompt-style must be auto, chat or completion, got {prompt_style!r}")
     budget = _parse_size(max_memory) if max_memory else _default_budget()
+    _check_model(model, verify)
     # The tokenizer first: its build scratch then does not stack on top of the weights.
     store = WeightStore(model)
     tokenizer = Tokenizer.from_gguf(store.metadata)

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import LemonsliceError
 from ..gguf.constants import FILE_TYPE_OF, GGML_QUANTIZATION_VERSION, GGMLType, Keys, ValueType
 from ..gguf.writer import FilePlan, encode_kv, plan_file
-from ..slicing.atomic import staged_file
+from ..slicing.atomic import check_target_file, staged_file
 from .hf import HFCheckpoint
 from .qwen35 import KEEP_F32, OutTensor, architecture_of, canonical_names, kv_records, plan_tensors, read_hparams
 from .tokenizer import read_tokenizer
@@ -74,8 +74,7 @@ def convert_hf(
         raise LemonsliceError(f"unknown output type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
     gtype = OUT_TYPES[out_type]
     out = Path(out)
-    if out.exists() and not out.is_dir() and not force:
-        raise LemonsliceError(f"{out} exists; pass --force to replace it")
+    check_target_file(out, force)  # before the checkpoint is read; staged_file checks again
     with HFCheckpoint.open(hf_dir) as ckpt:
         architecture_of(ckpt)  # before any shard is opened
         canon = canonical_names(ckpt.names())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import struct
 from pathlib import Path
@@ -13,10 +14,12 @@ from ..errors import LemonsliceError
 from ..gguf.constants import GGUF_MAGIC, Keys
 from ..gguf.reader import GGUFReader, open_gguf
 from ..gguf.writer import copy_range, encode_tensor_info
-from .atomic import staged_file
+from .atomic import check_target_file, staged_file
+from .integrity import check_split
 from .manifest import Manifest, load_manifest
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 _HASH_CHUNK = 8 << 20
 
 
@@ -40,9 +43,16 @@ def merge_split(
     target: str | os.PathLike[str],
     force: bool = False,
     progress: Progress | None = None,
+    verify: bool = False,
+    on_warning: Callable[[str], None] | None = None,
 ) -> str:
-    """Write the monolithic file; returns its sha256, which must equal the source's."""
+    """Write the monolithic file; returns its sha256, which must equal the source's. The split
+    is checked first (`check_split`; with `verify`, every file hashed); its warnings go to
+    `on_warning`, else to the log."""
     directory = Path(directory)
+    check_target_file(Path(target), force, inputs=(directory,))  # before any hashing
+    for w in check_split(directory, full=verify):
+        (on_warning or log.warning)(w)
     m = load_manifest(directory)
     readers = _open_files(directory, m)
     try:

@@ -42,7 +42,7 @@ from ..gguf.constants import (
 )
 from ..gguf.reader import GGUFReader, KVEntry, TensorInfo, open_gguf
 from ..models import family
-from ..slicing.atomic import staged_file
+from ..slicing.atomic import staged_output
 from ..slicing.manifest import Manifest, load_manifest
 from ..slicing.verify import sha256_file
 
@@ -249,7 +249,7 @@ class Plan:
             import yaml
 
             text = yaml.safe_dump(d, sort_keys=False)
-        with staged_file(path, force=True) as tmp:
+        with staged_output(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return path
 
