@@ -25,7 +25,7 @@ import typer
 from ..errors import LemonsliceError
 from ..slicing.atomic import write_text
 from ..text.prompt import encode_prompt, special_kwargs
-from ._app import app, err
+from ._app import _VERIFY_HELP, app, err
 from .run import (
     _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _TEMPLATE_HELP, _THREADS_HELP, _open_engine, _sampling,
     _stream, _text_tools, _write_out,
@@ -261,6 +261,7 @@ def chat(
                                      "else ~/.cache/lemonslice/chat_history)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Interactive multi-turn chat with line editing and history; /help lists the commands.
     Ctrl-C stops a reply, Ctrl-D or /exit leaves."""
@@ -269,7 +270,7 @@ def chat(
     if n < 0:
         raise LemonsliceError(f"-n must be >= 0, got {n}")
     params = _sampling(preset, seed, temperature=temperature)
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify)
     template, stops = _text_tools(engine, tok, chat_template)
     lines = _Lines(history_file or default_history_file())
     _repl(_Chat(engine, tok, template, stops, Sampler(params), params, n, system, thinking), lines)
