@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
 from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
+from .caches import spans
 from .qwen35_layers import AttentionCache, Weights, apply_rope, as_float, as_matrix, rms_norm
 
 ARCH = "gemma3"
@@ -36,7 +37,7 @@ _DEFAULT_SWA_BASE = 10000.0
 
 LayerCache = AttentionCache
 
-__all__ = ["ARCH", "AttentionCache", "Block", "LayerCache", "ModelArgs", "Shared", "make_cache"]
+__all__ = ["ARCH", "AttentionCache", "Block", "LayerCache", "ModelArgs", "Shared", "make_cache", "new_cache"]
 
 
 @dataclass(frozen=True)
@@ -169,23 +170,28 @@ class Attention:
             raise LemonsliceError(f"block {bid}: attn_q/attn_k widths do not match the head counts")
 
     def new_cache(self) -> AttentionCache:
-        a = self.args
-        empty = torch.zeros(0, a.n_head_kv, a.head_dim)
-        return AttentionCache(empty, empty.clone())
+        return AttentionCache.empty(self.args.n_head_kv, self.args.head_dim)
 
     def __call__(self, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         """x [T, E] at positions cache.length.. -> [T, E]."""
+        return self.run(x, [cache], [x.shape[0]])
+
+    def run(self, x: torch.Tensor, caches: Sequence[AttentionCache], lengths: Sequence[int]) -> torch.Tensor:
+        """Sequences laid end to end, x [N, E] (lengths[i] rows for caches[i], each at its own
+        positions) -> [N, E]; the projections run once over all rows."""
         a = self.args
-        T, H, Hkv, D = x.shape[0], a.n_head, a.n_head_kv, a.head_dim
-        q = rms_norm(linear(x, self.wq).view(T, H, D), self.q_norm, a.rms_eps)  # [T, H, D]
-        k = rms_norm(linear(x, self.wk).view(T, Hkv, D), self.k_norm, a.rms_eps)  # [T, Hkv, D]
-        v = linear(x, self.wv).view(T, Hkv, D)
-        pos0 = cache.length
-        pos = torch.arange(pos0, pos0 + T, device=x.device)
-        q, k = apply_rope(q, pos, self.inv_freq), apply_rope(k, pos, self.inv_freq)
-        k_all, v_all = cache.append(k, v)  # [S, Hkv, D]
-        o = attend_window(q, k_all, v_all, pos0, a.attn_scale, self.window)
-        return linear(o.reshape(T, H * D), self.wo)
+        N, H, Hkv, D = x.shape[0], a.n_head, a.n_head_kv, a.head_dim
+        q = rms_norm(linear(x, self.wq).view(N, H, D), self.q_norm, a.rms_eps)  # [N, H, D]
+        k = rms_norm(linear(x, self.wk).view(N, Hkv, D), self.k_norm, a.rms_eps)  # [N, Hkv, D]
+        v = linear(x, self.wv).view(N, Hkv, D)
+        outs = []
+        for (s, e), cache in zip(spans(lengths), caches):
+            pos0 = cache.length
+            pos = torch.arange(pos0, pos0 + e - s, device=x.device)
+            qi, ki = apply_rope(q[s:e], pos, self.inv_freq), apply_rope(k[s:e], pos, self.inv_freq)
+            k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
+            outs.append(attend_window(qi, k_all, v_all, pos0, a.attn_scale, self.window).reshape(e - s, H * D))
+        return linear(outs[0] if len(outs) == 1 else torch.cat(outs), self.wo)
 
 
 class GeGLU:
@@ -224,9 +230,19 @@ class Block:
 
     def __call__(self, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         """x [T, E] -> [T, E]; advances `cache` by T positions."""
+        return self.run(x, [cache], [x.shape[0]])
+
+    def run(self, x: torch.Tensor, caches: Sequence[AttentionCache], lengths: Sequence[int]) -> torch.Tensor:
+        """Sequences laid end to end, x [N, E] (lengths[i] rows for caches[i]) -> [N, E]."""
         eps = self.args.rms_eps
-        h = x + rms_norm(self.attn(rms_norm(x, self.attn_norm, eps), cache), self.attn_post_norm, eps)
+        h = x + rms_norm(self.attn.run(rms_norm(x, self.attn_norm, eps), caches, lengths), self.attn_post_norm, eps)
         return h + rms_norm(self.ffn(rms_norm(h, self.ffn_norm, eps)), self.ffn_post_norm, eps)
+
+
+def new_cache(args: ModelArgs, layer: int) -> AttentionCache:
+    """Fresh state for a position running block `layer`: every Gemma 3 block keeps its KV
+    (a sliding-window block only reads the last `sliding_window` of them)."""
+    return AttentionCache.empty(args.n_head_kv, args.head_dim)
 
 
 class Shared(SharedWeights):

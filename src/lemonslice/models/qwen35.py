@@ -9,7 +9,7 @@ the weights in.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
@@ -27,12 +27,23 @@ from .qwen35_layers import (
     MoE,
     Weights,
     as_float,
+    new_deltanet_cache,
     rms_norm,
 )
 
 LayerCache = Union[AttentionCache, DeltaNetCache]
 
-__all__ = ["AttentionCache", "Block", "DeltaNetCache", "LayerCache", "ModelArgs", "Shared", "make_cache"]
+__all__ = [
+    "AttentionCache", "Block", "DeltaNetCache", "LayerCache", "ModelArgs", "Shared", "make_cache", "new_cache",
+]
+
+
+def new_cache(args: ModelArgs, layer: int) -> LayerCache:
+    """Fresh state for a position running block `layer`, from the hyper-parameters alone
+    (`recurrent` says the block's kind; a built block checks its tensors against it)."""
+    if args.recurrent[layer]:
+        return new_deltanet_cache(args)
+    return AttentionCache.empty(args.n_head_kv, args.head_dim)
 
 
 class Block:
@@ -70,8 +81,13 @@ class Block:
 
     def __call__(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, E] -> [T, E]; advances `cache` by T positions."""
+        return self.run(x, [cache], [x.shape[0]])
+
+    def run(self, x: torch.Tensor, caches: Sequence[LayerCache], lengths: Sequence[int]) -> torch.Tensor:
+        """Sequences laid end to end, x [N, E] (lengths[i] rows for caches[i]) -> [N, E]: every
+        weight (and each routed expert) is used once for all rows."""
         eps = self.args.rms_eps
-        x = x + self.mixer(rms_norm(x, self.attn_norm, eps), cache)
+        x = x + self.mixer.run(rms_norm(x, self.attn_norm, eps), caches, lengths)
         return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
 
 

@@ -1,15 +1,15 @@
 """Qwen3.5 token mixers (gated full attention, Gated DeltaNet) and FFNs (MoE, dense).
 
-Every module takes one sequence x [T, E] (float32) and its layer's cache, and is built
-from the layer's weights as handed in: matrices as `QuantWeight`s (multiplied through
-`ops.linear` / `ops.gathered_linear`, never expanded whole), 1-D tensors as float tensors.
+Every module takes one sequence x [T, E] (float32) and its layer's cache (`run`: several
+sequences laid end to end, one cache each), and is built from the layer's weights as handed
+in: matrices as `QuantWeight`s (multiplied through `ops.linear` / `ops.gathered_linear`,
+never expanded whole), 1-D tensors as float tensors.
 Norm weights already hold llama.cpp's +1, so RMSNorm is x / rms(x) * w.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType
 from ..gguf.constants import Tensors as TN
 from ..ops import QuantWeight, dequantize, gathered_linear, linear
+from .caches import AttentionCache, DeltaNetCache, spans
 from .gated_delta import causal_conv, delta_rule_chunked, delta_rule_recurrent, l2_normalize
 from .qwen35_args import ModelArgs
 
@@ -103,36 +104,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> to
     return o.transpose(0, 1)
 
 
-@dataclass
-class AttentionCache:
-    """Post-RoPE keys and values of every position so far, float32 [capacity, Hkv, D]."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add k, v [T, Hkv, D]; return all keys and values [length, Hkv, D]."""
-        end = self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            cap = max(end, 2 * self.k.shape[0])
-            grow = lambda t: torch.cat((t[: self.length], t.new_empty((cap - self.length, *t.shape[1:]))))  # noqa: E731
-            self.k, self.v = grow(self.k), grow(self.v)
-        self.k[self.length : end] = k
-        self.v[self.length : end] = v
-        self.length = end
-        return self.k[:end], self.v[:end]
-
-
-@dataclass
-class DeltaNetCache:
-    """The last K-1 conv inputs [K-1, conv_dim] and the delta-rule state [Hv, Dk, Dv] (float32)."""
-
-    conv: torch.Tensor
-    state: torch.Tensor
-    length: int = 0
-
-
 class Attention:
     """Gated full attention: per-head Q/K RMSNorm, partial RoPE, GQA, output * sigmoid(gate)."""
 
@@ -147,25 +118,32 @@ class Attention:
         self.inv_freq = rope_inv_freq(args)
 
     def new_cache(self) -> AttentionCache:
-        a = self.args
-        empty = torch.zeros(0, a.n_head_kv, a.head_dim)
-        return AttentionCache(empty, empty.clone())
+        return AttentionCache.empty(self.args.n_head_kv, self.args.head_dim)
 
     def __call__(self, x: torch.Tensor, cache: AttentionCache, attn=attend) -> torch.Tensor:
         """x [T, E] at positions cache.length.. -> [T, E]. `attn`: `attend` or its twin `attend_ref`."""
+        return self.run(x, [cache], [x.shape[0]], attn)
+
+    def run(self, x: torch.Tensor, caches: Sequence[AttentionCache], lengths: Sequence[int],
+            attn=attend) -> torch.Tensor:
+        """Sequences laid end to end, x [N, E] (lengths[i] rows for caches[i], each at its own
+        positions) -> [N, E]; the projections run once over all rows."""
         a = self.args
-        T, H, Hkv, D = x.shape[0], a.n_head, a.n_head_kv, a.head_dim
-        qg = linear(x, self.wq).view(T, H, 2 * D)
-        q, gate = qg[..., :D], qg[..., D:]  # [T, H, D] each
+        N, H, Hkv, D = x.shape[0], a.n_head, a.n_head_kv, a.head_dim
+        qg = linear(x, self.wq).view(N, H, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:]  # [N, H, D] each
         q = rms_norm(q, self.q_norm, a.rms_eps)
-        k = rms_norm(linear(x, self.wk).view(T, Hkv, D), self.k_norm, a.rms_eps)
-        v = linear(x, self.wv).view(T, Hkv, D)
-        pos0 = cache.length
-        pos = torch.arange(pos0, pos0 + T, device=x.device)
-        q, k = apply_rope(q, pos, self.inv_freq), apply_rope(k, pos, self.inv_freq)
-        k_all, v_all = cache.append(k, v)  # [S, Hkv, D]
-        o = attn(q, k_all, v_all, pos0).reshape(T, H * D)
-        return linear(o * torch.sigmoid(gate.reshape(T, H * D)), self.wo)
+        k = rms_norm(linear(x, self.wk).view(N, Hkv, D), self.k_norm, a.rms_eps)
+        v = linear(x, self.wv).view(N, Hkv, D)
+        outs = []
+        for (s, e), cache in zip(spans(lengths), caches):
+            pos0 = cache.length
+            pos = torch.arange(pos0, pos0 + e - s, device=x.device)
+            qi, ki = apply_rope(q[s:e], pos, self.inv_freq), apply_rope(k[s:e], pos, self.inv_freq)
+            k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
+            outs.append(attn(qi, k_all, v_all, pos0).reshape(e - s, H * D))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return linear(o * torch.sigmoid(gate.reshape(N, H * D)), self.wo)
 
 
 class GatedDeltaNet:
@@ -184,16 +162,33 @@ class GatedDeltaNet:
         self.norm = as_float(w, TN.SSM_NORM, bid).reshape(-1)  # [Dv]
 
     def new_cache(self) -> DeltaNetCache:
-        a = self.args
-        conv = torch.zeros(a.ssm_conv_kernel - 1, a.ssm_conv_dim)
-        state = torch.zeros(a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim)
-        return DeltaNetCache(conv, state)
+        return new_deltanet_cache(self.args)
 
     def __call__(self, x: torch.Tensor, cache: DeltaNetCache, rule=None) -> torch.Tensor:
         """x [T, E] -> [T, E]. `rule` forces a delta-rule kernel; by default chunked for T > 1."""
+        return self.run(x, [cache], [x.shape[0]], rule)
+
+    def run(self, x: torch.Tensor, caches: Sequence[DeltaNetCache], lengths: Sequence[int],
+            rule=None) -> torch.Tensor:
+        """Sequences laid end to end, x [N, E] (lengths[i] rows for caches[i]) -> [N, E]; the
+        projections run once over all rows, conv and delta rule per sequence."""
         a = self.args
-        T, G, Hv, Dk, Dv = x.shape[0], a.ssm_n_group, a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim
-        y, cache.conv = causal_conv(linear(x, self.w_qkv), cache.conv, self.conv_w)
+        N, Hv, Dv = x.shape[0], a.ssm_dt_rank, a.ssm_head_v_dim
+        qkv = linear(x, self.w_qkv)  # [N, conv_dim]
+        beta = torch.sigmoid(linear(x, self.w_beta))  # [N, Hv]
+        g = self.a * F.softplus(linear(x, self.w_alpha) + self.dt_bias)  # [N, Hv] log decay, <= 0
+        outs = [self._recur(qkv[s:e], g[s:e], beta[s:e], c, rule) for (s, e), c in zip(spans(lengths), caches)]
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [N, Hv, Dv]
+        z = linear(x, self.w_z).view(N, Hv, Dv)
+        o = rms_norm(o, self.norm, a.rms_eps) * F.silu(z)
+        return linear(o.reshape(N, Hv * Dv), self.w_out)
+
+    def _recur(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cache: DeltaNetCache,
+               rule=None) -> torch.Tensor:
+        """One sequence's conv and delta rule: qkv [T, conv_dim] -> o [T, Hv, Dv]; advances `cache`."""
+        a = self.args
+        T, G, Hv, Dk, Dv = qkv.shape[0], a.ssm_n_group, a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim
+        y, conv = causal_conv(qkv, cache.conv, self.conv_w)
         y = F.silu(y)  # [T, conv_dim]
         q, k, v = y.split((G * Dk, G * Dk, Hv * Dv), dim=-1)
         q = l2_normalize(q.reshape(T, G, Dk), a.rms_eps)
@@ -201,14 +196,19 @@ class GatedDeltaNet:
         # V heads are stored tiled (converter's reorder): value head h reads key head h % G.
         q = q.repeat(1, Hv // G, 1) * Dk**-0.5  # [T, Hv, Dk]
         k = k.repeat(1, Hv // G, 1)
-        beta = torch.sigmoid(linear(x, self.w_beta))  # [T, Hv]
-        g = self.a * F.softplus(linear(x, self.w_alpha) + self.dt_bias)  # [T, Hv] log decay, <= 0
+        v = v.reshape(T, Hv, Dv)
+        cache.record(qkv, q, k, v, g, beta)
         rule = rule or (delta_rule_recurrent if T == 1 else delta_rule_chunked)
-        o, cache.state = rule(q, k, v.reshape(T, Hv, Dv), g, beta, cache.state)  # o [T, Hv, Dv]
+        o, cache.state = rule(q, k, v, g, beta, cache.state)  # o [T, Hv, Dv]
+        cache.conv = conv
         cache.length += T
-        z = linear(x, self.w_z).view(T, Hv, Dv)
-        o = rms_norm(o, self.norm, a.rms_eps) * F.silu(z)
-        return linear(o.reshape(T, Hv * Dv), self.w_out)
+        return o
+
+
+def new_deltanet_cache(args: ModelArgs) -> DeltaNetCache:
+    """A fresh Gated DeltaNet state, from the hyper-parameters alone."""
+    return DeltaNetCache.empty(args.ssm_conv_kernel, args.ssm_conv_dim, args.ssm_dt_rank, args.ssm_d_state,
+                               args.ssm_head_v_dim)
 
 
 class MoE:
@@ -224,6 +224,13 @@ class MoE:
         self.down = as_matrix(w, TN.FFN_DOWN_EXPS, bid)
         self.shexp_gate = as_float(w, TN.FFN_GATE_INP_SHEXP, bid).reshape(-1)  # [E]
         self.shexp = DenseFFN.from_templates(w, bid, TN.FFN_GATE_SHEXP, TN.FFN_UP_SHEXP, TN.FFN_DOWN_SHEXP)
+        # Told the routed expert ids [T, k] of every call (the engine counts the experts' bytes).
+        self.observe: Callable[[torch.Tensor], None] | None = None
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert across the routed-expert tensors: what routing one more expert reads."""
+        return sum(w.raw[0].numel() for w in (self.gate_up, self.gate, self.up, self.down) if w is not None)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, E] -> (weights [T, k], expert ids [T, k])."""
@@ -234,6 +241,8 @@ class MoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T, E = x.shape
         w, ids = self.route(x)
+        if self.observe is not None:
+            self.observe(ids)
         if self.gate_up is not None:
             gate, up = gathered_linear(x, self.gate_up, ids).chunk(2, dim=-1)  # [T, k, Fe] each
         else:

@@ -1,0 +1,77 @@
+"""What a model family provides, as typing Protocols: the engine is written against these.
+
+A family is a module (`qwen35`, `gemma3`) with hyper-parameters read from GGUF metadata, a
+block built from one layer's weights, the shared embedding / final norm / LM head, and the
+per-layer cache each playlist position keeps (made from hyper-parameters alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """One layer's state for one sequence (attention KV, or Gated DeltaNet conv + recurrent state)."""
+
+    length: int  # positions it holds
+
+    def copy(self) -> "LayerCache": ...
+
+    def mark(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def truncate(self, n: int) -> None: ...
+
+
+class Args(Protocol):
+    """A family's hyper-parameters (a frozen dataclass)."""
+
+    arch: str
+    n_layer: int  # trunk blocks
+    n_embd: int
+    rms_eps: float
+
+
+class Block(Protocol):
+    """One trunk block, built from its weights."""
+
+    args: Any
+    bid: int
+
+    def __call__(self, x: torch.Tensor, cache: Any) -> torch.Tensor: ...
+
+    def run(self, x: torch.Tensor, caches: Sequence[Any], lengths: Sequence[int]) -> torch.Tensor:
+        """Sequences laid end to end, x [N, E], lengths[i] rows for caches[i] -> [N, E]."""
+        ...
+
+
+class Head(Protocol):
+    """The shared weights: token embedding, final norm and LM head."""
+
+    norm: torch.Tensor  # [E]
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Family(Protocol):
+    """A family module: `family(metadata)` returns one."""
+
+    @property
+    def ModelArgs(self) -> Any: ...  # noqa: N802  (a class with `from_gguf(kv)`)
+
+    def Block(self, args: Any, bid: int, weights: Mapping[str, Any]) -> Block: ...  # noqa: N802
+
+    def Shared(self, args: Any, weights: Mapping[str, Any]) -> Head: ...  # noqa: N802
+
+    def make_cache(self, args: Any, block: Any) -> LayerCache: ...
+
+    def new_cache(self, args: Any, layer: int) -> LayerCache: ...
