@@ -41,11 +41,12 @@ _keep_log_callback = None
 
 
 def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_memory: int | None) -> dict:
-    from lemonslice.engine import Engine
+    from lemonslice.engine import Engine, runtime
 
     t0 = time.perf_counter()
-    engine = Engine(model, max_memory=max_memory, threads=threads)
+    engine = Engine(model, max_memory=max_memory)
     load_s = time.perf_counter() - t0
+    runtime.setup(threads=threads, compact_heap=engine.streaming)  # as the CLI does
     # n + 1 tokens: the first comes out of the prefill, the other n from n decode forwards.
     ids = engine.generate(prompt, n + 1)
     s = engine.stats
@@ -129,7 +130,7 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int) -> dict:
 def build(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     """The model file and its split directory (made or re-used), and the manifest's byte counts."""
     from lemonslice.slicing import split_gguf
-    from lemonslice.slicing.manifest import load_manifest
+    from lemonslice.gguf.manifest import load_manifest
     from lemonslice.testing import write_large_random
 
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ plus one token of its own. Greedy output is the trunk's greedy output; with samp
 drafts go through standard speculative sampling (accept d with min(1, p(d)/q(d)), else
 draw from max(0, p - q)), so the output follows the trunk's sampling distribution.
 
-State after a partial accept: attention KV caches are truncated; Gated DeltaNet conv and
-recurrent states are restored from a copy taken before the verify pass and advanced over
-the accepted tokens by re-running only each recurrent layer's mixer on the input it saw
-during verification (the FFNs and attention layers are not re-run).
+State after a partial accept: the sequence state is marked before the verify pass and
+truncated to the accepted tokens after it (`SequenceState.truncate`): attention KV caches
+forget the rejected tail, and Gated DeltaNet states are rebuilt from the state at the mark
+and what the accepted tokens fed the delta rule during verification. No block is re-run and
+no weight is read, so a streamed model pays nothing for a rollback.
 
 The MTP head has its own KV cache. Pair t of that cache is (final-normed trunk state h_t,
 token x_{t+1}) at position t, as in training; draft steps after the first pair each drafted
@@ -28,9 +29,10 @@ import torch
 
 from ..errors import LemonsliceError
 from ..models.qwen35_args import ModelArgs as Qwen35Args
-from ..models.qwen35_layers import AttentionCache, DeltaNetCache, rms_norm
+from ..models.qwen35_layers import rms_norm
 from ..models.qwen35_mtp import MTPHead
 from .engine import Engine, RunStats
+from .state import SequenceState
 from .sampling import Sampler, SamplingParams, filter_logits
 
 MAX_DRAFT = 16
@@ -69,7 +71,7 @@ def load_mtp_head(engine: Engine) -> MTPHead:
     if args.nextn_predict_layers < 1:
         raise LemonsliceError(f"{engine.store.path} has no MTP block (nextn_predict_layers is 0); "
                               "add one with `lemonslice mtp inject`")
-    return MTPHead(args, args.n_layer, engine.store.load_layer(args.n_layer), engine.shared)
+    return MTPHead(args, args.n_layer, engine.residency.load_layer(args.n_layer), engine.shared)
 
 
 class _Chooser:
@@ -125,10 +127,11 @@ class Speculator:
         if n <= 0:
             return new, stats
         eng.reset()
+        state = eng.state
         cache = head.new_cache()
 
         t0 = time.perf_counter()
-        x = eng.forward_hidden(ids)  # [P, E]
+        x = _hidden(eng, state, ids)  # [P, E]
         logits = eng.shared.logits(x[-1:])[0]  # [V]
         tok = choose.greedy_pick(logits, ids) if choose.greedy else choose.draw(choose.probs(logits, ids))
         new.append(tok)
@@ -160,14 +163,12 @@ class Speculator:
                 cache.length = committed  # draft pairs are rebuilt from the trunk's states below
                 pend_h, pend_ids = pend_h[:0], []
 
-            n_past = eng.n_past
-            snap = _snapshot(eng)
-            inputs: list[torch.Tensor] = []
-            x = eng.forward_hidden([tok] + drafts, inputs)  # [k+1, E]
+            n_past = state.n_past
+            state.mark()
+            x = _hidden(eng, state, [tok] + drafts)  # [k+1, E]
             logits = eng.shared.logits(x)  # [k+1, V]
             j, nxt = _accept(choose, logits, drafts, qs, history)
-            if j < k:
-                _rollback(eng, snap, inputs, n_past, j + 1)
+            state.truncate(n_past + j + 1)  # keeps all k+1 (and just drops the mark) when every draft holds
 
             stats.steps += 1
             stats.drafted += k
@@ -203,25 +204,9 @@ def _accept(
     return k, choose.draw(choose.probs(logits[k], history + drafts))
 
 
-def _snapshot(eng: Engine) -> list[tuple[torch.Tensor, torch.Tensor, int] | None]:
-    """Copies of every Gated DeltaNet state (attention caches are rolled back by truncation)."""
-    return [(c.conv.clone(), c.state.clone(), c.length) if isinstance(c, DeltaNetCache) else None
-            for c in eng.caches]
-
-
-def _rollback(eng: Engine, snap: list, inputs: list[torch.Tensor], n_past: int, keep: int) -> None:
-    """Keep only the first `keep` tokens of the last verify pass in every cache."""
-    for pos, c in enumerate(eng.caches):
-        if isinstance(c, AttentionCache):
-            c.length = n_past + keep
-        elif isinstance(c, DeltaNetCache):
-            c.conv, c.state, c.length = snap[pos]
-            block = eng._block(eng.playlist[pos])
-            # Causal: the accepted tokens' inputs are what they would have been without the drafts.
-            block.mixer(rms_norm(inputs[pos][:keep], block.attn_norm, block.args.rms_eps), c)
-        else:
-            raise LemonsliceError(f"cannot roll back a {type(c).__name__} for speculative decoding")
-    eng.n_past = n_past + keep
+def _hidden(eng: Engine, state: SequenceState, ids: list[int]) -> torch.Tensor:
+    """The trunk's last block output [T, E] for `ids` appended to `state`."""
+    return eng.compute.forward([state], [ids])[0]
 
 
 _speculators: "weakref.WeakKeyDictionary[Engine, Speculator]" = weakref.WeakKeyDictionary()

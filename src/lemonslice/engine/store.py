@@ -1,17 +1,18 @@
 """WeightStore: one model's weights from a split directory or a monolithic GGUF.
 
-Tensor bytes are read (pread, not mmap) into fresh buffers on every load, so a layer's
-memory belongs to the caller's objects and goes back when they are dropped: streaming
-really frees it. The store counts the bytes of every buffer it handed out that is still
-alive (`resident_bytes`, `peak_resident_bytes`).
+The store is the opened model (`gguf.model.ModelFiles`: manifest, open readers, metadata)
+plus reading. Tensor bytes are read (pread, not mmap) into fresh buffers on every load, so a
+layer's memory belongs to the caller's objects and goes back when they are dropped:
+streaming really frees it. The store counts the bytes of every buffer it handed out that is
+still alive (`resident_bytes`, `peak_resident_bytes`) and every byte it read (`bytes_read`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -19,37 +20,17 @@ import numpy as np
 import torch
 
 from ..errors import LemonsliceError
-from ..gguf.constants import SHARED_FILE, GGMLType, Keys, block_index
-from ..gguf.reader import GGUFReader, KVEntry, TensorInfo, open_gguf
+from ..gguf.constants import GGMLType
+from ..gguf.model import Metadata, ModelFiles
+from ..models import Family, family
 from ..ops import QuantWeight, dequantize
-from ..slicing.manifest import load_manifest
 
 Weight = Union[QuantWeight, torch.Tensor]
 
-
-class Metadata(Mapping[str, Any]):
-    """The model's KV pairs, decoded on first access (the tokenizer arrays are large)."""
-
-    def __init__(self, entries: Mapping[str, KVEntry], owner: Any = None):
-        # Values are read lazily from the owner's open file, so the owner must outlive this mapping.
-        self._owner = owner
-        # Keys lemonslice adds to split files describe the file, not the model.
-        self._entries = {k: e for k, e in entries.items() if not k.startswith(Keys.LS_PREFIX)}
-        self._cache: dict[str, Any] = {}
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._cache:
-            self._cache[key] = self._entries[key].value
-        return self._cache[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+__all__ = ["Metadata", "Weight", "WeightStore"]
 
 
-class WeightStore:
+class WeightStore(ModelFiles):
     """Weights of one model. `path` is a split directory (manifest.json + shared.gguf +
     layer_NNNN.gguf) or a single .gguf file.
 
@@ -58,88 +39,23 @@ class WeightStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], map_experts: bool = False):
-        self.path = Path(path)
-        # Streaming MoE: map ffn_*_exps instead of reading them, so only the pages of the
-        # experts the router picks become resident, and dropping the layer unmaps them.
+        super().__init__(path)
+        # The default for `load`: map ffn_*_exps instead of reading them, so only the pages of
+        # the experts the router picks become resident. Residency passes its own choice per load.
         self.map_experts = map_experts
-        self._readers: dict[Path, GGUFReader] = {}
-        self._fds: dict[Path, int] = {}
         self._resident = 0
         self._peak = 0
-        # File of each block (None: shared.gguf, or the single file); _tensor_files: name -> that key.
-        self._files: dict[int | None, Path] = {}
-        if self.path.is_dir():
-            manifest = load_manifest(self.path)
-            for f in manifest.files:
-                self._files[f.layer] = self.path / f.name
-            self._files[None] = self.path / SHARED_FILE
-            # Every split file repeats the source's KVs; shared.gguf's are the model's.
-            self.metadata = Metadata(self._reader(None).kv, owner=self)
-            self._tensor_files = {t.name: f.layer for f in manifest.files for t in f.tensors}
-        else:
-            self._files[None] = self.path
-            reader = self._reader(None)
-            self.metadata = Metadata(reader.kv, owner=self)
-            self._tensor_files = {t.name: None for t in reader.tensors}
-        self._by_layer: dict[int | None, list[str]] = {}
-        for name in self._tensor_files:
-            self._by_layer.setdefault(block_index(name), []).append(name)
+        self._read_total = 0
 
-    # ---- files ----------------------------------------------------------------------
+    @functools.cached_property
+    def family(self) -> Family:
+        """The model family that runs this model (by general.architecture)."""
+        return family(self.metadata)
 
-    def _file_of(self, name: str) -> Path:
-        if name not in self._tensor_files:
-            raise LemonsliceError(f"{self.path}: no tensor {name}")
-        return self._files[self._tensor_files[name]]
-
-    def _reader(self, layer: int | None) -> GGUFReader:
-        # Opened on first use: each split file's header repeats the whole tokenizer.
-        path = self._files[layer]
-        if path not in self._readers:
-            self._readers[path] = open_gguf(path)
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._readers[path]
-
-    def info(self, name: str) -> TensorInfo:
-        path = self._file_of(name)
-        info = self._reader(self._tensor_files[name]).tensor_map.get(name)
-        if info is None:
-            raise LemonsliceError(f"{path}: lacks {name}, which manifest.json places there")
-        return info
-
-    def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._readers.clear()
-        self._fds.clear()
-
-    def __enter__(self) -> "WeightStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    # ---- what is there --------------------------------------------------------------
-
-    @property
-    def layers(self) -> list[int]:
-        """Block indices that have tensors."""
-        return sorted(k for k in self._by_layer if k is not None)
-
-    def tensor_names(self, layer: int | None) -> list[str]:
-        """Tensor names of block `layer`, or the shared tensors for None."""
-        return list(self._by_layer.get(layer, []))
-
-    def nbytes(self, layer: int | None) -> int:
-        return sum(self.info(n).n_bytes for n in self.tensor_names(layer))
+    @functools.cached_property
+    def args(self) -> Any:
+        """The family's hyper-parameters, read from the metadata."""
+        return self.family.ModelArgs.from_gguf(self.metadata)
 
     # ---- accounting -----------------------------------------------------------------
 
@@ -152,6 +68,11 @@ class WeightStore:
     def peak_resident_bytes(self) -> int:
         return self._peak
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this store has read from its files so far (mapped expert pages not included)."""
+        return self._read_total
+
     def reset_peak(self) -> None:
         self._peak = self._resident
 
@@ -160,17 +81,20 @@ class WeightStore:
 
     # ---- reading --------------------------------------------------------------------
 
-    def _read(self, path: Path, start: int, n: int) -> np.ndarray:
-        """n bytes at absolute offset `start`, into a fresh buffer the store keeps count of."""
+    def _read(self, name: str, start: int, n: int) -> np.ndarray:
+        """n bytes at absolute offset `start` of tensor `name`'s file, into a fresh buffer the
+        store keeps count of."""
+        path, fd = self.file_of(name), self.fd_of(name)
         buf = np.empty(n, dtype=np.uint8)
         view = memoryview(buf)
         done = 0
         while done < n:
-            got = os.preadv(self._fds[path], [view[done:]], start + done)
+            got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
                 raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
             done += got
         self._resident += n
+        self._read_total += n
         self._peak = max(self._peak, self._resident)
         weakref.finalize(buf, self._released, n)
         return buf
@@ -183,13 +107,13 @@ class WeightStore:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
 
-    def load(self, name: str) -> Weight:
-        """One tensor: a QuantWeight for matrices, float32 for 1-D tensors."""
+    def load(self, name: str, map_experts: bool | None = None) -> Weight:
+        """One tensor: a QuantWeight for matrices, float32 for 1-D tensors. A 3-D (expert)
+        tensor is memory-mapped rather than read when `map_experts` (default: the store's)."""
         info = self.info(name)
-        path = self._file_of(name)
-        if self.map_experts and len(info.shape) == 3:
-            return QuantWeight(self._map(path, info.data_start, info.n_bytes), info.ggml_type, info.shape)
-        raw = torch.from_numpy(self._read(path, info.data_start, info.n_bytes))
+        if (self.map_experts if map_experts is None else map_experts) and len(info.shape) == 3:
+            return QuantWeight(self._map(self.file_of(name), info.data_start, info.n_bytes), info.ggml_type, info.shape)
+        raw = torch.from_numpy(self._read(name, info.data_start, info.n_bytes))
         if len(info.shape) == 1:
             if info.ggml_type == GGMLType.F32:
                 return raw.view(torch.float32)  # shares the counted buffer
@@ -201,11 +125,11 @@ class WeightStore:
     def load_shared(self) -> dict[str, Weight]:
         return {n: self.load(n) for n in self.tensor_names(None)}
 
-    def load_layer(self, layer: int) -> dict[str, Weight]:
+    def load_layer(self, layer: int, map_experts: bool | None = None) -> dict[str, Weight]:
         names = self.tensor_names(layer)
         if not names:
             raise LemonsliceError(f"{self.path}: no block {layer}")
-        return {n: self.load(n) for n in names}
+        return {n: self.load(n, map_experts) for n in names}
 
     def expert_range(self, name: str, expert: int) -> tuple[int, int]:
         """(absolute file offset, length) of expert `expert`'s bytes in a 3-D expert tensor."""
@@ -223,5 +147,5 @@ class WeightStore:
         """One expert of an `ffn_*_exps` tensor as a 2-D weight, reading only its bytes."""
         start, size = self.expert_range(name, expert)
         info = self.info(name)
-        raw = torch.from_numpy(self._read(self._file_of(name), start, size))
+        raw = torch.from_numpy(self._read(name, start, size))
         return QuantWeight(raw, info.ggml_type, info.shape[:2])

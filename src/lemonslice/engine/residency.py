@@ -1,0 +1,262 @@
+"""Residency: where each weight of a loaded model lives, under a plan.
+
+A `Residency` owns the weights of one model (and of the donor models a playlist borrows
+blocks from) and hands compute the built block of a playlist entry: a resident one, or one
+read now that compute drops after use. The plan says which blocks stay resident:
+
+* `FullLoad`: every block, read once;
+* `Streamed(budget)`: blocks are pinned in playlist order while shared + pinned + the largest
+  block still streamed fits the budget; the rest are read, run and dropped per use;
+* `Pinned(entries)`: exactly these entries stay resident, the rest stream.
+
+Streaming plans memory-map routed-expert tensors, so only the experts the router picks are
+read. Residency counts the bytes resident and the bytes read (preads, plus the routed
+experts' bytes of mapped tensors, per call and once per expert for a whole batch). The
+shared weights (embedding, final norm, head) load on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence, Union
+
+import torch
+
+from ..errors import LemonsliceError
+from ..models import Family
+from ..models.protocol import Block, Head
+from .store import Weight, WeightStore
+
+log = logging.getLogger(__name__)
+
+# A block of this model, or (donor model path or WeightStore, block index).
+PlaylistEntry = Union[int, tuple[Any, int]]
+# ModelArgs fields that describe the layer layout, not a block: a donor may differ in them.
+_LAYOUT_FIELDS = frozenset({"block_count", "n_layer", "nextn_predict_layers", "recurrent", "swa", "n_vocab",
+                            "full_attention_interval"})
+
+
+def block_args(args: Any) -> dict[str, Any]:
+    """The hyper-parameters a block computes with: a donor's must equal the model's."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in _LAYOUT_FIELDS}
+
+
+# ---- plans ------------------------------------------------------------------------------
+
+
+class Plan(Protocol):
+    """Which playlist entries stay resident."""
+
+    @property
+    def streaming(self) -> bool:
+        """True when some block may be read per use (routed experts are then memory-mapped)."""
+        ...
+
+    def pins(self, sizes: dict[Any, int], shared: int) -> list[Any]:
+        """The entries to keep resident, given each distinct entry's bytes in playlist order."""
+        ...
+
+
+@dataclass(frozen=True)
+class FullLoad:
+    streaming = False
+
+    def pins(self, sizes: dict[Any, int], shared: int) -> list[Any]:
+        return list(sizes)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """Pin in playlist order while shared + pinned + the largest block left to stream fits `budget`."""
+
+    budget: int
+    streaming = True
+
+    def pins(self, sizes: dict[Any, int], shared: int) -> list[Any]:
+        room = self.budget - shared
+        keep: list[Any] = []
+        used = 0
+        for e in sizes:
+            rest = [n for x, n in sizes.items() if x != e and x not in keep]
+            if used + sizes[e] + max(rest, default=0) <= room:
+                keep.append(e)
+                used += sizes[e]
+        return keep
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """Exactly `entries` stay resident; every other block streams."""
+
+    entries: frozenset[Any]
+    streaming = True
+
+    def pins(self, sizes: dict[Any, int], shared: int) -> list[Any]:
+        return [e for e in sizes if e in self.entries]
+
+
+def plan_for(weight_bytes: int, max_memory: int | None) -> Plan:
+    """Full load when the weights fit the budget (or there is none), else streaming within it."""
+    return FullLoad() if max_memory is None or weight_bytes <= max_memory else Streamed(max_memory)
+
+
+class _Counter:
+    """Bytes of mapped experts the router used; held by watched blocks instead of the residency,
+    so a pinned block does not keep its residency alive through a reference cycle."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+# ---- residency --------------------------------------------------------------------------
+
+
+class Residency:
+    """The weights of one loaded model under a plan, for the playlist it runs."""
+
+    def __init__(self, store: WeightStore, playlist: Sequence[PlaylistEntry] | None = None, *,
+                 plan: Plan | None = None, max_memory: int | None = None):
+        self.store = store
+        self.family: Family = store.family
+        self.args = store.args
+        # Donor key (resolved path or the WeightStore) -> (store, its args).
+        self._donors: dict[Any, tuple[WeightStore, Any]] = {}
+        self._blocks: dict[Any, Block] = {}
+        self._shared: Head | None = None
+        self._mapped = _Counter()
+        self.playlist = self.entries(playlist if playlist is not None else range(self.args.n_layer))
+        unique = dict.fromkeys(self.playlist)
+        self.weight_bytes = store.nbytes(None) + sum(self.nbytes(e) for e in unique)
+        self.plan: Plan = plan if plan is not None else plan_for(self.weight_bytes, max_memory)
+        log.info("%s: %d weight bytes, budget %s", type(self.plan).__name__, self.weight_bytes, max_memory)
+        self._pin()
+
+    def close(self) -> None:
+        self.store.close()
+        for store, _ in self._donors.values():
+            store.close()
+
+    # ---- the playlist -------------------------------------------------------------------
+
+    def set_playlist(self, playlist: Sequence[PlaylistEntry]) -> None:
+        """Run another order of blocks: pins are planned again (full load keeps what it read)."""
+        self.playlist = self.entries(playlist)
+        self._pin()
+
+    def entries(self, playlist: Sequence[PlaylistEntry]) -> list[Any]:
+        """Checked entries: an int for a block of this model, (donor key, block) for a donor's."""
+        out: list[Any] = []
+        bad: list[Any] = []
+        for e in playlist:
+            if isinstance(e, tuple) and len(e) == 2:
+                key = self._donor(e[0])
+                out.append((key, int(e[1])))
+                ok = 0 <= int(e[1]) < self._donors[key][1].n_layer
+            else:
+                out.append(int(e))
+                ok = 0 <= int(e) < self.args.n_layer
+            if not ok:
+                bad.append(e)
+        if bad or not out:
+            got = ", ".join(f"{e[0]}:{e[1]}" if isinstance(e, tuple) else str(e) for e in bad) or "none"
+            raise LemonsliceError(f"playlist needs trunk block indices in [0, {self.args.n_layer}) "
+                                  f"(or a donor's), got {got}")
+        return out
+
+    def _donor(self, src: Any) -> Any:
+        """Open a donor model once; its blocks must compute as this model's would (same family and sizes)."""
+        key = src if isinstance(src, WeightStore) else str(Path(src).resolve())
+        if key not in self._donors:
+            store = src if isinstance(src, WeightStore) else WeightStore(src)
+            if store.family is not self.family or block_args(store.args) != block_args(self.args):
+                raise LemonsliceError(f"donor {src}: its blocks differ from {self.store.path}'s "
+                                      "(architecture or hyper-parameters)")
+            self._donors[key] = (store, store.args)
+        return key
+
+    def source(self, e: Any) -> tuple[WeightStore, int]:
+        """The store and block index behind a playlist entry."""
+        return (self._donors[e[0]][0], e[1]) if isinstance(e, tuple) else (self.store, e)
+
+    def args_of(self, e: Any) -> Any:
+        return self._donors[e[0]][1] if isinstance(e, tuple) else self.args
+
+    def nbytes(self, e: Any) -> int:
+        store, layer = self.source(e)
+        return store.nbytes(layer)
+
+    def cache_specs(self) -> list[tuple[Any, int]]:
+        """(args, block index) per playlist position: what a sequence state is made from."""
+        return [(self.args_of(e), self.source(e)[1]) for e in self.playlist]
+
+    # ---- weights ------------------------------------------------------------------------
+
+    @property
+    def streaming(self) -> bool:
+        return self.plan.streaming
+
+    @property
+    def pinned(self) -> int:
+        """Blocks kept resident (all of them under a full load)."""
+        return len(self._blocks)
+
+    def _pin(self) -> None:
+        sizes = {e: self.nbytes(e) for e in dict.fromkeys(self.playlist)}
+        keep = self.plan.pins(sizes, self.store.nbytes(None))
+        kept = {} if self.plan.streaming else dict(self._blocks)
+        self._blocks = {**kept, **{e: self._blocks.get(e) or self._build(e) for e in keep}}
+        if self.plan.streaming:
+            log.info("streaming: %d of %d blocks pinned (%d bytes)", len(keep), len(sizes),
+                     sum(sizes[e] for e in keep))
+
+    def _build(self, e: Any) -> Block:
+        store, layer = self.source(e)
+        block = self.family.Block(self.args_of(e), layer, store.load_layer(layer, map_experts=self.plan.streaming))
+        ffn = getattr(block, "ffn", None)
+        if self.plan.streaming and hasattr(ffn, "observe"):
+            # Mapped experts are read when touched: count each routed expert once per call.
+            counter, per_expert = self._mapped, ffn.expert_nbytes
+
+            def observe(ids: torch.Tensor) -> None:
+                counter.n += per_expert * int(torch.unique(ids).numel())
+
+            ffn.observe = observe
+        return block
+
+    def block(self, e: Any) -> Block:
+        """The built block of playlist entry `e`: resident, or read now (drop it after use)."""
+        b = self._blocks.get(e)
+        return b if b is not None else self._build(e)
+
+    @property
+    def loaded_shared(self) -> bool:
+        return self._shared is not None
+
+    @property
+    def shared(self) -> Head:
+        """Embedding, final norm and LM head: read on first use, then resident."""
+        if self._shared is None:
+            self._shared = self.family.Shared(self.args, self.store.load_shared())
+        return self._shared
+
+    def load_layer(self, layer: int) -> dict[str, Weight]:
+        """Every tensor of block `layer` of the model, read whole (the MTP head keeps them)."""
+        return self.store.load_layer(layer, map_experts=False)
+
+    # ---- accounting ---------------------------------------------------------------------
+
+    def _stores(self) -> list[WeightStore]:
+        return [self.store, *(s for s, _ in self._donors.values() if s is not self.store)]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weight bytes read by this model's stores that something still holds."""
+        return sum(s.resident_bytes for s in self._stores())
+
+    @property
+    def bytes_read(self) -> int:
+        """Weight bytes read so far: file reads, plus the routed experts used from mapped tensors."""
+        return sum(s.bytes_read for s in self._stores()) + self._mapped.n

@@ -1,0 +1,34 @@
+"""Process-wide settings, made once by the program that runs models (the CLI, a benchmark),
+never by a library constructor: torch's thread count and the allocator's behaviour."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from ..errors import LemonsliceError
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3
+
+
+def setup(threads: int | None = None, compact_heap: bool = False) -> None:
+    """Set torch's intra-op threads (None: leave torch's choice) and, for streaming runs, have
+    glibc serve allocations over 1 MiB by mmap so that freed layer scratch leaves the process.
+
+    glibc otherwise raises its mmap threshold after each large free and keeps later scratch
+    on the heap, which adds tens of MB to a streaming run's peak; a fully loaded run keeps
+    the default, whose heap reuse is faster for prefill's large temporaries.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise LemonsliceError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if compact_heap:
+        try:
+            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):
+            log.info("mallopt is not available: freed scratch may stay in the heap")

@@ -1,0 +1,73 @@
+"""Sequence state: one sequence's caches, one per playlist position, apart from any weights.
+
+A state is made from the model's hyper-parameters alone (`Family.new_cache`), so any number
+of them can exist for one loaded model, and none needs a layer resident. Snapshot, restore,
+mark and truncate work on the caches only: going back never reads a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..errors import LemonsliceError
+from ..models import Family
+from ..models.protocol import LayerCache
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """Copies of every position's cache at one moment."""
+
+    caches: tuple[LayerCache, ...]
+
+    @property
+    def n_past(self) -> int:
+        return max((c.length for c in self.caches), default=0)
+
+
+class SequenceState:
+    """The caches of one sequence: `caches[pos]` belongs to playlist position `pos`."""
+
+    def __init__(self, caches: Sequence[LayerCache]):
+        self.caches: list[LayerCache] = list(caches)
+
+    @classmethod
+    def new(cls, family: Family, specs: Sequence[tuple[Any, int]]) -> "SequenceState":
+        """Fresh caches for positions running block `layer` of a model with args `args`, per (args, layer)."""
+        return cls([family.new_cache(args, layer) for args, layer in specs])
+
+    @property
+    def n_past(self) -> int:
+        """Positions the state holds (a stage that ran only some playlist positions: the most of any)."""
+        return max((c.length for c in self.caches), default=0)
+
+    def snapshot(self) -> StateSnapshot:
+        return StateSnapshot(tuple(c.copy() for c in self.caches))
+
+    def restore(self, snap: StateSnapshot) -> None:
+        """Back to `snap` (which stays usable for another restore)."""
+        if len(snap.caches) != len(self.caches):
+            raise LemonsliceError(f"a snapshot of {len(snap.caches)} positions cannot restore a state of "
+                                  f"{len(self.caches)}")
+        self.caches = [c.copy() for c in snap.caches]
+
+    def mark(self) -> None:
+        """Remember this point: `truncate` may go back to any length from here until `commit`."""
+        for c in self.caches:
+            c.mark()
+
+    def commit(self) -> None:
+        """Drop the mark (and what recurrent caches recorded since)."""
+        for c in self.caches:
+            c.commit()
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions; a recurrent cache can go back only as far as the mark."""
+        if not 0 <= n <= self.n_past:
+            raise LemonsliceError(f"cannot truncate a state of {self.n_past} positions to {n}")
+        for c in self.caches:
+            if c.length > n:
+                c.truncate(n)
+            else:
+                c.commit()
