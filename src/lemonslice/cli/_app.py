@@ -5,19 +5,139 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Iterator
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from typer.core import TyperCommand, TyperGroup
 
+from .. import __version__
 from ..errors import LemonsliceError
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Run and reshape GGUF models one layer at a time.",
-)
+# One example per command (by its name), shown at the end of its -h page.
+_EXAMPLES = {
+    "": "lemonslice run model.gguf -p 'The capital of France is' -n 32",
+    "split": "lemonslice split model.gguf model-split/",
+    "merge": "lemonslice merge model-split/ rebuilt.gguf",
+    "verify": "lemonslice verify model-split/",
+    "inspect": "lemonslice inspect model-split/ --json",
+    "convert": "lemonslice convert Qwen3.5-35B-A3B/ qwen35-a3b.gguf --type q8_0",
+    "run": "lemonslice run model.gguf -p 'The capital of France is' -n 32 --temp 0.7 --seed 42\n"
+           "echo 'Tell me a story' | lemonslice run model-split/ --chat --max-memory 2GB",
+    "chat": "lemonslice chat model.gguf --system 'Answer briefly.' --preset instruct-general",
+    "perplexity": "lemonslice perplexity model.gguf wiki.test.raw -c 512 --chunks 20",
+    "demo": "lemonslice demo -n 32",
+    "surgery": "lemonslice surgery 'repeat 4-7' model.gguf -o rys.gguf",
+    "sweep": "lemonslice sweep model.gguf -o pass1/ --block 8 --stride 4",
+    "tokenize": "lemonslice tokenize model.gguf 'Hello world' --json",
+    "detokenize": "lemonslice detokenize model.gguf 2,9259,1902",
+    "mtp": "lemonslice mtp strip with-mtp.gguf base.gguf",
+    "inject": "lemonslice mtp inject model.gguf with-mtp.gguf --from Qwen3.5-35B-A3B/ --type q8_0",
+    "strip": "lemonslice mtp strip with-mtp.gguf base.gguf",
+}
+# Typer's own type labels, shown as upper-case metavariables like the arguments'.
+_METAVARS = {"<int>": "N", "<float>": "N", "<str>": "TEXT", "<path>": "PATH", "<list[str]>": "TEXT"}
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lemonslice {__version__}")
+        raise typer.Exit()
+
+
+def _version_option():  # noqa: ANN202
+    """A fresh --version option, made through Typer's public API (its parameter classes
+    change between versions); each command needs its own object."""
+    probe = typer.Typer()
+
+    @probe.command()
+    def _probe(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                            help="Print the version and exit.")) -> None: ...
+
+    opt = typer.main.get_command(probe).params[0]
+    opt.expose_value = False
+    return opt
+
+
+def _plain_metavar(p, ctx) -> None:  # noqa: ANN001
+    if p.metavar is not None:
+        return
+    if p.param_type_name == "argument":
+        p.metavar = p.name.upper()
+    elif getattr(p, "is_flag", False):
+        p.metavar = ""
+    elif hasattr(p, "display_type_rich"):
+        p.metavar = _METAVARS.get(p.display_type_rich(ctx))
+
+
+class _Conventions:
+    """What every command and group shares: -h, --version, upper-case metavariables, an
+    example at the end of the help, and one "Did you mean" for a mistyped long option."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        if not self.epilog and (self.name or "") in _EXAMPLES:
+            self.epilog = "Example:\n\n" + _EXAMPLES[self.name or ""]
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201
+        params = super().get_params(ctx)
+        if getattr(self, "_version", None) is None:
+            self._version = _version_option()
+            for p in [*params, self._version]:
+                _plain_metavar(p, ctx)
+        # Before the help option, which click appends last.
+        helps = [p for p in params if p is self.get_help_option(ctx)]
+        return [p for p in params if p not in helps] + [self._version] + helps
+
+    def parse_args(self, ctx, args):  # noqa: ANN001, ANN201
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:
+            name = getattr(e, "option_name", None)
+            if name and name.startswith("--") and hasattr(e, "possibilities"):
+                known = [o for p in self.get_params(ctx) if not getattr(p, "hidden", False)
+                         for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+                best = get_close_matches(name, known, n=1)
+                if best:
+                    e.message, e.possibilities = f"No such option: {name}. Did you mean {best[0]}?", None
+            raise
+
+
+class _Command(_Conventions, TyperCommand):
+    def collect_usage_pieces(self, ctx):  # noqa: ANN001, ANN201
+        # MODEL OUTDIR rather than Typer's {model} {outdir}.
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = p.metavar + ("..." if p.nargs != 1 else "")
+                pieces.append(name if p.required else f"[{name}]")
+            else:
+                pieces.extend(p.get_usage_pieces(ctx))
+        return pieces
+
+
+class _Group(_Conventions, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        if kwargs.get("cls") is None:
+            kwargs["cls"] = _Command
+        return super().command(*args, **kwargs)
+
+
+def new_app(**kwargs) -> typer.Typer:  # noqa: ANN003
+    """A command group with the conventions above (the app, and `mtp`)."""
+    return _Typer(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, add_completion=False,
+                  pretty_exceptions_enable=False, **kwargs)
+
+
+app = new_app(no_args_is_help=True, help="Run and reshape GGUF models one layer at a time.")
 out = Console(soft_wrap=True, markup=False)
 err = Console(stderr=True, soft_wrap=True, markup=False)
 log = logging.getLogger("lemonslice")

@@ -68,7 +68,9 @@ def _print_summary(s: dict) -> None:
     t.add_column("key")
     t.add_column("value")
     for k, v in hp.items():
-        if v is not None:
+        if k == "file_type" and hp.get("file_type_name"):
+            t.add_row(k, f"{hp['file_type_name']} ({v})")
+        elif v is not None and k != "file_type_name":
             t.add_row(k, str(v))
     out.print(t)
     lt = Table(title="layers")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ._app import _human, _progress, app, out
+from ._app import _human, _progress, app, new_app, out
 
-mtp_app = typer.Typer(
+mtp_app = new_app(
     no_args_is_help=True, help="Add or remove the multi-token-prediction (MTP, nextn) block of a Qwen3.5 model.",
 )
 app.add_typer(mtp_app, name="mtp")

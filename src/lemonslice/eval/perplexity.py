@@ -26,6 +26,16 @@ class PerplexityResult:
     windows: int
     ctx: int
     window_ppl: tuple[float, ...]  # running perplexity after each window, as llama.cpp prints it
+    ppl_err: float = 0.0  # llama-perplexity's "+/-": the standard error of the mean NLL, scaled by ppl
+
+
+def ppl_uncertainty(nll_sum: float, nll2_sum: float, count: int) -> float:
+    """llama-perplexity's "Final estimate" uncertainty: with m = mean NLL and m2 = mean squared
+    NLL over the scored tokens, ppl * sqrt((m2 - m^2) / (count - 1))."""
+    if count < 2:
+        return math.nan
+    m, m2 = nll_sum / count, nll2_sum / count
+    return math.exp(m) * math.sqrt(max(m2 - m * m, 0.0) / (count - 1))
 
 
 def perplexity(
@@ -46,7 +56,7 @@ def perplexity(
     if max_windows is not None:
         windows = min(windows, max_windows)
     first = ctx // 2
-    nll, count, running = 0.0, 0, []
+    nll, nll2, count, running = 0.0, 0.0, 0, []
     for w in range(windows):
         ids = list(tokens[w * ctx : (w + 1) * ctx])
         if bos_id is not None:
@@ -57,9 +67,12 @@ def perplexity(
         targets = torch.tensor(ids[first + 1 :], dtype=torch.long)
         # log p(target) = logit - logsumexp, per row; the running sum is kept in double.
         lse = torch.logsumexp(logits, dim=-1)  # [n]
-        nll -= float((logits.gather(1, targets[:, None])[:, 0] - lse).double().sum())
+        tok_nll = (lse - logits.gather(1, targets[:, None])[:, 0]).double()  # [n]
+        nll += float(tok_nll.sum())
+        nll2 += float((tok_nll * tok_nll).sum())
         count += len(targets)
         running.append(math.exp(nll / count))
         if progress is not None:
             progress(w + 1, windows)
-    return PerplexityResult(math.exp(nll / count), nll / count, count, windows, ctx, tuple(running))
+    return PerplexityResult(math.exp(nll / count), nll / count, count, windows, ctx, tuple(running),
+                            ppl_uncertainty(nll, nll2, count))

@@ -259,7 +259,7 @@ class GGUFReader:
                     raise DimensionError(f"{self.path}: tensor {name!r} dimension {d} is too large")
                 n *= d
                 if n > _I64_MAX:
-                    raise DimensionError(f"{self.path}: tensor {name!r} shape {shape} overflows 64 bits")
+                    raise DimensionError(f"{self.path}: tensor {name!r} shape {'x'.join(map(str, shape))} overflows 64 bits")
             infos.append((name, shape, ggml_type, offset))
         self.header_end = p.pos
 

@@ -19,7 +19,7 @@ def _scalar(name: str, v: Any) -> Any:
     if isinstance(v, (list, tuple, np.ndarray)):
         vals = set(np.asarray(v).tolist())
         if len(vals) != 1:
-            raise LemonsliceError(f"{name}: per-layer values {sorted(vals)} are not supported")
+            raise LemonsliceError(f"{name}: per-layer values {', '.join(map(str, sorted(vals)))} are not supported")
         return vals.pop()
     return v
 
@@ -73,7 +73,7 @@ class ModelArgs:
         """Read the `<arch>.*` keys llama.cpp reads, with its defaults."""
         arch = kv.get(Keys.ARCHITECTURE)
         if arch not in ARCHES:
-            raise LemonsliceError(f"architecture {arch!r} is not one of {ARCHES}")
+            raise LemonsliceError(f"architecture {arch!r} is not one of {', '.join(ARCHES)}")
 
         def get(template: str, default: Any = _REQUIRED) -> Any:
             key = arch_key(template, arch)

@@ -40,8 +40,8 @@ class MTPHead:
         E = args.n_embd
         self.eh_proj = as_matrix(weights, TN.NEXTN_EH_PROJ, bid)  # ggml [2E, E]: [embedding | hidden] -> E
         if self.eh_proj.shape != (2 * E, E):
-            raise LemonsliceError(f"block {bid}: nextn.eh_proj has shape {list(self.eh_proj.shape)}, "
-                                  f"expected {[2 * E, E]}")
+            raise LemonsliceError(f"block {bid}: nextn.eh_proj has shape {'x'.join(map(str, self.eh_proj.shape))}, "
+                                  f"expected {2 * E}x{E}")
         self.enorm = as_float(weights, TN.NEXTN_ENORM, bid)  # [E]
         self.hnorm = as_float(weights, TN.NEXTN_HNORM, bid)  # [E]
         self.attn_norm = as_float(weights, TN.ATTN_NORM, bid)  # [E]
@@ -83,7 +83,7 @@ class MTPHead:
         (logits [T, V], g [T, E]); advances `cache` by T positions."""
         eps = self.args.rms_eps
         if h.shape != (ids.shape[0], self.args.n_embd):
-            raise LemonsliceError(f"MTP head: hidden states {list(h.shape)} do not match {ids.shape[0]} tokens")
+            raise LemonsliceError(f"MTP head: hidden states {'x'.join(map(str, h.shape))} do not match {ids.shape[0]} tokens")
         e = rms_norm(self.embed(ids), self.enorm, eps)  # [T, E]
         z = linear(torch.cat((e, rms_norm(h.to(torch.float32), self.hnorm, eps)), dim=-1), self.eh_proj)  # [T, E]
         z = z + self.attn(rms_norm(z, self.attn_norm, eps), cache)

@@ -18,10 +18,23 @@ from .split import layer_roles
 _MAX_LISTED = 16
 
 
+def file_type_name(value: Any) -> str | None:
+    """llama.cpp's name of a `general.file_type` value, from gguf-py's table: 15 -> "Q4_K_M"."""
+    from gguf import LlamaFileType
+
+    try:
+        name = LlamaFileType(int(value)).name
+    except (TypeError, ValueError):
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def hyperparameters(r: GGUFReader) -> dict[str, Any]:
     """The architecture's own keys plus a few general and tokenizer facts."""
     arch = r.architecture or ""
-    out: dict[str, Any] = {"architecture": arch, "name": r.get(Keys.NAME), "file_type": r.get(Keys.FILE_TYPE)}
+    ft = r.get(Keys.FILE_TYPE)
+    out: dict[str, Any] = {"architecture": arch, "name": r.get(Keys.NAME), "file_type": ft,
+                           "file_type_name": file_type_name(ft)}
     for key, e in r.kv.items():
         if not key.startswith(arch + "."):
             continue

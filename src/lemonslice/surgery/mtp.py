@@ -103,7 +103,7 @@ class _Model:
     def arch(self) -> str:
         arch = self.reader.architecture
         if arch not in ARCHES:
-            raise LemonsliceError(f"{self.path}: architecture {arch!r} has no MTP support (need one of {ARCHES})")
+            raise LemonsliceError(f"{self.path}: architecture {arch!r} has no MTP support (need one of {', '.join(ARCHES)})")
         return arch
 
     def close(self) -> None:
@@ -251,7 +251,8 @@ def _encoder(t: OutTensor, g: GGMLType, n_bytes: int) -> Callable[[], memoryview
     def make() -> memoryview:
         data = t.make()
         if tuple(data.shape) != t.shape:
-            raise LemonsliceError(f"{t.name}: made shape {list(data.shape)}, planned {list(t.shape)}")
+            raise LemonsliceError(f"{t.name}: made shape {'x'.join(map(str, data.shape))}, "
+                                  f"planned {'x'.join(map(str, t.shape))}")
         buf = memoryview(encode_tensor(data.numpy(), g)).cast("B")
         if len(buf) != n_bytes:
             raise LemonsliceError(f"{t.name}: {len(buf)} bytes encoded, {n_bytes} planned")

@@ -178,7 +178,7 @@ class Plan:
             raise PlanError("a plan file holds a mapping with 'layers', 'ops' and 'models'")
         unknown = sorted(set(d) - _PLAN_KEYS)
         if unknown:
-            raise PlanError(f"plan: unknown key(s) {', '.join(map(repr, unknown))} (known: {sorted(_PLAN_KEYS)})")
+            raise PlanError(f"plan: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(_PLAN_KEYS))})")
         if d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise PlanError(f"plan: format {d['format']!r} is not {PLAN_FORMAT}")
         layers = d.get("layers")
@@ -433,6 +433,15 @@ class SourceModel:
         return {block_suffix(t.name): t.shape for t, _ in self.blocks.get(layer, [])}
 
 
+def _plain(v: Any, sep: str = ", ") -> str:
+    """A value for a message: sequences joined (a shape with "x"), never a Python repr."""
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return sep.join(map(str, v))
+    return str(v)
+
+
 def check_donor(base: SourceModel, donor: SourceModel, layer: int) -> None:
     """Refuse a donor block that would not compute in the base model: another architecture,
     other hyper-parameters (sizes, norms, RoPE) or other tensor names and shapes."""
@@ -445,7 +454,7 @@ def check_donor(base: SourceModel, donor: SourceModel, layer: int) -> None:
     diff = [k for k in a if a[k] != b.get(k)]
     if diff:
         k = diff[0]
-        raise PlanError(f"{where}: donor {k} = {b.get(k)!r}, the model has {a[k]!r}"
+        raise PlanError(f"{where}: donor {k} = {_plain(b.get(k))}, the model has {_plain(a[k])}"
                         + (f" (and {len(diff) - 1} more difference(s))" if len(diff) > 1 else ""))
     role = donor.roles[layer]
     ref = next((i for i in range(base.n_layer) if base.roles[i] == role), None)
@@ -455,8 +464,8 @@ def check_donor(base: SourceModel, donor: SourceModel, layer: int) -> None:
     if want != got:
         names = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
         k = names[0]
-        raise PlanError(f"{where}: donor tensor {k} has shape {got.get(k, 'none')}, the model's {role.value} "
-                        f"blocks have {want.get(k, 'none')}")
+        raise PlanError(f"{where}: donor tensor {k} has shape {_plain(got.get(k), 'x')}, the model's {role.value} "
+                        f"blocks have {_plain(want.get(k), 'x')}")
 
 
 def per_layer_keys_check(model: SourceModel) -> None:

@@ -95,7 +95,7 @@ class SyntheticConfig:
             if not ok:
                 raise ValueError(f"SyntheticConfig: {msg}")
 
-        need(self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}")
+        need(self.arch in ARCHES, f"arch must be one of {', '.join(ARCHES)}, got {self.arch!r}")
         need(self.n_layer >= 1, "n_layer must be >= 1")
         need(self.full_attention_interval >= 1, "full_attention_interval must be >= 1")
         for f in ("n_embd", "n_head", "n_head_kv", "head_dim", "ssm_d_state", "ssm_n_group",

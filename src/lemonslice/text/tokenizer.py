@@ -167,7 +167,7 @@ class Tokenizer:
     def _gpt2(kv: Any, vocab: dict[str, int]) -> HFTokenizer:
         pre = kv.get(Keys.TOKENIZER_PRE) or "default"
         if pre not in PRE_REGEXES:
-            raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r}; known: {sorted(PRE_REGEXES)}")
+            raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r}; known: {', '.join(sorted(PRE_REGEXES))}")
         merges = []
         for m in kv.get(Keys.TOKENIZER_MERGES) or []:
             # llama.cpp splits a merge at the first space after its first character.
