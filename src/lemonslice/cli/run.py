@@ -45,7 +45,7 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
                  text: bool = False, verify: bool = False):  # noqa: ANN202
     """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
     scratch of building a 250k-token vocabulary does not stack on top of the weights."""
-    from ..engine import Engine, WeightStore
+    from ..engine import Engine, WeightStore, runtime
     from ..text.tokenizer import Tokenizer
 
     if threads is not None and threads < 1:
@@ -64,7 +64,8 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
             err.print(f"warning: {w}", highlight=False)
     store = WeightStore(model)
     tok = Tokenizer.from_gguf(store.metadata) if text else None
-    engine = Engine(store, max_memory=budget, threads=threads, playlist=playlist)
+    engine = Engine(store, max_memory=budget, playlist=playlist)
+    runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here
     pins = f", {engine.pinned} pinned" if engine.pinned else ""
     mode = f"streaming (shared{pins} + one streamed layer resident)" if engine.streaming else "full load"
     err.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}",

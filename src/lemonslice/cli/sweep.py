@@ -89,7 +89,7 @@ def sweep(
 ) -> None:
     """Score the baseline and every repeated block i-j (inclusive, as `--layers "repeat i-j"`) on probe
     suites; writes CSV, JSON and heatmaps."""
-    from ..engine import Engine, WeightStore
+    from ..engine import Engine, WeightStore, runtime
     from ..eval import ChatPrompter, chat_template_for, load_suites, make_config, run_sweep
     from ..text.tokenizer import Tokenizer
 
@@ -111,7 +111,8 @@ def sweep(
     # The tokenizer first: its build scratch then does not stack on top of the weights.
     store = WeightStore(model)
     tokenizer = Tokenizer.from_gguf(store.metadata)
-    engine = Engine(store, max_memory=budget, threads=threads)
+    engine = Engine(store, max_memory=budget)
+    runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here
     template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None,
                                  style=prompt_style)
     prompter = ChatPrompter(tokenizer, template, thinking=thinking)
