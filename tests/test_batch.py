@@ -21,7 +21,7 @@ import gguf
 import pytest
 import torch
 
-from lemonslice.engine import Compute, Engine, Residency, WeightStore
+from lemonslice.engine import Compute, Engine, FullLoad, Pinned, Residency, WeightStore
 from lemonslice.errors import LemonsliceError
 from lemonslice.testing import tiny_qwen35, tiny_qwen35moe, write_synthetic
 
@@ -141,3 +141,22 @@ def test_bad_batches_are_refused(tiny):
     e.set_playlist([0, 1, 2])
     with pytest.raises(LemonsliceError, match="another playlist"):
         e.forward_batch([s], [[1]])
+
+
+def test_plans_are_residency_not_engine_branches(tiny):
+    """Full load, streaming and explicit pins give the same tokens; only what stays resident differs."""
+    path = tiny["qwen35moe"]
+    full = Engine(path)
+    want = full.generate(PROMPTS[0], N_NEW)
+    pinned = Engine(path, plan=Pinned(frozenset({0, 3})))
+    assert pinned.streaming and pinned.pinned == 2
+    assert pinned.generate(PROMPTS[0], N_NEW) == want
+    store = pinned.store
+    assert store.resident_bytes == store.nbytes(None) + store.nbytes(0) + store.nbytes(3) - _mapped(store, (0, 3))
+    assert not store.map_experts  # the caller's store is left as it was given
+    assert Engine(path, plan=FullLoad(), max_memory=1).pinned == full.args.n_layer
+
+
+def _mapped(store: WeightStore, layers: tuple[int, ...]) -> int:
+    """Bytes of the expert tensors of these blocks: streaming plans map them instead of reading."""
+    return sum(store.info(n).n_bytes for b in layers for n in store.tensor_names(b) if "_exps." in n)

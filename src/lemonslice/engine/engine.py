@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from ..models import Family
-from ..models.protocol import Head, LayerCache
+from ..models.protocol import Args, Head, LayerCache
 from . import runtime
 from .compute import PREFILL_CHUNK, Compute, Input, Logits
 from .residency import Plan, PlaylistEntry, Residency, block_args
@@ -74,7 +74,7 @@ class Engine:
             runtime.setup(threads=threads)
         self.store = model if isinstance(model, WeightStore) else WeightStore(model)
         self.family: Family = self.store.family
-        self.args = self.store.args
+        self.args: Args = self.store.args
         self.max_memory = max_memory
         self.residency = Residency(self.store, playlist, plan=plan, max_memory=max_memory)
         self.compute = Compute(self.residency, prefill_chunk)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import LemonsliceError
 from ..models import Family
-from ..models.protocol import Block, Head
+from ..models.protocol import Args, Block, Head
 from .store import Weight, WeightStore
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _LAYOUT_FIELDS = frozenset({"block_count", "n_layer", "nextn_predict_layers", "r
                             "full_attention_interval"})
 
 
-def block_args(args: Any) -> dict[str, Any]:
+def block_args(args: Args) -> dict[str, Any]:
     """The hyper-parameters a block computes with: a donor's must equal the model's."""
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in _LAYOUT_FIELDS}
 
@@ -121,9 +121,9 @@ class Residency:
                  plan: Plan | None = None, max_memory: int | None = None):
         self.store = store
         self.family: Family = store.family
-        self.args = store.args
+        self.args: Args = store.args
         # Donor key (resolved path or the WeightStore) -> (store, its args).
-        self._donors: dict[Any, tuple[WeightStore, Any]] = {}
+        self._donors: dict[Any, tuple[WeightStore, Args]] = {}
         self._blocks: dict[Any, Block] = {}
         self._shared: Head | None = None
         self._mapped = _Counter()
@@ -181,14 +181,14 @@ class Residency:
         """The store and block index behind a playlist entry."""
         return (self._donors[e[0]][0], e[1]) if isinstance(e, tuple) else (self.store, e)
 
-    def args_of(self, e: Any) -> Any:
+    def args_of(self, e: Any) -> Args:
         return self._donors[e[0]][1] if isinstance(e, tuple) else self.args
 
     def nbytes(self, e: Any) -> int:
         store, layer = self.source(e)
         return store.nbytes(layer)
 
-    def cache_specs(self) -> list[tuple[Any, int]]:
+    def cache_specs(self) -> list[tuple[Args, int]]:
         """(args, block index) per playlist position: what a sequence state is made from."""
         return [(self.args_of(e), self.source(e)[1]) for e in self.playlist]
 

@@ -8,11 +8,11 @@ mark and truncate work on the caches only: going back never reads a weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import LemonsliceError
 from ..models import Family
-from ..models.protocol import LayerCache
+from ..models.protocol import Args, LayerCache
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class SequenceState:
         self.caches: list[LayerCache] = list(caches)
 
     @classmethod
-    def new(cls, family: Family, specs: Sequence[tuple[Any, int]]) -> "SequenceState":
+    def new(cls, family: Family, specs: Sequence[tuple[Args, int]]) -> "SequenceState":
         """Fresh caches for positions running block `layer` of a model with args `args`, per (args, layer)."""
         return cls([family.new_cache(args, layer) for args, layer in specs])
 

@@ -14,7 +14,7 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType
 from ..gguf.model import Metadata, ModelFiles
 from ..models import Family, family
+from ..models.protocol import Args
 from ..ops import QuantWeight, dequantize
 
 Weight = Union[QuantWeight, torch.Tensor]
@@ -53,7 +54,7 @@ class WeightStore(ModelFiles):
         return family(self.metadata)
 
     @functools.cached_property
-    def args(self) -> Any:
+    def args(self) -> Args:
         """The family's hyper-parameters, read from the metadata."""
         return self.family.ModelArgs.from_gguf(self.metadata)
 

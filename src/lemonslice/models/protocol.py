@@ -39,7 +39,7 @@ class Args(Protocol):
 class Block(Protocol):
     """One trunk block, built from its weights."""
 
-    args: Any
+    args: Args
     bid: int
 
     def __call__(self, x: torch.Tensor, cache: Any) -> torch.Tensor: ...
@@ -68,10 +68,10 @@ class Family(Protocol):
     @property
     def ModelArgs(self) -> Any: ...  # noqa: N802  (a class with `from_gguf(kv)`)
 
-    def Block(self, args: Any, bid: int, weights: Mapping[str, Any]) -> Block: ...  # noqa: N802
+    def Block(self, args: Args, bid: int, weights: Mapping[str, Any]) -> Block: ...  # noqa: N802
 
-    def Shared(self, args: Any, weights: Mapping[str, Any]) -> Head: ...  # noqa: N802
+    def Shared(self, args: Args, weights: Mapping[str, Any]) -> Head: ...  # noqa: N802
 
-    def make_cache(self, args: Any, block: Any) -> LayerCache: ...
+    def make_cache(self, args: Args, block: Block) -> LayerCache: ...
 
-    def new_cache(self, args: Any, layer: int) -> LayerCache: ...
+    def new_cache(self, args: Args, layer: int) -> LayerCache: ...
