@@ -93,7 +93,9 @@ def edit_manifest(d: Path, edit) -> None:
     (d / "manifest.json").write_text(json.dumps(m))
 
 
-SPLIT_FILES = sorted(["manifest.json", "shared.gguf", *(f"layer_{i:04d}.gguf" for i in range(9))])
+# The verify stamp: split records the files it hashed on the way out.
+SPLIT_FILES = sorted([".lemonslice-verified.json", "manifest.json", "shared.gguf",
+                      *(f"layer_{i:04d}.gguf" for i in range(9))])
 
 
 # ---- fixtures -------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from lemonslice.slicing import atomic, split_gguf, verify_split
 LEMONSLICE = str(Path(sys.executable).with_name("lemonslice"))
 STAMP = ".lemonslice-verified.json"
 STAGE_TAG = ".lemonslice-tmp-"
-SPLIT_FILES = sorted(["manifest.json", "shared.gguf", *(f"layer_{i:04d}.gguf" for i in range(9))])
+# split stamps what it wrote, as verify does.
+SPLIT_FILES = sorted([STAMP, "manifest.json", "shared.gguf", *(f"layer_{i:04d}.gguf" for i in range(9))])
 RUN = ("--prompt-ids", "1,2,3", "-n", "2", "--threads", "1")
 
 
@@ -165,7 +166,7 @@ def test_force_swaps_an_earlier_split(syn_path, dense_path, tmp_path):
     one_line_error(cli("split", syn_path, out), "holds an earlier lemonslice split; pass --force")
     r = cli("split", syn_path, out, "--force")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == SPLIT_FILES  # the old stamp went with the old set
+    assert sorted(p.name for p in out.iterdir()) == SPLIT_FILES  # a new stamp, the old one went with the old set
     assert json.loads((out / "manifest.json").read_text())["source"]["sha256"] == sha256(syn_path)
     assert verify_split(out) == []
     new_inodes = {p.stat().st_ino for p in out.iterdir()}
@@ -256,11 +257,29 @@ def test_flipped_byte_after_verify_warns_and_verify_flag_refuses(verified, tmp_p
     one_line_error(cli("merge", verified, tmp_path / "m.gguf", "--verify"), "layer_0005.gguf: altered: sha256")
     assert not (tmp_path / "m.gguf").exists()
 
-    # Without --verify merge warns the same way, then its own hash check refuses the result.
-    r = cli("merge", verified, tmp_path / "m.gguf")
-    assert r.returncode == 1 and not (tmp_path / "m.gguf").exists()
-    assert [ln.split(" changed")[0] for ln in warnings_of(r)] == ["warning: layer_0005.gguf"]
-    assert r.stderr.strip().splitlines()[-1].startswith("error: merged file's sha256")
+    # Without --verify merge (which reads every byte anyway) hashes the changed file first.
+    one_line_error(cli("merge", verified, tmp_path / "m.gguf"), f"{verified}/layer_0005.gguf: altered: sha256")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_64_bytes_overwritten_in_a_fresh_split_warn_run_and_stop_merge(syn_path, tmp_path):
+    """The issue's case: a split never verified; split's own stamp makes the change visible."""
+    out = tmp_path / "out"
+    assert cli("split", syn_path, out).returncode == 0
+    layer = out / "layer_0005.gguf"
+    with open_gguf(layer) as g:
+        off = g.tensors[-1].data_start  # 64 bytes of tensor data, each changed
+    with open(layer, "r+b") as f:
+        f.seek(off)
+        old = f.read(64)
+        f.seek(off)
+        f.write(bytes(b ^ 0x5A for b in old))
+    r = cli("run", out, *RUN)
+    assert r.returncode == 0, r.stderr
+    (w,) = warnings_of(r)
+    assert w.startswith("warning: layer_0005.gguf changed since the last verify"), w
+    one_line_error(cli("merge", out, tmp_path / "m.gguf"), f"{out}/layer_0005.gguf: altered: sha256")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.parametrize("cmd,stamped", [("run", False), ("run", True), ("merge", False), ("merge", True),

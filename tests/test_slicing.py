@@ -244,7 +244,7 @@ def test_gemma_files_stand_alone(gemma_src, gemma_split, layer):
 def test_synthetic_files_stand_alone(syn_src, syn_split):
     # Hand-built: 8 trunk blocks + 1 MTP block.
     assert sorted(p.name for p in syn_split.iterdir()) == sorted(
-        ["manifest.json", "shared.gguf", *(layer_file(i) for i in range(9))]
+        [".lemonslice-verified.json", "manifest.json", "shared.gguf", *(layer_file(i) for i in range(9))]
     )
     check_standalone(syn_src, syn_split / "shared.gguf", "shared", None)
     for i, role in SYN_ROLES.items():
@@ -279,7 +279,7 @@ def test_manifest_content(model, request):
     files = {f["name"]: f for f in m["files"]}
     assert len(files) == len(m["files"])
     assert set(files) == set(groups)
-    assert {p.name for p in split_dir.iterdir()} == set(groups) | {"manifest.json"}
+    assert {p.name for p in split_dir.iterdir()} == set(groups) | {"manifest.json", ".lemonslice-verified.json"}
     for name, f in files.items():
         path = split_dir / name
         assert f["sha256"] == sha256(path), name

@@ -17,7 +17,7 @@ from ..errors import LemonsliceError
 from ..gguf.constants import MANIFEST_NAME
 from .atomic import STAMP_NAME
 from .manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
-from .verify import Problem, check_file, file_fingerprints, manifest_sha256, verify_split
+from .verify import Problem, check_file, file_fingerprints, manifest_sha256, sha256_file, verify_split
 
 _SHOWN_NAMES = 3
 _WHAT = {"size": "size", "mtime_ns": "modified time", "ino": "inode"}
@@ -70,9 +70,24 @@ def _warnings(directory: Path, manifest_changed: bool, changed: dict[str, list[s
     return out
 
 
-def check_split(directory: str | os.PathLike[str], full: bool = False) -> list[str]:
+def _hash_changed(directory: Path, m: Manifest, changed: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Hash the files the stamp shows changed: refuse an altered one, drop intact ones."""
+    problems = []
+    for name in list(changed):
+        f = m.file(name)
+        if (directory / name).exists() and sha256_file(directory / name) == f.sha256:
+            del changed[name]
+        elif (directory / name).exists():
+            problems.append(Problem(name, "altered", "sha256 differs from the manifest's (changed since the last verify)"))
+    if problems:
+        raise _refusal(directory, problems)
+    return changed
+
+
+def check_split(directory: str | os.PathLike[str], full: bool = False, hash_changed: bool = False) -> list[str]:
     """Raise a one-line LemonsliceError naming the first damaged file; return warnings (files
-    changed since the last verify). `full` hashes every file first, as `verify` does.
+    changed since the last verify). `full` hashes every file first, as `verify` does;
+    `hash_changed` hashes only the files changed since then (for callers that read every byte).
 
     A file the stamp shows unchanged since its hash was checked skips the header parse (with a
     250k-token vocabulary in every header, ~0.1 s a file)."""
@@ -101,4 +116,6 @@ def check_split(directory: str | os.PathLike[str], full: bool = False) -> list[s
         problems = check_file(directory, root, f)
         if problems:
             raise _refusal(directory, problems)
+    if hash_changed and changed and not manifest_changed:
+        changed = _hash_changed(directory, m, changed)
     return unreadable + (_warnings(directory, manifest_changed, changed) if stamp is not None else [])

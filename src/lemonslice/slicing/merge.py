@@ -51,7 +51,8 @@ def merge_split(
     `on_warning`, else to the log."""
     directory = Path(directory)
     check_target_file(Path(target), force, inputs=(directory,))  # before any hashing
-    for w in check_split(directory, full=verify):
+    # Merge reads every byte anyway, so files changed since the last verify are hashed first.
+    for w in check_split(directory, full=verify, hash_changed=True):
         (on_warning or log.warning)(w)
     m = load_manifest(directory)
     readers = _open_files(directory, m)

@@ -36,6 +36,7 @@ from ..gguf.reader import GGUFReader, TensorInfo, open_gguf
 from ..gguf.writer import FilePlan, copy_range, encode_kv, plan_file
 from .atomic import staged_dir
 from .manifest import FileEntry, Manifest, SourceInfo, TensorEntry
+from .verify import stamp_written
 
 Progress = Callable[[int, int], None]
 CHUNK = 8 << 20
@@ -232,6 +233,8 @@ def _split(reader: GGUFReader, src: Path, tmp: Path, progress: Progress | None) 
     mpath.write_text(manifest.to_json(), encoding="utf-8")
     with open(mpath, "rb") as f:
         os.fsync(f.fileno())
+    # The outputs were hashed as written: a later change to one warns at load, as after verify.
+    stamp_written(tmp, manifest)
     return manifest
 
 

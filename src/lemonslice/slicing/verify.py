@@ -141,6 +141,11 @@ def _stamp(directory: Path, m: Manifest | None, before: dict[str, dict[str, int]
         log.warning("could not update %s in %s (%s)", STAMP_NAME, directory, e.strerror or e)
 
 
+def stamp_written(directory: Path, m: Manifest) -> None:
+    """Stamp a split its writer has just hashed on the way out, so a later change warns at load."""
+    _stamp(directory, m, file_fingerprints(directory, m), manifest_sha256(directory))
+
+
 def verify_split(directory: str | os.PathLike[str], progress: Progress | None = None,
                  stamp: bool = False) -> list[Problem]:
     """All problems found; an empty list means the directory is intact. With `stamp`, a clean
