@@ -131,6 +131,15 @@ def test_every_sampling_flag_of_run_has_help():
     assert by_flag["--temp"] is by_flag["--temperature"] and by_flag["-s"] is by_flag["--seed"]
 
 
+def test_chat_takes_the_same_sampling_names(tiny):
+    cmd = command_of(("chat",))
+    by_flag = {o: p for p in cmd.get_params(typer.Context(cmd, info_name="chat")) for o in p.opts}
+    assert by_flag["--temp"] is by_flag["--temperature"] and by_flag["-s"] is by_flag["--seed"]
+    assert all(by_flag[f].help for f in ("--temperature", "--seed"))
+    r = cli("chat", tiny, "--temp", "0.9", "--seed", "-1", "-n", "2", stdin="hello\n")
+    assert r.returncode == 0 and re.search(r"^seed: \d+$", r.stderr, re.M), r.stderr
+
+
 def test_mistyped_option_gets_the_closest_real_one(tiny):
     r = cli("run", tiny, "-p", "hi", "--temperatur", "0.7")
     assert r.returncode == 2 and "No such option: --temperatur. Did you mean --temperature?" in r.stderr

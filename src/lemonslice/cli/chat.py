@@ -27,7 +27,7 @@ from ..slicing.atomic import write_text
 from ..text.prompt import encode_prompt, special_kwargs
 from ._app import _VERIFY_HELP, app, err
 from .run import (
-    _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _TEMPLATE_HELP, _THREADS_HELP, _open_engine, _sampling,
+    _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _SEED_HELP, _TEMP_HELP, _TEMPLATE_HELP, _THREADS_HELP, _open_engine, _sampling,
     _stream, _text_tools, _write_out,
 )
 
@@ -253,8 +253,8 @@ def chat(
     n: int = typer.Option(1024, "-n", "--max-tokens", help="Most tokens per reply."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help=_TEMPLATE_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help=_TEMP_HELP),
+    seed: Optional[int] = typer.Option(None, "-s", "--seed", help=_SEED_HELP),
     layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
     history_file: Optional[Path] = typer.Option(
         None, "--history-file", help="Line history (default $XDG_STATE_HOME/lemonslice/chat_history, "
@@ -273,4 +273,7 @@ def chat(
     engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify)
     template, stops = _text_tools(engine, tok, chat_template)
     lines = _Lines(history_file or default_history_file())
-    _repl(_Chat(engine, tok, template, stops, Sampler(params), params, n, system, thinking), lines)
+    sampler = Sampler(params)
+    if params.temperature > 0:
+        err.print(f"seed: {sampler.seed}", highlight=False)
+    _repl(_Chat(engine, tok, template, stops, sampler, params, n, system, thinking), lines)
