@@ -18,17 +18,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import LemonsliceError
 from ..slicing.atomic import write_text
-from ..text.prompt import encode_prompt, special_kwargs
+from ..text.prompt import special_kwargs
 from ._app import _VERIFY_HELP, app, err
 from .run import (
     _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _SEED_HELP, _TEMP_HELP, _TEMPLATE_HELP, _THREADS_HELP, _open_engine, _sampling,
-    _stream, _text_tools, _write_out,
+    _write_out,
 )
 
 _COMMANDS = (
@@ -116,36 +116,18 @@ class _CtrlC:
             signal.signal(signal.SIGINT, old)
 
 
-class _Stoppable:
-    """A Session whose generate ends before handing out another token once Ctrl-C was pressed."""
-
-    def __init__(self, session, ctrl_c: _CtrlC):  # noqa: ANN001
-        self.session, self.ctrl_c, self.count = session, ctrl_c, 0
-
-    def generate(self, *args: Any) -> Iterator[int]:
-        gen = self.session.generate(*args)
-        try:
-            for token in gen:
-                if self.ctrl_c.pressed:
-                    return
-                self.count += 1
-                yield token
-        finally:
-            gen.close()
-
-
 class _Chat:
     """The conversation, the engine session and the settings one REPL works with."""
 
     def __init__(self, engine, tok, template, stops, sampler, params, max_tokens: int,  # noqa: ANN001
                  system: Optional[str], thinking: bool):
-        from ..engine.generation import Session
         from ..text.chat import has_thinking_mode
+        from ..text.generate import TextGenerator
 
-        self.tok, self.template, self.stops, self.sampler, self.params = tok, template, stops, sampler, params
-        self.session, self.max_tokens = Session(engine), max_tokens
-        self.special = special_kwargs(tok)
-        self.can_think = has_thinking_mode(template, **self.special)
+        self.sampler, self.params, self.max_tokens = sampler, params, max_tokens
+        self.text = TextGenerator(engine, tok, template=template, stops=stops)
+        self.session = self.text.session  # what the engine's state holds, turn after turn
+        self.can_think = has_thinking_mode(template, **special_kwargs(tok))
         self.thinking = thinking and self.can_think
         self.base = [{"role": "system", "content": system}] if system else []
         self.messages = list(self.base)
@@ -194,20 +176,19 @@ class _Chat:
 
     def turn(self, line: str) -> None:
         """One user message and the streamed reply."""
-        from ..text.chat import opens_think_block, split_reasoning
-
         self.messages.append({"role": "user", "content": line})
-        text = self.template.render(self.messages, add_generation_prompt=True, enable_thinking=self.thinking,
-                                    **self.special)
-        gen = _Stoppable(self.session, self.ctrl_c)
+        ask = self.text.chat(self.messages, thinking=self.thinking)
+        # Ctrl-C stops the reply before another token is handed out; the state keeps what it was fed.
+        gen = self.text.generate(ask, self.sampler, self.max_tokens, stop=self.params.stop,
+                                 interrupted=lambda: self.ctrl_c.pressed)
         self.ctrl_c.generating = True
         try:
-            reply = _stream(gen, self.tok, encode_prompt(self.tok, text, templated=True), self.sampler,
-                            self.max_tokens, self.stops, self.params.stop, _write_out)
+            for piece in gen:
+                _write_out(piece.text)
         except _Abandon:
             # Stopped inside a forward pass: the state may hold part of it, so it is rebuilt next turn.
             self.messages.pop()
-            self.session.reset()
+            self.text.reset()
             _write_out("\n")
             _say("[reply abandoned; the conversation is as before this message]")
             return
@@ -215,11 +196,10 @@ class _Chat:
             self.ctrl_c.generating = False
         _write_out("\n")
         # The history keeps the answer only; templates drop past reasoning anyway.
-        self.messages.append({"role": "assistant",
-                              "content": split_reasoning(reply, opened=opens_think_block(text)).answer})
-        s = self.session.stats
+        self.messages.append({"role": "assistant", "content": gen.answer})
+        s = gen.stats
         note = "interrupted; " if self.ctrl_c.pressed else ""
-        _say(f"({note}{gen.count} tokens, {s.decode_tps:.2f} tokens/s, {s.reused_tokens} prompt tokens re-used)")
+        _say(f"({note}{s.generated} tokens, {s.decode_tps:.2f} tokens/s, {s.reused_tokens} prompt tokens re-used)")
 
 
 def _say(text: str) -> None:
@@ -271,7 +251,10 @@ def chat(
         raise LemonsliceError(f"-n must be >= 0, got {n}")
     params = _sampling(preset, seed, temperature=temperature)
     engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify)
-    template, stops = _text_tools(engine, tok, chat_template)
+    from ..text.prompt import chat_template_for, stop_ids
+
+    template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)
+    stops = stop_ids(tok, engine.store.metadata)
     lines = _Lines(history_file or default_history_file())
     sampler = Sampler(params)
     if params.temperature > 0:

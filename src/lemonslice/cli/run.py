@@ -18,7 +18,6 @@ from rich.table import Table
 from ..errors import LemonsliceError
 from ..slicing.atomic import write_text
 from ._app import _VERIFY_HELP, _check_model, _default_budget, _human, _parse_size, _peak_rss, _progress, app, err, out
-from ..text.prompt import ChatPrompter, encode_prompt, special_kwargs
 from .format import _print_summary
 
 # Options every model command shares (typer needs them per function; these keep one text).
@@ -95,43 +94,6 @@ def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
         raise LemonsliceError(str(e)) from None
 
 
-def _text_tools(engine, tok, chat_template: Optional[Path]):  # noqa: ANN001, ANN202
-    """(chat template, end-of-generation ids)."""
-    from ..text.prompt import chat_template_for, stop_ids
-
-    template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)
-    return template, stop_ids(tok, engine.store.metadata)
-
-
-def _stream(session, tok, ids: list[int], sampler, max_tokens: int, stops: frozenset[int],  # noqa: ANN001
-            stop_strings: tuple[str, ...], write, on_stop=None) -> str:  # noqa: ANN001
-    """Generate, writing text as it completes; returns the whole text (stop string excluded).
-    `on_stop` hears which stop string ended it, if one did."""
-    from ..engine.sampling import StopMatcher
-
-    dec, matcher, text, raw = tok.stream(skip_special=True), StopMatcher(stop_strings), [], []
-    gen = session.generate(ids, sampler, max_tokens, stops)
-    for t in gen:
-        raw.append(dec.feed(t))
-        piece, stopped = matcher.feed(raw[-1])
-        if piece:
-            write(piece)
-            text.append(piece)
-        if stopped:
-            gen.close()
-            break
-    raw.append(dec.flush())
-    tail, _ = matcher.feed(raw[-1])
-    tail += matcher.flush()
-    if tail:
-        write(tail)
-        text.append(tail)
-    if matcher.stopped and on_stop is not None:
-        whole = "".join(raw)
-        on_stop(min((s for s in stop_strings if s in whole), key=whole.find))
-    return "".join(text)
-
-
 def _write_out(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -187,7 +149,6 @@ def run(
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Generate from a prompt: text streams to stdout; the stop reason, seed and statistics go to stderr."""
-    from ..engine.generation import Session
     from ..engine.sampling import Sampler
 
     prompt = _prompt_text(prompt, prompt_file, prompt_ids)
@@ -200,26 +161,35 @@ def run(
     if mtp_compare and not mtp:
         raise LemonsliceError("--mtp-compare needs --mtp")
     engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify)
-    session, sampler = Session(engine), Sampler(params)
-    ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
-    n, full_at = _fit_context(engine, len(ids), n, ctx_size)
+    speculator = None
+    if mtp:
+        from ..engine.speculative import Speculator
+
+        speculator = Speculator(engine)
+    text = _text_generator(engine, tok, chat_template, speculator=speculator, draft_max=draft_max)
+    ask = _prompt(text, prompt, prompt_ids, chat, thinking)
+    sampler = Sampler(params)
+    gen = text.generate(ask, sampler, n, stop=params.stop, ctx_size=ctx_size)
     if params.temperature > 0:
         err.print(f"seed: {sampler.seed}", highlight=False)
+    _print_reply(gen)
     if mtp:
-        _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, mtp_compare,
-                 stats_json)
+        _report_mtp(engine, tok, gen, params, mtp_compare, stats_json)
         return
-    matched: list[str] = []
-    if tok is None:
-        new = list(session.generate(ids, sampler, n))
-        out.print(f"generated: {' '.join(map(str, new))}")
-    else:
-        _stream(session, tok, ids, sampler, n, stops, params.stop, _write_out, on_stop=matched.append)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    _print_stop(session.stats.finish, matched, n, full_at)
-    _report(session.stats, stats_json, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
+    _report(gen.stats, stats_json, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
             peak_weight_bytes=engine.store.peak_resident_bytes, seed=sampler.seed)
+
+
+def _print_reply(gen) -> None:  # noqa: ANN001
+    """Stream the reply's text to stdout (its ids, without a tokenizer); the stop reason to stderr."""
+    if gen.tokenizer is None:
+        gen.run()
+        out.print(f"generated: {' '.join(map(str, gen.ids))}")
+    else:
+        for piece in gen:
+            _write_out(piece.text)
+        _write_out("\n")
+    err.print(f"stop: {gen.describe()}", highlight=False)
 
 
 def _prompt_text(prompt: Optional[str], prompt_file: Optional[Path], prompt_ids: Optional[str]) -> Optional[str]:
@@ -247,32 +217,6 @@ def _prompt_text(prompt: Optional[str], prompt_file: Optional[Path], prompt_ids:
     return text[:-1] if text.endswith("\n") else text
 
 
-def _fit_context(engine, n_prompt: int, n: int, ctx_size: Optional[int]) -> tuple[int, Optional[int]]:  # noqa: ANN001
-    """(tokens to generate, the context size if it is what caps them) under -c/--ctx-size."""
-    if ctx_size is None:
-        return n, None
-    limit = ctx_size or engine.store.metadata.get(f"{engine.args.arch}.context_length")
-    if not limit:
-        raise LemonsliceError("the model records no context_length: give -c/--ctx-size N with N > 0")
-    if n_prompt >= limit:
-        raise LemonsliceError(f"the prompt has {n_prompt} tokens; a context of {limit} leaves no room to generate")
-    room = int(limit) - n_prompt
-    return (room, int(limit)) if room < n else (n, None)
-
-
-def _print_stop(finish: str, matched: list[str], n: int, full_at: Optional[int]) -> None:
-    """Why generation ended, on stderr: end of text, a stop string, or the length (or context) limit."""
-    if matched:
-        why = f"stop string {json.dumps(matched[0], ensure_ascii=False)}"
-    elif finish == "eos":
-        why = "end of text"
-    elif full_at is not None:
-        why = f"context full ({full_at} tokens)"
-    else:
-        why = f"length ({n} tokens)"
-    err.print(f"stop: {why}", highlight=False)
-
-
 def _parse_ids(prompt_ids: str) -> list[int]:
     try:
         ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
@@ -283,35 +227,35 @@ def _parse_ids(prompt_ids: str) -> list[int]:
     return ids
 
 
-def _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template):  # noqa: ANN001, ANN202
-    """(prompt ids, end-of-generation ids): from --prompt-ids as given, or from the text, as one
-    chat turn when `chat`."""
-    if tok is None:
-        return _parse_ids(prompt_ids), frozenset()
-    template, stops = _text_tools(engine, tok, chat_template)
+def _text_generator(engine, tok, chat_template: Optional[Path], **kw: Any):  # noqa: ANN001, ANN202
+    """The text loop on `engine`, with the chat template (an override file, else the GGUF's own)."""
+    from ..text.generate import TextGenerator
+    from ..text.prompt import chat_template_for
+
+    template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None) \
+        if tok is not None else None
+    return TextGenerator(engine, tok, template=template, **kw)
+
+
+def _prompt(text, prompt, prompt_ids, chat, thinking):  # noqa: ANN001, ANN202
+    """The prompt: --prompt-ids as given, or the text, as one chat turn when `chat`."""
+    from ..text.generate import Prompt
+
+    if text.tok is None:
+        return Prompt(_parse_ids(prompt_ids))
     if chat:
-        return ChatPrompter(tok, template, thinking=thinking).ids(prompt)[0], stops
-    return encode_prompt(tok, prompt, templated=False), stops
+        return text.chat([{"role": "user", "content": prompt}], thinking=thinking)
+    return text.encode(prompt)
 
 
-def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, params, draft_max, compare,  # noqa: ANN001
-             stats_json) -> None:  # noqa: ANN001
-    """Speculative decoding: the whole reply is printed when done, then the acceptance statistics."""
+def _report_mtp(engine, tok, gen, params, compare: bool, stats_json: Optional[Path]) -> None:  # noqa: ANN001
+    """The acceptance statistics of a reply decoded with MTP; with `compare`, the same reply
+    decoded without MTP and both speeds."""
     from ..engine.sampling import Sampler
-    from ..engine.speculative import Speculator
 
-    spec = Speculator(engine)
-    ids, stops = _prompt(engine, tok, prompt, prompt_ids, chat, thinking, chat_template)
-    sampler = Sampler(params)
-    new, s = spec.generate(ids, n, draft_max, sampler=sampler)
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    if tok is None:
-        out.print(f"generated: {' '.join(map(str, new))}")
-    else:
-        _write_out(tok.decode(new[:cut], skip_special=True) + "\n")
-    _print_stop("eos" if cut < len(new) else "length", [], len(new), None)
+    s = gen.stats
     err.print(
-        f"MTP draft-max {draft_max}: {s.steps} verify passes, drafted {s.drafted}, accepted {s.accepted} "
+        f"MTP draft-max {s.draft_max}: {s.steps} verify passes, drafted {s.drafted}, accepted {s.accepted} "
         f"({s.acceptance_rate:.1%}), {s.tokens_per_step:.2f} tokens per pass\n"
         f"prefill: {s.prefill_tokens} tokens in {s.prefill_seconds:.2f} s ({s.prefill_tps:.2f} tokens/s)\n"
         f"decode with MTP: {s.decode_tokens} tokens in {s.decode_seconds:.2f} s ({s.decode_tps:.2f} tokens/s)",
@@ -320,13 +264,11 @@ def _run_mtp(engine, tok, prompt, prompt_ids, n, chat, thinking, chat_template, 
     extra = {"drafted": s.drafted, "accepted": s.accepted, "acceptance_rate": s.acceptance_rate,
              "mtp_decode_tps": s.decode_tps}
     if compare:
-        from ..engine.generation import Session
-
-        gen = Session(engine)
-        plain = list(gen.generate(ids, Sampler(params), n))
-        p = gen.stats
+        plain = _text_generator(engine, tok, None, stops=gen.stops).generate(
+            gen.prompt, Sampler(params), gen.max_tokens, stop=gen.stop_strings).run()
+        p = plain.stats
         # Only greedy decoding has one right answer to compare against.
-        same = f"; tokens {'identical' if plain == new else 'DIFFER'}" if params.temperature == 0 else ""
+        same = f"; tokens {'identical' if plain.ids == gen.ids else 'DIFFER'}" if params.temperature == 0 else ""
         err.print(f"decode without MTP: {p.decode_tokens} tokens in {p.decode_seconds:.2f} s "
                   f"({p.decode_tps:.2f} tokens/s); MTP speed-up {s.decode_tps / p.decode_tps:.2f}×{same}",
                   highlight=False)

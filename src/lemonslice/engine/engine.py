@@ -172,19 +172,12 @@ class Engine:
         return out
 
     def generate(self, ids: Sequence[int], n: int) -> list[int]:
-        """Greedy decoding from a fresh state: the `n` tokens that follow `ids`."""
-        self.reset()
-        stats = RunStats()
-        t0 = time.perf_counter()
-        last = self.forward(ids)[-1]
-        stats.prefill_tokens, stats.prefill_seconds = len(ids), time.perf_counter() - t0
-        new: list[int] = []
-        t0 = time.perf_counter()
-        while len(new) < n:
-            new.append(int(torch.argmax(last)))
-            if len(new) < n:
-                last = self.forward(new[-1:])[-1]
-                stats.decode_tokens += 1
-        stats.decode_seconds = time.perf_counter() - t0
-        self.stats = stats
+        """Greedy decoding from a fresh state: the `n` tokens that follow `ids` (through
+        `generation.decode`, the one decode loop; statistics in `self.stats`)."""
+        from .generation import Session
+        from .sampling import Sampler, SamplingParams
+
+        session = Session(self)
+        new = list(session.generate(ids, Sampler(SamplingParams(temperature=0.0)), n))
+        self.stats = session.stats
         return new

@@ -4,7 +4,9 @@ Each step drafts K tokens with the MTP head (`models.qwen35_mtp.MTPHead`), then 
 trunk once over [last token, d1..dK] and keeps the longest prefix the trunk agrees with,
 plus one token of its own. Greedy output is the trunk's greedy output; with sampling, the
 drafts go through standard speculative sampling (accept d with min(1, p(d)/q(d)), else
-draw from max(0, p - q)), so the output follows the trunk's sampling distribution.
+draw from max(0, p - q)), so the output follows the trunk's sampling distribution. The step
+is a `generation.Decoder`: the one decode loop (`generation.decode`) drives it like plain
+decoding, handing each step's last token back to the next verify pass.
 
 State after a partial accept: the sequence state is marked before the verify pass and
 truncated to the accepted tokens after it (`SequenceState.truncate`): attention KV caches
@@ -20,7 +22,6 @@ step, which re-adds the accepted pairs with the trunk's states.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -31,7 +32,8 @@ from ..errors import LemonsliceError
 from ..models.qwen35_args import ModelArgs as Qwen35Args
 from ..models.qwen35_layers import rms_norm
 from ..models.qwen35_mtp import MTPHead
-from .engine import Engine, RunStats
+from .engine import Engine
+from .generation import GenStats
 from .state import SequenceState
 from .sampling import Sampler, SamplingParams, filter_logits
 
@@ -41,11 +43,11 @@ __all__ = ["MAX_DRAFT", "SpecStats", "Speculator", "generate", "load_mtp_head"]
 
 
 @dataclass
-class SpecStats(RunStats):
+class SpecStats(GenStats):
     """What one speculative `generate` did. `accepted_hist[j]` counts the steps that kept j drafts.
 
-    prefill covers the trunk's prompt pass plus the MTP head's; decode_tokens counts the tokens
-    after the first (which comes out of the prefill).
+    prefill covers the trunk's prompt pass; decode (the MTP head's prompt pass included) counts
+    the tokens fed after it: at the length limit, all but the last.
     """
 
     draft_max: int = 0
@@ -104,83 +106,107 @@ class _Chooser:
 
 
 class Speculator:
-    """An engine plus its MTP head, loaded once; `generate` runs one speculative generation."""
+    """An engine plus its MTP head, loaded once. `decoder` gives the speculative step that
+    `generation.decode` (the one decode loop) drives; `generate` is one whole generation."""
 
     def __init__(self, engine: Engine, head: MTPHead | None = None):
         self.engine = engine
         self.head = head if head is not None else load_mtp_head(engine)
 
-    @torch.inference_mode()
+    def decoder(self, sampler: Sampler | None, draft_max: int) -> "_Speculative":
+        if not 1 <= draft_max <= MAX_DRAFT:
+            raise LemonsliceError(f"draft_max must be in [1, {MAX_DRAFT}], got {draft_max}")
+        return _Speculative(self, sampler, draft_max)
+
     def generate(
         self, ids: Sequence[int], n: int, draft_max: int, sampler: Sampler | None = None,
     ) -> tuple[list[int], SpecStats]:
         """The `n` tokens that follow `ids` (from a fresh state), drafting up to `draft_max` per step."""
-        if not 1 <= draft_max <= MAX_DRAFT:
-            raise LemonsliceError(f"draft_max must be in [1, {MAX_DRAFT}], got {draft_max}")
+        from .generation import Session
+
+        self.decoder(sampler, draft_max)  # the argument checks, before any work
         ids = [int(t) for t in ids]
         if not ids:
             raise LemonsliceError("no token ids given")
-        eng, head, eps = self.engine, self.head, self.engine.args.rms_eps
-        choose = _Chooser(sampler)
-        stats = SpecStats(draft_max=draft_max, accepted_hist=[0] * (draft_max + 1))
-        new: list[int] = []
         if n <= 0:
-            return new, stats
-        eng.reset()
+            return [], SpecStats(draft_max=draft_max, accepted_hist=[0] * (draft_max + 1))
+        session = Session(self.engine, self, draft_max)
+        greedy = Sampler(SamplingParams(temperature=0.0))
+        new = list(session.generate(ids, sampler if sampler is not None else greedy, n))
+        return new, session.stats
+
+
+class _Speculative:
+    """The speculative step (a `generation.Decoder`): each step drafts up to K tokens with the
+    MTP head, verifies [last token, d1..dK] in one trunk pass and returns the accepted drafts
+    plus the trunk's own next token. The state is always fresh: no reuse between turns."""
+
+    def __init__(self, spec: Speculator, sampler: Sampler | None, draft_max: int):
+        self.eng, self.head, self.draft_max = spec.engine, spec.head, draft_max
+        self.choose = _Chooser(sampler)
+        self.stats = SpecStats(draft_max=draft_max, accepted_hist=[0] * (draft_max + 1))
+        self.cache = self.head.new_cache()
+
+    @property
+    def n_past(self) -> int:
+        return self.eng.state.n_past
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> None:
+        self.prompt = ids
+        self.x = _hidden(self.eng, self.eng.state, ids)  # [P, E]
+
+    @torch.inference_mode()
+    def step(self, last: int | None, history: list[int], budget: int) -> list[int]:
+        if last is None:
+            return [self._first(history, budget)]
+        eng, head, choose, stats = self.eng, self.head, self.choose, self.stats
+        k = min(self.draft_max, budget - 1)  # a verify pass yields up to k + 1 tokens
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        if k > 0:
+            d_logits, g = head(torch.tensor(self.pend_ids), self.pend_h, self.cache)
+            committed = self.cache.length
+            for i in range(k):
+                if i:
+                    d_logits, g = head(torch.tensor(drafts[-1:]), g[-1:], self.cache)
+                if choose.greedy:
+                    drafts.append(choose.greedy_pick(d_logits[-1], history + drafts))
+                else:
+                    qs.append(choose.probs(d_logits[-1], history + drafts))
+                    drafts.append(choose.draw(qs[-1]))
+            self.cache.length = committed  # draft pairs are rebuilt from the trunk's states below
+            self.pend_h, self.pend_ids = self.pend_h[:0], []
+
         state = eng.state
-        cache = head.new_cache()
+        n_past = state.n_past
+        state.mark()
+        x = _hidden(eng, state, [last] + drafts)  # [k+1, E]
+        logits = eng.shared.logits(x)  # [k+1, V]
+        j, nxt = _accept(choose, logits, drafts, qs, history)
+        state.truncate(n_past + j + 1)  # keeps all k+1 (and just drops the mark) when every draft holds
 
-        t0 = time.perf_counter()
-        x = _hidden(eng, state, ids)  # [P, E]
+        stats.steps += 1
+        stats.drafted += k
+        stats.accepted += j
+        stats.accepted_hist[j] += 1
+        self.pend_h = torch.cat((self.pend_h, rms_norm(x[: j + 1], eng.shared.norm, eng.args.rms_eps)))
+        self.pend_ids = self.pend_ids + drafts[:j] + [nxt]
+        return drafts[:j] + [nxt]
+
+    def _first(self, history: list[int], budget: int) -> int:
+        """The token out of the prefill; the prompt's pairs go into the head's cache."""
+        eng, choose, x = self.eng, self.choose, self.x
         logits = eng.shared.logits(x[-1:])[0]  # [V]
-        tok = choose.greedy_pick(logits, ids) if choose.greedy else choose.draw(choose.probs(logits, ids))
-        new.append(tok)
+        tok = choose.greedy_pick(logits, history) if choose.greedy else choose.draw(choose.probs(logits, history))
         # Pending pairs (h_t, x_{t+1}) not yet in the head's cache; the last one drafts d1.
-        pend_h = rms_norm(x, eng.shared.norm, eps)  # [P, E]
-        pend_ids = ids[1:] + [tok]
-        if len(pend_ids) > 1 and n > 1:
-            head(torch.tensor(pend_ids[:-1]), pend_h[:-1], cache)
-            pend_h, pend_ids = pend_h[-1:], pend_ids[-1:]
-        stats.prefill_tokens, stats.prefill_seconds = len(ids), time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        while len(new) < n:
-            history = ids + new
-            k = min(draft_max, n - len(new) - 1)  # a verify pass yields up to k + 1 tokens
-            drafts: list[int] = []
-            qs: list[torch.Tensor] = []
-            if k > 0:
-                d_logits, g = head(torch.tensor(pend_ids), pend_h, cache)
-                committed = cache.length
-                for i in range(k):
-                    if i:
-                        d_logits, g = head(torch.tensor(drafts[-1:]), g[-1:], cache)
-                    if choose.greedy:
-                        drafts.append(choose.greedy_pick(d_logits[-1], history + drafts))
-                    else:
-                        qs.append(choose.probs(d_logits[-1], history + drafts))
-                        drafts.append(choose.draw(qs[-1]))
-                cache.length = committed  # draft pairs are rebuilt from the trunk's states below
-                pend_h, pend_ids = pend_h[:0], []
-
-            n_past = state.n_past
-            state.mark()
-            x = _hidden(eng, state, [tok] + drafts)  # [k+1, E]
-            logits = eng.shared.logits(x)  # [k+1, V]
-            j, nxt = _accept(choose, logits, drafts, qs, history)
-            state.truncate(n_past + j + 1)  # keeps all k+1 (and just drops the mark) when every draft holds
-
-            stats.steps += 1
-            stats.drafted += k
-            stats.accepted += j
-            stats.accepted_hist[j] += 1
-            new += drafts[:j] + [nxt]
-            pend_h = torch.cat((pend_h, rms_norm(x[: j + 1], eng.shared.norm, eps)))
-            pend_ids = pend_ids + drafts[:j] + [nxt]
-            tok = nxt
-        stats.decode_seconds = time.perf_counter() - t0
-        stats.decode_tokens = len(new) - 1
-        return new, stats
+        self.pend_h = rms_norm(x, eng.shared.norm, eng.args.rms_eps)  # [P, E]
+        self.pend_ids = self.prompt[1:] + [tok]
+        if len(self.pend_ids) > 1 and budget > 1:
+            self.head(torch.tensor(self.pend_ids[:-1]), self.pend_h[:-1], self.cache)
+            self.pend_h, self.pend_ids = self.pend_h[-1:], self.pend_ids[-1:]
+        del self.x
+        return tok
 
 
 def _accept(

@@ -1,8 +1,9 @@
 """Greedy generation with stop tokens, for probe runs.
 
-Greedy decoding on the engine's `Session.generate`: stops at an end-of-generation token
-(EOS, end-of-turn), after `max_new_tokens`, or once a caller's `done(text)` says the reply
-holds everything it needs. Prompts come from `text.prompt` (re-exported here).
+Greedy decoding through the one text loop (`text.generate.TextGenerator`): stops at an
+end-of-generation token (EOS, end-of-turn), after `max_new_tokens`, or once a caller's
+`done(text)` says the reply holds everything it needs. Prompts come from `text.prompt`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..engine import Engine
-from ..engine.generation import Session
 from ..engine.sampling import Sampler, SamplingParams
-from ..text.chat import split_reasoning
+from ..text.generate import Prompt, TextGenerator
 from ..text.prompt import BUILTIN_GEMMA3_TEMPLATE, ChatPrompter, chat_template_for, stop_ids
 from ..text.tokenizer import Tokenizer
 
@@ -40,19 +40,13 @@ def greedy(
     opened_think: bool = False,
 ) -> Generation:
     """Greedy decoding from a fresh state; `done` sees the answer part of the text so far."""
-    session = Session(engine)
-    session.reset()
-    new: list[int] = []
-    reason = "length"
-    tokens = session.generate(prompt, Sampler(_GREEDY), max_new_tokens, stop)
-    for token in tokens:
-        new.append(token)
-        if done is not None and done(split_reasoning(tokenizer.decode(new), opened=opened_think).answer):
-            # Closing the generator before it feeds `token` saves one forward pass.
-            tokens.close()
+    text = TextGenerator(engine, tokenizer, stops=stop, skip_special=False)
+    gen = text.generate(Prompt(list(prompt), opened_think), Sampler(_GREEDY), max_new_tokens)
+    reason = None
+    for piece in gen:
+        if piece.token is not None and done is not None and done(gen.answer):
+            # Closing before `piece.token` is fed saves one forward pass.
+            gen.close()
             reason = "done"
             break
-    else:
-        reason = session.stats.finish
-    text = tokenizer.decode(new)
-    return Generation(new, text, split_reasoning(text, opened=opened_think).answer, reason)
+    return Generation(gen.ids, gen.text, gen.answer, reason or gen.finish)

@@ -1,0 +1,276 @@
+"""Text generation: the one text-level loop, over the engine's one decode loop.
+
+    TextGenerator  prompt rendering (chat template), end-of-turn ids, a Session (prefix reuse)
+      Generation   one reply: Session.generate -> StreamDecoder -> StopMatcher -> ReasoningSplit
+        generation.decode  (engine/) the one place a token is chosen and fed back
+
+`TextGenerator.generate` returns a `Generation`; iterating it yields a `Piece` per token
+(the text that token completed, UTF-8-safe and with no part of a stop string) and one last
+piece for a tail held back to the end. `run`, `chat`, `sweep`/the probes and `run --mtp`
+all read replies this way, so stop strings, the reasoning split, context limits and the
+statistics behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..engine import Engine
+from ..engine.generation import GenStats, Session
+from ..engine.sampling import Sampler, StopMatcher
+from ..errors import LemonsliceError
+from .chat import THINK_CLOSE, THINK_OPEN, ChatTemplate, Reasoning, opens_think_block
+from .prompt import chat_template_for, encode_prompt, special_kwargs, stop_ids
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ..engine.speculative import Speculator
+
+__all__ = ["FINISHES", "Generation", "Piece", "Prompt", "ReasoningSplit", "TextGenerator", "context_limit"]
+
+# Why a reply ended: an end-of-turn id, a stop string, -n, the context size, or the caller.
+FINISHES = ("eos", "stop string", "length", "context", "stopped")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    opened: bool = False  # the prompt leaves a <think> block open, so the reply starts inside it
+
+
+@dataclass(frozen=True)
+class Piece:
+    token: int | None  # the id that completed this text; None for the tail released at the end
+    text: str
+
+
+class ReasoningSplit:
+    """`split_reasoning` of a growing text, fed piece by piece: the tags are looked for only
+    in the new text (and the few characters before it a tag could straddle)."""
+
+    def __init__(self, opened: bool = False):
+        self.opened = opened
+        self.text = ""
+        self._open = self._close = -1  # where the first <think> / </think> start, once seen
+        self._answer: list[str] = []  # after </think>, leading whitespace dropped
+        self._reasoning: str | None = None
+
+    def feed(self, piece: str) -> None:
+        if not piece:
+            return
+        if self._close >= 0:
+            self._add_answer(piece)
+            self.text += piece
+            return
+        seen = len(self.text)
+        self.text += piece
+        if self._open < 0:
+            at = self.text.find(THINK_OPEN, max(0, seen - len(THINK_OPEN) + 1))
+            self._open = at
+        at = self.text.find(THINK_CLOSE, max(0, seen - len(THINK_CLOSE) + 1))
+        if at >= 0:
+            self._close = at
+            head = self.text[:at]
+            self._reasoning = head.split(THINK_OPEN)[-1].strip()
+            self._add_answer(self.text[at + len(THINK_CLOSE):])
+
+    def _add_answer(self, text: str) -> None:
+        self._answer.append(text if self._answer else text.lstrip())
+        if not self._answer[-1]:
+            self._answer.pop()
+
+    def split(self) -> Reasoning:
+        if self._close >= 0:
+            if len(self._answer) > 1:
+                self._answer[:] = ["".join(self._answer)]
+            return Reasoning(self._reasoning, self._answer[0] if self._answer else "")
+        if self._open >= 0:
+            return Reasoning(self.text[self._open + len(THINK_OPEN):].lstrip(), self.text[:self._open].strip())
+        return Reasoning(self.text.lstrip(), "") if self.opened else Reasoning("", self.text)
+
+
+def context_limit(engine: Engine, ctx_size: int | None) -> int | None:
+    """The context size under -c/--ctx-size: None for no limit, 0 for the model's context_length."""
+    if ctx_size is None:
+        return None
+    if ctx_size < 0:
+        raise LemonsliceError(f"-c/--ctx-size must be >= 0, got {ctx_size}")
+    limit = ctx_size or engine.store.metadata.get(f"{engine.args.arch}.context_length")
+    if not limit:
+        raise LemonsliceError("the model records no context_length: give -c/--ctx-size N with N > 0")
+    return int(limit)
+
+
+class TextGenerator:
+    """Replies from one engine: prompts through the chat template, sampling, streaming text.
+
+    Turn after turn, the engine's state is built upon when a prompt extends what it holds
+    (plain decoding only; with a `speculator`, each reply is decoded with MTP from afresh).
+    Without a tokenizer, replies are ids only (pieces carry no text).
+    """
+
+    def __init__(
+        self, engine: Engine, tokenizer: Tokenizer | None = None, *, template: ChatTemplate | None = None,
+        stops: frozenset[int] | None = None, speculator: "Speculator | None" = None, draft_max: int = 3,
+        skip_special: bool = True,
+    ):
+        self.engine, self.tok, self.skip_special = engine, tokenizer, skip_special
+        self.session = Session(engine, speculator, draft_max)
+        meta = engine.store.metadata
+        if tokenizer is None:
+            self.template, self.stops = template, stops if stops is not None else frozenset()
+        else:
+            self.template = template if template is not None else chat_template_for(meta)
+            self.stops = stops if stops is not None else stop_ids(tokenizer, meta)
+
+    def reset(self) -> None:
+        """Forget the conversation the engine's state holds."""
+        self.session.reset()
+
+    # ---- prompts ----------------------------------------------------------------------------
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tok is None:
+            raise LemonsliceError("text prompts need the model's tokenizer")
+        return self.tok
+
+    def encode(self, text: str) -> Prompt:
+        """A raw text prompt (BOS as the vocabulary asks)."""
+        return Prompt(encode_prompt(self._need_tokenizer(), text, templated=False))
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], thinking: bool = True) -> Prompt:
+        """The conversation through the chat template, with the generation prompt."""
+        tok = self._need_tokenizer()
+        text = self.template.render(messages, add_generation_prompt=True, enable_thinking=thinking,
+                                    **special_kwargs(tok))
+        return Prompt(encode_prompt(tok, text, templated=True), opens_think_block(text))
+
+    # ---- replies ----------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: Prompt | Sequence[int], sampler: Sampler, max_tokens: int, *, stop: Sequence[str] = (),
+        ctx_size: int | None = None, interrupted: Callable[[], bool] | None = None,
+    ) -> "Generation":
+        """One reply of up to `max_tokens` tokens, within `ctx_size` tokens of context (0: the
+        model's) when given; nothing runs until it is iterated."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt([int(t) for t in prompt])
+        if max_tokens < 0:
+            raise LemonsliceError(f"-n must be >= 0, got {max_tokens}")
+        limit, context = context_limit(self.engine, ctx_size), None
+        if limit is not None:
+            n = len(prompt.ids)
+            if n >= limit:
+                raise LemonsliceError(f"the prompt has {n} tokens; a context of {limit} leaves no room to generate")
+            if limit - n < max_tokens:
+                max_tokens, context = limit - n, limit
+        return Generation(self, prompt, sampler, max_tokens, tuple(stop), context, interrupted)
+
+
+class Generation:
+    """One reply being generated. Iterate it for the pieces; then `finish` (one of FINISHES),
+    `stop_string`, `ids`, `text`, `answer`, `reasoning` and `stats` tell the rest."""
+
+    def __init__(self, gen: TextGenerator, prompt: Prompt, sampler: Sampler, max_tokens: int,
+                 stop: tuple[str, ...], context: int | None, interrupted: Callable[[], bool] | None):
+        self._gen, self.prompt, self._sampler, self.max_tokens = gen, prompt, sampler, max_tokens
+        self.tokenizer, self.stops = gen.tok, gen.stops  # None: a reply of ids only
+        self.context = context  # the context size, when it is what caps max_tokens
+        self._interrupted, self.stop_strings = interrupted, stop
+        self._matcher = StopMatcher(stop)
+        self._split = ReasoningSplit(prompt.opened)
+        self._raw: list[str] = []  # decoded text before the stop matcher
+        self.ids: list[int] = []  # tokens handed out (an end-of-turn id is not one)
+        self.finish = "stopped"
+        self.stop_string: str | None = None
+        self._iter: Iterator[Piece] | None = None
+
+    @property
+    def stats(self) -> GenStats:
+        return self._gen.session.stats
+
+    @property
+    def text(self) -> str:
+        return self._split.text
+
+    @property
+    def answer(self) -> str:
+        return self._split.split().answer
+
+    @property
+    def reasoning(self) -> str:
+        return self._split.split().reasoning
+
+    def __iter__(self) -> Iterator[Piece]:
+        if self._iter is None:
+            self._iter = self._pieces()
+        return self._iter
+
+    def __next__(self) -> Piece:
+        return next(iter(self))
+
+    def close(self) -> None:
+        """Stop before another token is fed (the state keeps what it was fed so far)."""
+        if self._iter is not None:
+            self._iter.close()
+
+    def run(self) -> "Generation":
+        for _ in self:
+            pass
+        return self
+
+    def _pieces(self) -> Iterator[Piece]:
+        gen = self._gen
+        dec = gen.tok.stream(skip_special=gen.skip_special) if gen.tok is not None else None
+        tokens = gen.session.generate(self.prompt.ids, self._sampler, self.max_tokens, gen.stops, self._interrupted)
+        tail = ""
+        try:
+            for t in tokens:
+                self.ids.append(t)
+                piece = self._show(dec.feed(t)) if dec is not None else ""
+                yield Piece(t, piece)
+                if self._matcher.stopped:
+                    break
+        finally:
+            # A stop string ends the reply before its last token is fed; so does a caller's close.
+            tokens.close()
+            if dec is not None:
+                tail = self._show(dec.flush())
+                held = self._matcher.flush()  # a tail that might have begun a stop string
+                self._split.feed(held)
+                tail += held
+            self._done()
+        if tail:
+            yield Piece(None, tail)
+
+    def _show(self, raw: str) -> str:
+        self._raw.append(raw)
+        piece, _ = self._matcher.feed(raw)
+        self._split.feed(piece)
+        return piece
+
+    def _done(self) -> None:
+        finish = self.stats.finish
+        if self._matcher.stopped:
+            whole = "".join(self._raw)
+            self.finish = "stop string"
+            self.stop_string = min((s for s in self.stop_strings if s in whole), key=whole.find)
+        elif finish == "length" and self.context is not None:
+            self.finish = "context"
+        else:
+            self.finish = finish
+
+    def describe(self) -> str:
+        """Why it ended, in words: end of text, stop string "...", context full, length."""
+        if self.finish == "stop string":
+            return f"stop string {json.dumps(self.stop_string, ensure_ascii=False)}"
+        if self.finish == "eos":
+            return "end of text"
+        if self.finish == "context":
+            return f"context full ({self.context} tokens)"
+        if self.finish == "length":
+            return f"length ({self.max_tokens} tokens)"
+        return "stopped"
