@@ -3,7 +3,8 @@
 Wraps `llama_cpp` (llama-cpp-python, which builds and bundles llama.cpp) through its
 low-level C API, so every setting that matters for a numerical comparison is explicit:
 
-* `llama_logits(path, ids)`: teacher-forced logits at every position, `[T, n_vocab]` float32.
+* `llama_logits(path, ids)`: teacher-forced logits at every position, `[T, n_vocab]` float32;
+  `llama_logits_each(path, seqs)` for several sequences with one model load.
 * `llama_greedy(path, prompt_ids, n)`: `n` greedily decoded token ids.
 * `llama_quantize(src, dst, ftype)`: llama.cpp's own quantizer (`llama-quantize`).
 * `llama_tokenize(path, text)` / `llama_detokenize(path, ids)`, or `LlamaVocab(path)` for many
@@ -55,7 +56,8 @@ from gguf_refs import gemma_gguf  # noqa: F401  (re-exported for tests)
 
 __all__ = [
     "LlamaError", "LlamaVocab", "QUANT_FTYPES", "default_threads", "gemma_gguf", "llama_detokenize",
-    "llama_greedy", "llama_log", "llama_logits", "llama_model_info", "llama_quantize", "llama_tokenize",
+    "llama_greedy", "llama_log", "llama_logits", "llama_logits_each", "llama_model_info", "llama_quantize",
+    "llama_tokenize",
 ]
 
 
@@ -245,6 +247,26 @@ def llama_logits(gguf_path: str | os.PathLike[str], token_ids: Sequence[int], n_
                 _decode(ctx, batch, chunk, start, [True] * len(chunk))
                 for i in range(len(chunk)):
                     out[start + i] = _logits_row(ctx, i, n_vocab)
+    return out
+
+
+def llama_logits_each(gguf_path: str | os.PathLike[str], sequences: Sequence[Sequence[int]],
+                      n_threads: int | None = None, f32_kv: bool = True) -> list[np.ndarray]:
+    """`llama_logits` of each sequence, one model load for all (a fresh context per sequence)."""
+    if not sequences or not all(sequences):
+        raise ValueError("every sequence needs a token")
+    out: list[np.ndarray] = []
+    with _watch(f"llama_logits_each({gguf_path})"), _model(gguf_path) as model:
+        n_vocab = llama_cpp.llama_vocab_n_tokens(_vocab(model))
+        for seq in sequences:
+            ids = _check_ids(seq, n_vocab)
+            T = len(ids)
+            rows = np.empty((T, n_vocab), dtype=np.float32)
+            with _context(model, _context_params(T, T, n_threads, f32_kv)) as ctx, _batch(T) as batch:
+                _decode(ctx, batch, ids, 0, [True] * T)
+                for i in range(T):
+                    rows[i] = _logits_row(ctx, i, n_vocab)
+            out.append(rows)
     return out
 
 

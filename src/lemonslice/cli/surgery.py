@@ -44,6 +44,9 @@ def surgery(
         r = write_surgery(p, src, output, force=force, progress=cb)
     if r.report is not None:
         (out if r.report.ok else err).print(r.report.message, markup=False, highlight=False)
+        if r.report.ok and r.layout_key is not None:
+            err.print(f"{r.layout_key} written (one flag per block), as the source has it", markup=False,
+                      highlight=False)
         for w in r.report.warnings:
             err.print(f"warning: {w}", markup=False, highlight=False)
     mtp = r.block_count - r.n_trunk

@@ -32,12 +32,13 @@ from .qwen35_layers import AttentionCache, Weights, apply_rope, as_float, as_mat
 ARCH = "gemma3"
 _REQUIRED = object()
 # llama.cpp's defaults for Gemma 3 when the file does not say.
-_DEFAULT_SWA_PATTERN = 6
+DEFAULT_SWA_PATTERN = 6
 _DEFAULT_SWA_BASE = 10000.0
 
 LayerCache = AttentionCache
 
-__all__ = ["ARCH", "AttentionCache", "Block", "LayerCache", "ModelArgs", "Shared", "make_cache", "new_cache"]
+__all__ = ["ARCH", "DEFAULT_SWA_PATTERN", "AttentionCache", "Block", "LayerCache", "ModelArgs", "Shared",
+           "make_cache", "new_cache", "positional_swa"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class ModelArgs:
         # Without a window every layer is global.
         swa = (False,) * n_layer
         if window > 0:
-            swa = _swa_layers(get(Keys.SLIDING_WINDOW_PATTERN, _DEFAULT_SWA_PATTERN), n_layer)
+            swa = _swa_layers(get(Keys.SLIDING_WINDOW_PATTERN, DEFAULT_SWA_PATTERN), n_layer)
         # llama.cpp scales queries by 1/sqrt(key_length), except for the 27B model (62 layers),
         # whose query_pre_attn_scalar is n_embd / n_head.
         scale_dim = n_embd // n_head if n_layer == 62 else head_dim
@@ -112,15 +113,20 @@ class ModelArgs:
 
 
 def _swa_layers(pattern: Any, n_layer: int) -> tuple[bool, ...]:
-    """Per-layer local flags from `sliding_window_pattern`: an array of flags, or a period n
-    whose last layer is global (0: every layer local)."""
+    """Per-layer local flags from `sliding_window_pattern`, as llama.cpp's `load_swa_pattern`
+    reads it: an array with one flag per layer (nonzero: sliding window), or a period."""
     if isinstance(pattern, (list, tuple, np.ndarray)):
         flags = tuple(bool(f) for f in np.asarray(pattern).reshape(-1))
         if len(flags) != n_layer:
             raise LemonsliceError(f"sliding_window_pattern has {len(flags)} entries, expected {n_layer}")
         return flags
-    n = int(pattern)
-    return tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
+    return positional_swa(int(pattern), n_layer)
+
+
+def positional_swa(period: int, n_layer: int) -> tuple[bool, ...]:
+    """The layout without a per-layer array: the last layer of every `period` is global
+    (0: every layer local)."""
+    return tuple(period == 0 or i % period < period - 1 for i in range(n_layer))
 
 
 def inv_freq(base: float, dim: int) -> torch.Tensor:

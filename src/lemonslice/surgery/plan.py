@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
+
 from ..engine.engine import block_args
 from ..engine.store import Metadata
 from ..errors import LemonsliceError
@@ -53,6 +55,10 @@ DEFAULT_INTERVAL = 4
 _PLAN_KEYS = {"format", "layers", "ops", "models"}
 # Keys whose array form holds one value per block; surgery does not remap them.
 _PER_LAYER_KEYS = (Keys.HEAD_COUNT, Keys.HEAD_COUNT_KV, Keys.FEED_FORWARD_LENGTH, Keys.SLIDING_WINDOW_PATTERN)
+# The per-layer layout key llama.cpp 0.3.36 reads for each architecture (one flag per block,
+# overriding the kinds it would derive from a period): surgery remaps and writes these.
+LAYOUT_KEYS = {"qwen35": Keys.RECURRENT_LAYERS, "qwen35moe": Keys.RECURRENT_LAYERS,
+               "gemma3": Keys.SLIDING_WINDOW_PATTERN}
 
 _N = r"(\d+)"
 _RANGE = rf"{_N}(?:\s*-\s*{_N})?"
@@ -408,6 +414,18 @@ class SourceModel:
     def hybrid(self) -> bool:
         return any(r == Role.RECURRENT for r in self.roles.values())
 
+    @property
+    def windowed(self) -> bool:
+        """Whether some layers attend through a sliding window and others globally (Gemma 3)."""
+        return getattr(self.args, "sliding_window", 0) > 0
+
+    @property
+    def swa_period(self) -> int:
+        """The period a reader derives the local/global layout from when the file has no
+        per-layer array: the file's integer sliding_window_pattern, else the family's default."""
+        v = self.kv(Keys.SLIDING_WINDOW_PATTERN)
+        return int(v) if isinstance(v, (int, np.integer)) else int(self.family.DEFAULT_SWA_PATTERN)
+
     def layer_file(self, layer: int) -> Path | None:
         """The split file of block `layer`, for a split directory."""
         if self.manifest is None:
@@ -469,15 +487,18 @@ def check_donor(base: SourceModel, donor: SourceModel, layer: int) -> None:
 
 
 def per_layer_keys_check(model: SourceModel) -> None:
-    """Surgery re-lays the blocks; per-layer metadata it cannot carry along is refused."""
+    """Surgery re-lays the blocks; per-layer metadata it cannot carry along is refused (the
+    architecture's layout key is carried along: surgery rewrites it)."""
     for template in _PER_LAYER_KEYS:
+        if template == LAYOUT_KEYS.get(model.arch or ""):
+            continue
         key = arch_key(template, model.arch or "")
         e = next((e for e in model.kvs if e.key == key), None)
         if e is not None and (e.count is not None or template == Keys.SLIDING_WINDOW_PATTERN):
             raise PlanError(f"{model.path}: per-layer metadata {key} is not supported by layer surgery")
 
 
-# ---- the hybrid layout --------------------------------------------------------------------
+# ---- the layer layout: hybrid recurrent/attention, sliding-window/global ---------------------
 
 
 @dataclass(frozen=True)
@@ -492,6 +513,10 @@ class PatternReport:
     @property
     def ok(self) -> bool:
         return not self.breaks
+
+    @property
+    def key(self) -> str:
+        return arch_key(Keys.RECURRENT_LAYERS, self.arch)
 
     @property
     def message(self) -> str:
@@ -525,6 +550,56 @@ class PatternReport:
                 "warnings": list(self.warnings)}
 
 
+@dataclass(frozen=True)
+class SwaReport:
+    """How a playlist's sliding-window/global layout compares with the period a reader
+    derives it from when the file has no per-layer `sliding_window_pattern` array."""
+
+    arch: str
+    period: int
+    swa: tuple[bool, ...]  # per trunk position: sliding window (True) or global
+    breaks: tuple[int, ...]  # positions whose kind differs from the period rule
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def key(self) -> str:
+        return arch_key(Keys.SLIDING_WINDOW_PATTERN, self.arch)
+
+    @property
+    def message(self) -> str:
+        n = len(self.swa)
+        if self.ok:
+            return f"{n} layers follow sliding_window_pattern={self.period}: the layout needs no extra metadata"
+        p = self.breaks[0]
+        found, want = ("sliding-window", "global") if self.swa[p] else ("global", "sliding-window")
+        more = f" and {len(self.breaks) - 1} more position(s)" if len(self.breaks) > 1 else ""
+        return (
+            f"{n} layers break the sliding_window_pattern={self.period} pattern: position {p} is {found} where "
+            f"the period says {want}{more}. A loader that derives the layout from the period would give those "
+            f"layers the wrong window and RoPE base; {self.key} as one flag per block (true: sliding window) "
+            "keeps each block's own kind, and surgery writes it"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "period": self.period, "ok": self.ok, "breaks": list(self.breaks),
+                "sliding_window": [int(f) for f in self.swa], "message": self.message, "warnings": []}
+
+
+def swa_report(swa: Sequence[bool], period: int, arch: str, positional: Callable[[int, int], Sequence[bool]]
+               ) -> SwaReport:
+    """Compare per-position kinds with `positional(period, n)`, the family's rule without the array."""
+    flags = tuple(bool(f) for f in swa)
+    want = positional(period, len(flags))
+    return SwaReport(arch, period, flags, tuple(i for i, f in enumerate(flags) if f != bool(want[i])))
+
+
 def pattern_report(recurrent: Sequence[bool], interval: int, arch: str) -> PatternReport:
     """Compare per-position kinds with llama.cpp's rule: layer i is attention when (i + 1) % interval == 0."""
     rec = tuple(bool(r) for r in recurrent)
@@ -532,8 +607,10 @@ def pattern_report(recurrent: Sequence[bool], interval: int, arch: str) -> Patte
     return PatternReport(arch, interval, rec, breaks)
 
 
-def resolve_for(plan: Plan, base: SourceModel) -> tuple[list[Entry], dict[str, SourceModel], PatternReport | None]:
-    """Resolve `plan` on `base`, open and check its donors, and report the layout (hybrid models)."""
+def resolve_for(plan: Plan, base: SourceModel
+                ) -> tuple[list[Entry], dict[str, SourceModel], PatternReport | SwaReport | None]:
+    """Resolve `plan` on `base`, open and check its donors, and report the layout (models
+    with two kinds of layers: hybrid recurrent/attention, or sliding-window/global)."""
     entries = plan.resolve(base.n_layer)
     donors: dict[str, SourceModel] = {}
     try:
@@ -549,18 +626,23 @@ def resolve_for(plan: Plan, base: SourceModel) -> tuple[list[Entry], dict[str, S
         for d in donors.values():
             d.close()
         raise
-    report = None
+    report: PatternReport | SwaReport | None = None
+    model_of = [donors[e.source] if e.source else base for e in entries]
     if base.hybrid:
-        kinds = [(donors[e.source] if e.source else base).roles[e.layer] == Role.RECURRENT for e in entries]
+        kinds = [m.roles[e.layer] == Role.RECURRENT for m, e in zip(model_of, entries)]
         report = pattern_report(kinds, base.interval, base.arch or "")
+    elif base.windowed:
+        # Each position keeps the kind of the block it runs, as the engine's playlist does.
+        swa = [m.args.swa[e.layer] for m, e in zip(model_of, entries)]
+        report = swa_report(swa, base.swa_period, base.arch or "", base.family.positional_swa)
     return entries, donors, report
 
 
 def playlist_and_report(plan: "str | os.PathLike[str] | Plan", model: str | os.PathLike[str]
-                        ) -> tuple[list[Any], "PatternReport | None"]:
+                        ) -> tuple[list[Any], "PatternReport | SwaReport | None"]:
     """The Engine playlist of `plan` on `model` (a .gguf or split directory): ints for the
     model's blocks, (donor path, block) pairs for replaced positions; donors are checked. Also
-    the layout report (None for models without a hybrid layer pattern)."""
+    the layout report (None for models with one kind of layer)."""
     p = load_plan(plan)
     with SourceModel(model) as base:
         entries, donors, report = resolve_for(p, base)

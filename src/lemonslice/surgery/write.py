@@ -1,9 +1,13 @@
 """Write a plan's playlist as a model: one GGUF file, or a lemonslice-gguf-v1 split directory.
 
 Block tensors are renamed to their new position (`blk.L.*` -> `blk.P.*`), MTP (nextn)
-blocks follow the new trunk, `block_count` is updated, and `{arch}.attention.recurrent_layers`
-is written when the layout no longer follows `full_attention_interval` (or the source has
-the key already). Every output is staged and renamed into place only when complete.
+blocks follow the new trunk, `block_count` is updated, and the architecture's per-layer
+layout key is written when the layout no longer follows the period a reader would derive it
+from (or the source has the array already): `{arch}.attention.recurrent_layers` against
+`full_attention_interval` (Qwen3.5), `{arch}.attention.sliding_window_pattern` as one flag
+per block, true for sliding window, against its period (Gemma 3). An architecture whose
+layout surgery cannot write that way is refused. Every output is staged and renamed into
+place only when complete.
 
 Provenance (source hash and source layer of every block) goes into the split's manifest.json
 under "surgery", or beside a single file as `OUT.gguf.surgery.json`.
@@ -49,11 +53,14 @@ from ..gguf.writer import FilePlan, copy_range, encode_kv, plan_file
 from ..slicing.atomic import staged_dir, staged_file
 from ..slicing.manifest import FileEntry, Manifest, SourceInfo, TensorEntry
 from .plan import (
+    LAYOUT_KEYS,
     SURGERY_FORMAT,
     Entry,
     PatternReport,
     Plan,
+    PlanError,
     SourceModel,
+    SwaReport,
     load_plan,
     per_layer_keys_check,
     resolve_for,
@@ -63,6 +70,9 @@ Progress = Callable[[int, int], None]
 SIDECAR = "{name}.surgery.json"
 _CHUNK = 8 << 20
 _FICLONE = 0x40049409  # ioctl: share all of a file's extents (btrfs, xfs)
+# A new layout key goes after the key holding the period it replaces (else after block_count).
+_LAYOUT_ANCHORS = {Keys.RECURRENT_LAYERS: Keys.FULL_ATTENTION_INTERVAL,
+                   Keys.SLIDING_WINDOW_PATTERN: Keys.SLIDING_WINDOW}
 
 
 @dataclass(frozen=True)
@@ -92,11 +102,12 @@ class SurgeryResult:
     split: bool
     n_trunk: int  # trunk blocks of the output
     block_count: int  # trunk + MTP
-    report: PatternReport | None  # None for a model without recurrent blocks
+    report: PatternReport | SwaReport | None  # None for a model with one kind of layer
     recurrent_layers: bool  # whether the output carries {arch}.attention.recurrent_layers
     record: dict[str, Any]  # the provenance written beside / into the output
     linked: list[str]  # split files shared with a source file instead of written
     written_bytes: int
+    layout_key: str | None = None  # the per-layer layout key written, if any
 
 
 @dataclass
@@ -104,13 +115,17 @@ class _Layout:
     base: SourceModel
     donors: dict[str, SourceModel]
     entries: list[Entry]
-    report: PatternReport | None
+    report: PatternReport | SwaReport | None
     blocks: list[_Block]  # trunk then MTP, in output order
     before: list[_Tensor]  # shared tensors ahead of the blocks, and after them
     after: list[_Tensor]
     kv_records: list[bytes]
     kv_keys: list[str]
-    recurrent_layers: bool
+    layout_key: str | None  # the per-layer layout key written, if any
+
+    @property
+    def recurrent_layers(self) -> bool:
+        return self.layout_key == arch_key(Keys.RECURRENT_LAYERS, self.base.arch or "")
 
     @property
     def tensors(self) -> list[_Tensor]:
@@ -146,43 +161,69 @@ def _layout(plan: Plan, base: SourceModel) -> _Layout:
             continue
         (after if seen_block else before).append(_Tensor(t.name, t.shape, t.ggml_type, path, t.data_start, t.n_bytes))
 
-    new_count = n_trunk + len(mtp)
-    recurrent = [b.role == Role.RECURRENT for b in blocks]
-    rl_key = arch_key(Keys.RECURRENT_LAYERS, arch)
-    has_rl = any(e.key == rl_key for e in base.kvs)
-    write_rl = base.hybrid and (has_rl or (report is not None and not report.ok))
-    records, keys = _kv_records(base, new_count, recurrent if write_rl else None)
-    return _Layout(base, donors, entries, report, blocks, before, after, records, keys, write_rl)
+    try:
+        layout = _layout_flags(base, blocks, report)
+    except PlanError:
+        for d in donors.values():
+            d.close()
+        raise
+    records, keys = _kv_records(base, n_trunk + len(mtp), layout)
+    key = arch_key(layout[0], arch) if layout is not None else None
+    return _Layout(base, donors, entries, report, blocks, before, after, records, keys, key)
 
 
-def _kv_records(base: SourceModel, block_count: int, recurrent: list[bool] | None) -> tuple[list[bytes], list[str]]:
-    """The base's KV records with block_count (and recurrent_layers) set for the new layout."""
+def _layout_flags(base: SourceModel, blocks: list[_Block], report: PatternReport | SwaReport | None
+                  ) -> tuple[str, list[bool]] | None:
+    """(layout key template, one flag per output block) when the output needs the per-layer
+    key: the plan moves layers off the period's pattern, or the source has the array already."""
+    if report is None:
+        return None
     arch = base.arch or ""
-    bc_key, rl_key = arch_key(Keys.BLOCK_COUNT, arch), arch_key(Keys.RECURRENT_LAYERS, arch)
+    src = next((e for e in base.kvs if e.key == report.key), None)
+    if report.ok and (src is None or src.count is None):
+        return None
+    template = LAYOUT_KEYS.get(arch)
+    if template is None or arch_key(template, arch) != report.key:
+        raise PlanError(f"{arch}: the plan moves layers off the positional layer pattern and llama.cpp reads no "
+                        "per-layer layout key for this architecture, so no file can keep them; "
+                        "run the plan with --layers instead")
+    if isinstance(report, PatternReport):
+        return template, [b.role == Role.RECURRENT for b in blocks]
+    # Sliding window: each block keeps its source's kind; MTP blocks (none in Gemma 3) are global.
+    return template, [b.role != Role.MTP and bool(b.model.args.swa[b.layer]) for b in blocks]
+
+
+def _kv_records(base: SourceModel, block_count: int, layout: tuple[str, list[bool]] | None
+                ) -> tuple[list[bytes], list[str]]:
+    """The base's KV records with block_count (and the per-layer layout key) set for the new
+    layout. The source's layout array is replaced, or dropped when the output needs none."""
+    arch = base.arch or ""
+    bc_key = arch_key(Keys.BLOCK_COUNT, arch)
     keys = [e.key for e in base.kvs]
     if bc_key not in keys:
         raise LemonsliceError(f"{base.path}: metadata lacks {bc_key}")
-    # A new recurrent_layers key goes after full_attention_interval, else after block_count.
-    fai_key = arch_key(Keys.FULL_ATTENTION_INTERVAL, arch)
-    anchor = fai_key if fai_key in keys else bc_key
+    template = layout[0] if layout is not None else LAYOUT_KEYS.get(arch)
+    lk = arch_key(template, arch) if template else None
+    anchor = arch_key(_LAYOUT_ANCHORS[template], arch) if template else bc_key
+    anchor = anchor if anchor in keys else bc_key
+    new = encode_kv(lk, ValueType.ARRAY, layout[1], ValueType.BOOL) if layout is not None and lk else None
     records: list[bytes] = []
     out_keys: list[str] = []
-    rl = encode_kv(rl_key, ValueType.ARRAY, recurrent, ValueType.BOOL) if recurrent is not None else None
     for e in base.kvs:
         if e.key == bc_key:
             records.append(encode_kv(bc_key, e.vtype, block_count))
-        elif e.key == rl_key:
-            if rl is None:
-                continue
-            records.append(rl)
-            rl = None
+        elif e.key == lk and new is not None:
+            records.append(new)
+            new = None
+        elif e.key == lk and e.count is not None:
+            continue  # a per-block array of the old layout
         else:
             records.append(e.raw)
         out_keys.append(e.key)
-        if e.key == anchor and rl is not None and rl_key not in keys:
-            records.append(rl)
-            out_keys.append(rl_key)
-            rl = None
+        if e.key == anchor and new is not None and lk not in keys:
+            records.append(new)
+            out_keys.append(lk)
+            new = None
     return records, out_keys
 
 
@@ -207,6 +248,7 @@ def _record(plan: Plan, lay: _Layout, files: dict[int, tuple[str, bool]] | None)
         "block_count": len(lay.blocks),
         "nextn_predict_layers": n_mtp,
         "recurrent_layers_written": lay.recurrent_layers,
+        "layout_key_written": lay.layout_key,
         "layout": lay.report.to_dict() if lay.report is not None else None,
         "layers": layers,
     }
@@ -287,7 +329,7 @@ def _write_single(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tupl
         record = _record(plan, lay, None)
         _write_json(tmp_json, record)
     return SurgeryResult(out, False, len(lay.entries), len(lay.blocks), lay.report, lay.recurrent_layers, record,
-                         [], fp.size)
+                         [], fp.size, lay.layout_key)
 
 
 def _write_json(path: Path, d: dict[str, Any]) -> None:
@@ -461,4 +503,4 @@ def _write_split(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tuple
         _write_json(tmp / MANIFEST_NAME, d)
     written = sum(f.plan.size for f in files if not f.linked)
     return SurgeryResult(out, True, len(lay.entries), len(lay.blocks), lay.report, lay.recurrent_layers, record,
-                         linked, written)
+                         linked, written, lay.layout_key)
