@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lemonslice.engine import Engine
+from lemonslice.engine import Engine, runtime
 from lemonslice.testing import write_large_random
 from lemonslice.testing.measure import Measured, measure
 
@@ -94,7 +94,8 @@ def test_streaming_peak_rss_and_tokens_on_a_2gb_model(workdir: Path) -> None:
     assert full.peak_rss > sum(sizes.values())
 
     # The logits behind those tokens are finite, and the prompt's last row picks the first token.
-    with Engine(split, max_memory=10**9, threads=2) as engine:
+    runtime.setup(threads=2)
+    with Engine(split, max_memory=10**9) as engine:
         assert engine.streaming
         logits = engine.logits(PROMPT)
     assert logits.shape == (len(PROMPT), N_VOCAB)

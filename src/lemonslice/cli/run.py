@@ -52,16 +52,17 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
     _check_model(model, verify)
     budget = _parse_size(max_memory) if max_memory else _default_budget()
     playlist = None
+    # Opened once: the plan, the tokenizer and the weights all read this one model.
+    store = WeightStore(model)
     if layers:
         from ..surgery.plan import playlist_and_report
 
-        playlist, report = playlist_and_report(layers, model)
+        playlist, report = playlist_and_report(layers, store)
         # The playlist runs as given; the report says whether a GGUF of it would need recurrent_layers.
         if report is not None and not report.ok:
             err.print(report.message, highlight=False)
         for w in report.warnings if report is not None else ():
             err.print(f"warning: {w}", highlight=False)
-    store = WeightStore(model)
     tok = Tokenizer.from_gguf(store.metadata) if text else None
     engine = Engine(store, max_memory=budget, playlist=playlist)
     runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here

@@ -83,6 +83,10 @@ class ModelFiles:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._readers[path]
 
+    def files_by_layer(self) -> dict[int | None, Path]:
+        """Each block's file (None: shared.gguf, or the single file)."""
+        return dict(self._files)
+
     def file_of(self, name: str) -> Path:
         if name not in self._tensor_files:
             raise LemonsliceError(f"{self.path}: no tensor {name}")

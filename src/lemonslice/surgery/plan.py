@@ -30,22 +30,20 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from ..engine.engine import block_args
-from ..engine.store import Metadata
 from ..errors import LemonsliceError
 from ..gguf.constants import (
     LAYER_FILE,
-    SHARED_FILE,
     Keys,
     Role,
     arch_key,
     block_index,
     block_suffix,
-    classify_block,
 )
-from ..gguf.reader import GGUFReader, KVEntry, TensorInfo, open_gguf
+from ..gguf.model import ModelFiles
+from ..gguf.reader import GGUFReader, KVEntry, TensorInfo
 from ..models import family
 from ..slicing.atomic import staged_output
-from ..slicing.manifest import Manifest, load_manifest
+from ..slicing.manifest import Manifest
 from ..slicing.verify import sha256_file
 
 PLAN_FORMAT = "lemonslice-plan-v1"
@@ -343,31 +341,33 @@ def load_plan(plan: "str | os.PathLike[str] | Plan") -> Plan:
 
 
 class SourceModel:
-    """A model's KV records and tensors, from a .gguf file or a lemonslice split directory."""
+    """A model's KV records and tensors, from a .gguf file or a lemonslice split directory,
+    or from a model the caller has already opened (its files are then the caller's to close)."""
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path).resolve()
-        self.manifest: Manifest | None = None
+    def __init__(self, source: "str | os.PathLike[str] | ModelFiles"):
+        self._owns = not isinstance(source, ModelFiles)
+        self.files = ModelFiles(source) if self._owns else source
+        try:
+            self._describe()
+        except BaseException:
+            self.close()
+            raise
+
+    def _describe(self) -> None:
+        f = self.files
+        self.path = f.path.resolve()
+        self.manifest: Manifest | None = f.manifest
         self._sha256: str | None = None
-        self._readers: dict[Path, GGUFReader] = {}
+        self._layer_of = {}  # file path (as given and resolved) -> its key in `files`
+        for layer, path in f.files_by_layer().items():
+            self._layer_of[path] = self._layer_of[path.resolve()] = layer
         # (tensor, the file that holds it), in the model's tensor order.
-        self.tensors: list[tuple[TensorInfo, Path]] = []
-        if self.path.is_dir():
-            self.manifest = load_manifest(self.path)
-            order = {n: i for i, n in enumerate(self.manifest.source.tensor_order)}
-            main = self.reader(self.path / SHARED_FILE)
-            for f in self.manifest.files:
-                fpath = self.path / f.name
-                r = self.reader(fpath)
-                self.tensors += [(t, fpath) for t in r.tensors]
-            self.tensors.sort(key=lambda tp: order.get(tp[0].name, len(order)))
-        else:
-            main = self.reader(self.path)
-            self.tensors = [(t, self.path) for t in main.tensors]
+        self.tensors: list[tuple[TensorInfo, Path]] = f.tensors()
+        main = f.reader(None)
         self.alignment = main.alignment
         # The model's KV pairs; keys lemonslice adds to split files describe a file, not the model.
         self.kvs: list[KVEntry] = [e for e in main.kv.values() if not e.key.startswith(Keys.LS_PREFIX)]
-        self.metadata = Metadata(main.kv)
+        self.metadata = f.metadata
         self.arch: str | None = self.metadata.get(Keys.ARCHITECTURE)
         self.family = family(self.metadata)
         self.args = self.family.ModelArgs.from_gguf(self.metadata)
@@ -378,21 +378,17 @@ class SourceModel:
             b = block_index(t.name)
             (self.shared if b is None else self.blocks[b]).append((t, p))
         self.block_count = max(self.blocks) + 1 if self.blocks else 0
-        hybrid = any(classify_block(self.names(b), False) == Role.RECURRENT for b in self.blocks)
-        self.roles = {b: classify_block(self.names(b), hybrid) for b in sorted(self.blocks)}
+        self.roles = f.roles()
         missing = [b for b in range(self.n_layer) if b not in self.blocks]
         if missing:
             raise PlanError(f"{self.path}: trunk block(s) {format_layers(missing)} have no tensors")
 
     def reader(self, path: Path) -> GGUFReader:
-        if path not in self._readers:
-            self._readers[path] = open_gguf(path)
-        return self._readers[path]
+        return self.files.reader(self._layer_of[path])
 
     def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        if self._owns:
+            self.files.close()
 
     def __enter__(self) -> "SourceModel":
         return self
@@ -638,9 +634,10 @@ def resolve_for(plan: Plan, base: SourceModel
     return entries, donors, report
 
 
-def playlist_and_report(plan: "str | os.PathLike[str] | Plan", model: str | os.PathLike[str]
+def playlist_and_report(plan: "str | os.PathLike[str] | Plan", model: "str | os.PathLike[str] | ModelFiles"
                         ) -> tuple[list[Any], "PatternReport | SwaReport | None"]:
-    """The Engine playlist of `plan` on `model` (a .gguf or split directory): ints for the
+    """The Engine playlist of `plan` on `model` (a .gguf or split directory, or one already
+    opened, e.g. the engine's weight store): ints for the
     model's blocks, (donor path, block) pairs for replaced positions; donors are checked. Also
     the layout report (None for models with one kind of layer)."""
     p = load_plan(plan)
