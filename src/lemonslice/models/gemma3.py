@@ -26,8 +26,7 @@ from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
 from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
-from .caches import spans
-from .qwen35_layers import AttentionCache, Weights, apply_rope, as_float, as_matrix, rms_norm
+from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, rms_norm
 
 ARCH = "gemma3"
 _REQUIRED = object()
@@ -190,14 +189,9 @@ class Attention:
         q = rms_norm(linear(x, self.wq).view(N, H, D), self.q_norm, a.rms_eps)  # [N, H, D]
         k = rms_norm(linear(x, self.wk).view(N, Hkv, D), self.k_norm, a.rms_eps)  # [N, Hkv, D]
         v = linear(x, self.wv).view(N, Hkv, D)
-        outs = []
-        for (s, e), cache in zip(spans(lengths), caches):
-            pos0 = cache.length
-            pos = torch.arange(pos0, pos0 + e - s, device=x.device)
-            qi, ki = apply_rope(q[s:e], pos, self.inv_freq), apply_rope(k[s:e], pos, self.inv_freq)
-            k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
-            outs.append(attend_window(qi, k_all, v_all, pos0, a.attn_scale, self.window).reshape(e - s, H * D))
-        return linear(outs[0] if len(outs) == 1 else torch.cat(outs), self.wo)
+        o = attend_each(q, k, v, caches, lengths, self.inv_freq,
+                        lambda qi, ki, vi, pos0: attend_window(qi, ki, vi, pos0, a.attn_scale, self.window))
+        return linear(o, self.wo)  # o [N, H * D]
 
 
 class GeGLU:

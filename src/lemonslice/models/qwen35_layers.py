@@ -75,6 +75,21 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> to
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
+def attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: Sequence[AttentionCache],
+                lengths: Sequence[int], inv_freq: torch.Tensor,
+                attend_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Sequences laid end to end, q [N, H, D], k/v [N, Hkv, D]: each is rotated at its own
+    positions, appended to its own cache and attended over it -> [N, H * D]."""
+    outs = []
+    for (s, e), cache in zip(spans(lengths), caches):
+        pos0 = cache.length
+        pos = torch.arange(pos0, pos0 + e - s, device=q.device)
+        qi, ki = apply_rope(q[s:e], pos, inv_freq), apply_rope(k[s:e], pos, inv_freq)
+        k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
+        outs.append(attend_fn(qi, k_all, v_all, pos0).reshape(e - s, -1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
     """Causal GQA softmax attention. q [T, H, D] at positions q_pos0.. ; k, v [S, Hkv, D] at 0..S-1.
 
@@ -135,14 +150,7 @@ class Attention:
         q = rms_norm(q, self.q_norm, a.rms_eps)
         k = rms_norm(linear(x, self.wk).view(N, Hkv, D), self.k_norm, a.rms_eps)
         v = linear(x, self.wv).view(N, Hkv, D)
-        outs = []
-        for (s, e), cache in zip(spans(lengths), caches):
-            pos0 = cache.length
-            pos = torch.arange(pos0, pos0 + e - s, device=x.device)
-            qi, ki = apply_rope(q[s:e], pos, self.inv_freq), apply_rope(k[s:e], pos, self.inv_freq)
-            k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
-            outs.append(attn(qi, k_all, v_all, pos0).reshape(e - s, H * D))
-        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        o = attend_each(q, k, v, caches, lengths, self.inv_freq, attn)  # [N, H * D]
         return linear(o * torch.sigmoid(gate.reshape(N, H * D)), self.wo)
 
 
