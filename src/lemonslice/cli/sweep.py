@@ -60,6 +60,15 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _check_options(limit: Optional[int], threads: Optional[int], prompt_style: str) -> None:
+    if limit is not None and limit < 1:
+        raise LemonsliceError(f"--limit must be >= 1, got {limit}")
+    if threads is not None and threads < 1:
+        raise LemonsliceError(f"--threads must be >= 1, got {threads}")
+    if prompt_style not in ("auto", "chat", "completion"):
+        raise LemonsliceError(f"--prompt-style must be auto, chat or completion, got {prompt_style}")
+
+
 @app.command()
 def sweep(
     model: Path = typer.Argument(..., help="A .gguf file or a split directory."),
@@ -100,12 +109,7 @@ def sweep(
     # Cheap checks first: bad probe files or options fail before the model is loaded.
     suites = load_suites(probes)
     rng = _parse_range(layer_range) if layer_range is not None else None
-    if limit is not None and limit < 1:
-        raise LemonsliceError(f"--limit must be >= 1, got {limit}")
-    if threads is not None and threads < 1:
-        raise LemonsliceError(f"--threads must be >= 1, got {threads}")
-    if prompt_style not in ("auto", "chat", "completion"):
-        raise LemonsliceError(f"--prompt-style must be auto, chat or completion, got {prompt_style!r}")
+    _check_options(limit, threads, prompt_style)
     budget = _parse_size(max_memory) if max_memory else _default_budget()
     _check_model(model, verify)
     # The tokenizer first: its build scratch then does not stack on top of the weights.
@@ -126,9 +130,9 @@ def sweep(
 
     interval = getattr(engine.args, "full_attention_interval", None)
     if interval and block % interval:
-        # The runtime playlist keeps every block's own kind; a GGUF derived by position would not.
-        err.print(f"note: --block {block} is not a multiple of full_attention_interval={interval}; these playlists "
-                  "run here, but a GGUF written from one breaks the hybrid layout llama.cpp expects", highlight=False)
+        # The runtime playlist keeps every block's own kind; a written GGUF needs the per-layer key.
+        err.print(f"note: --block {block} is not a multiple of full_attention_interval={interval}; `surgery` "
+                  "writes such a playlist with its per-layer recurrent_layers key", highlight=False)
 
     def resumed(done: int, total: int) -> None:
         err.print(f"resuming {outdir}: {done} of {total} configurations already done", highlight=False)
