@@ -22,7 +22,7 @@ from ..engine import Engine
 from ..engine.generation import GenStats, Session
 from ..engine.sampling import Sampler, StopMatcher
 from ..errors import LemonsliceError
-from .chat import THINK_CLOSE, THINK_OPEN, ChatTemplate, Reasoning, opens_think_block
+from .chat import ChatTemplate, Reasoning, opens_think_block, split_reasoning
 from .prompt import chat_template_for, encode_prompt, special_kwargs, stop_ids
 from .tokenizer import Tokenizer
 
@@ -48,48 +48,25 @@ class Piece:
 
 
 class ReasoningSplit:
-    """`split_reasoning` of a growing text, fed piece by piece: the tags are looked for only
-    in the new text (and the few characters before it a tag could straddle)."""
+    """The reply's text as it grows, and its `split_reasoning` when asked (the split is a few
+    string searches; the pieces are joined only when the text is read)."""
 
     def __init__(self, opened: bool = False):
         self.opened = opened
-        self.text = ""
-        self._open = self._close = -1  # where the first <think> / </think> start, once seen
-        self._answer: list[str] = []  # after </think>, leading whitespace dropped
-        self._reasoning: str | None = None
+        self._parts: list[str] = []
 
     def feed(self, piece: str) -> None:
-        if not piece:
-            return
-        if self._close >= 0:
-            self._add_answer(piece)
-            self.text += piece
-            return
-        seen = len(self.text)
-        self.text += piece
-        if self._open < 0:
-            at = self.text.find(THINK_OPEN, max(0, seen - len(THINK_OPEN) + 1))
-            self._open = at
-        at = self.text.find(THINK_CLOSE, max(0, seen - len(THINK_CLOSE) + 1))
-        if at >= 0:
-            self._close = at
-            head = self.text[:at]
-            self._reasoning = head.split(THINK_OPEN)[-1].strip()
-            self._add_answer(self.text[at + len(THINK_CLOSE):])
+        if piece:
+            self._parts.append(piece)
 
-    def _add_answer(self, text: str) -> None:
-        self._answer.append(text if self._answer else text.lstrip())
-        if not self._answer[-1]:
-            self._answer.pop()
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def split(self) -> Reasoning:
-        if self._close >= 0:
-            if len(self._answer) > 1:
-                self._answer[:] = ["".join(self._answer)]
-            return Reasoning(self._reasoning, self._answer[0] if self._answer else "")
-        if self._open >= 0:
-            return Reasoning(self.text[self._open + len(THINK_OPEN):].lstrip(), self.text[:self._open].strip())
-        return Reasoning(self.text.lstrip(), "") if self.opened else Reasoning("", self.text)
+        return split_reasoning(self.text, opened=self.opened)
 
 
 def context_limit(engine: Engine, ctx_size: int | None) -> int | None:
