@@ -53,7 +53,6 @@ class ModelFiles:
         self.path = Path(path)
         self.manifest: Manifest | None = None
         self._readers: dict[Path, GGUFReader] = {}
-        self._fds: dict[Path, int] = {}
         # File of each block (None: shared.gguf, or the single file); _tensor_files: name -> that key.
         self._files: dict[int | None, Path] = {}
         if self.path.is_dir():
@@ -80,7 +79,6 @@ class ModelFiles:
         path = self._files[layer]
         if path not in self._readers:
             self._readers[path] = open_gguf(path)
-            self._fds[path] = os.open(path, os.O_RDONLY)
         return self._readers[path]
 
     def files_by_layer(self) -> dict[int | None, Path]:
@@ -94,8 +92,8 @@ class ModelFiles:
 
     def fd_of(self, name: str) -> int:
         """An open descriptor of the file holding tensor `name` (for pread)."""
-        self.reader(self._tensor_files[name])
-        return self._fds[self.file_of(name)]
+        self.file_of(name)  # a one-line error for an unknown name
+        return self.reader(self._tensor_files[name]).fileno()
 
     def info(self, name: str) -> TensorInfo:
         path = self.file_of(name)
@@ -107,10 +105,7 @@ class ModelFiles:
     def close(self) -> None:
         for r in self._readers.values():
             r.close()
-        for fd in self._fds.values():
-            os.close(fd)
         self._readers.clear()
-        self._fds.clear()
 
     def __enter__(self) -> "ModelFiles":
         return self

@@ -147,6 +147,10 @@ class GGUFReader:
             os.close(self._fd)
             self._fd = -1
 
+    def fileno(self) -> int:
+        """The open descriptor of the file (for pread and kernel-side copies)."""
+        return self._fd
+
     def __enter__(self) -> "GGUFReader":
         return self
 

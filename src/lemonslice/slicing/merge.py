@@ -114,7 +114,7 @@ def _merge(m: Manifest, readers: dict[str, GGUFReader], tmp: Path, progress: Pro
                 dst = m.source.data_offset + t.offset
                 if dst + t.bytes > total:
                     raise LemonsliceError(f"manifest places {t.name} past the end of the source")
-                copy_range(r._fd, info.data_start, out.fileno(), dst, t.bytes)
+                copy_range(r.fileno(), info.data_start, out.fileno(), dst, t.bytes)
                 done += t.bytes
                 if progress:
                     progress(done // 2, total)

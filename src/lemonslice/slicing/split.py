@@ -151,7 +151,7 @@ def split_gguf(
 
 
 def _split(reader: GGUFReader, src: Path, tmp: Path, progress: Progress | None) -> Manifest:
-    st0 = os.fstat(reader._fd)
+    st0 = os.fstat(reader.fileno())
     arch = reader.architecture
     roles = layer_roles(reader)
     block_count = reader.get(arch_key(Keys.BLOCK_COUNT, arch)) if arch else None
@@ -201,7 +201,7 @@ def _split(reader: GGUFReader, src: Path, tmp: Path, progress: Progress | None) 
             src_sha256, gaps = _stream(reader, outs, dest, progress)
         except EOFError:
             raise LemonsliceError(f"{src} changed during the split (it shrank); nothing was written") from None
-        st1 = os.fstat(reader._fd)
+        st1 = os.fstat(reader.fileno())
         if (st1.st_size, st1.st_mtime_ns, st1.st_ino) != (st0.st_size, st0.st_mtime_ns, st0.st_ino):
             raise LemonsliceError(f"{src} changed during the split; nothing was written")
         for out in outs.values():
@@ -267,13 +267,13 @@ def _stream(
         out.hashed_to = upto + len(view)
 
     # A wide readahead window: on a cold cache the disk, not the hashing, sets the pace.
-    os.posix_fadvise(reader._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
     spans = sorted((t.data_start, t.data_start + t.n_bytes, t.name) for t in reader.tensors)
-    copier = _Copier(reader._fd, [(a, dest[n][0].fd, dest[n][1], b - a) for a, b, n in spans])
+    copier = _Copier(reader.fileno(), [(a, dest[n][0].fd, dest[n][1], b - a) for a, b, n in spans])
     copier.start()
     gaps: list[tuple[int, str]] = []
     gap_total = 0
-    size, fd = reader.file_size, reader._fd
+    size, fd = reader.file_size, reader.fileno()
     ti = 0
     pos = 0
     done = False
