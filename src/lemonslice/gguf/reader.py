@@ -192,7 +192,8 @@ class GGUFReader:
             raise TruncatedError(f"{self.path}: file is {self.file_size} bytes, too short for a GGUF header")
         magic = p.take(4)
         if magic != GGUF_MAGIC:
-            raise BadMagicError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+            raise BadMagicError(
+                f"{self.path}: not a GGUF file (it starts with bytes {magic.hex(' ')}, not {GGUF_MAGIC.decode()})")
         version = p.u32()
         if version not in SUPPORTED_VERSIONS:
             swapped = struct.unpack("<I", struct.pack(">I", version))[0]
