@@ -21,7 +21,7 @@ import gguf
 import pytest
 import torch
 
-from lemonslice.engine import Compute, Engine, FullLoad, Pinned, Residency, WeightStore
+from lemonslice.engine import Compute, Engine, FullLoad, Pinned, Residency, Streamed, WeightStore
 from lemonslice.errors import LemonsliceError
 from lemonslice.testing import tiny_qwen35, tiny_qwen35moe, write_synthetic
 
@@ -75,7 +75,7 @@ def step_bytes(engine: Engine, prompts: list[list[int]]) -> int:
 
 def check_batch(path: Path, name: str, chunk: int) -> None:
     for streaming in (False, True):
-        engine = Engine(path, max_memory=1 if streaming else None, prefill_chunk=chunk)
+        engine = Engine(path, plan=Streamed(1) if streaming else None, prefill_chunk=chunk)
         assert engine.streaming == streaming
         alone = [engine.generate(p, N_NEW) for p in PROMPTS]
         together = greedy_batch(engine, PROMPTS, N_NEW)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lemonslice.engine import Engine, WeightStore
+from lemonslice.engine import Engine, Streamed, WeightStore
 from lemonslice.gguf.constants import Keys
 from lemonslice.models import Block, Shared, make_cache
 from lemonslice.ops import QuantWeight
@@ -52,14 +52,14 @@ def split_dir(model) -> Path:
 
 def test_streaming_equals_full_load(model):
     full = Engine(model)
-    stream = Engine(model, max_memory=1)
+    stream = Engine(model, plan=Streamed(1))
     assert not full.streaming and stream.streaming
     assert stream.generate(PROMPT, 6) == full.generate(PROMPT, 6)
     torch.testing.assert_close(stream.logits(PROMPT), full.logits(PROMPT), rtol=0, atol=0)
 
 
 def test_streaming_holds_shared_plus_one_layer(model):
-    e = Engine(model, max_memory=1)
+    e = Engine(model, plan=Streamed(1))
     store = e.store
     shared = store.nbytes(None)
     largest = max(store.nbytes(i) for i in e.playlist)
@@ -75,13 +75,13 @@ def test_streaming_holds_shared_plus_one_layer(model):
 
 
 def test_max_memory_decides_the_mode(model):
-    need = Engine(model, max_memory=1).weight_bytes
+    need = Engine(model, plan=Streamed(1)).weight_bytes
     assert not Engine(model, max_memory=need).streaming
     assert Engine(model, max_memory=need - 1).streaming
 
 
 def test_split_dir_equals_monolithic(model, split_dir):
-    mono, split = Engine(model, max_memory=1), Engine(split_dir, max_memory=1)
+    mono, split = Engine(model, plan=Streamed(1)), Engine(split_dir, plan=Streamed(1))
     assert split.args == mono.args
     torch.testing.assert_close(split.logits(PROMPT), mono.logits(PROMPT), rtol=0, atol=0)
 
@@ -113,7 +113,7 @@ def test_expert_slice_reads_only_that_expert(moe_model):
 
 def test_playlist_repeats_keep_separate_state(model):
     playlist = [0, 1, 2, 3, 3, 4, 5, 5, 6, 7]  # repeats an attention block and a recurrent one
-    e = Engine(model, playlist=playlist, max_memory=1, prefill_chunk=4)
+    e = Engine(model, playlist=playlist, plan=Streamed(1), prefill_chunk=4)
     got = e.logits(PROMPT)
     caches = e.caches
     assert caches[3] is not caches[4] and caches[6] is not caches[7]
@@ -176,13 +176,18 @@ def test_run_cli(moe_model):
     model = moe_model
     want = Engine(model).generate([1, 2, 3], 4)
     r = subprocess.run(
-        [LEMONSLICE, "run", str(model), "--prompt-ids", "1,2,3", "-n", "4", "--max-memory", "1KB", "--threads", "1"],
+        [LEMONSLICE, "run", str(model), "--prompt-ids", "1,2,3", "-n", "4", "--max-memory", "450KiB", "--threads", "1"],
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
     m = re.search(r"^generated: ([\d ]+)$", r.stdout, re.M)
     assert m and [int(t) for t in m.group(1).split()] == want
-    assert "streaming" in r.stderr
+    assert "streaming, budget 460.80 KB (--max-memory)" in r.stderr and "expert cache" in r.stderr
+    # Below what one token needs: one line saying the minimum, before any weight is read.
+    low = subprocess.run([LEMONSLICE, "run", str(model), "--prompt-ids", "1,2,3", "--max-memory", "1KB"],
+                         capture_output=True, text=True, timeout=120)
+    assert low.returncode != 0 and low.stderr.startswith("error: a weight budget of 1000 B cannot run")
+    assert "needs at least" in low.stderr and len(low.stderr.strip().splitlines()) == 1
     for label in ("prefill", "decode", "peak RSS"):
         assert label in r.stderr
     bad = subprocess.run([LEMONSLICE, "run", str(model), "--prompt-ids", "1,x"], capture_output=True, text=True)
@@ -232,8 +237,8 @@ def test_streaming_pins_what_the_budget_holds(tmp_path):
     # Room for blocks 0 and 1 pinned plus one streamed slot, worked out from the sizes by hand.
     budget = shared + sizes[0] + sizes[1] + largest
     assert budget < full.weight_bytes
-    eng = Engine(path, max_memory=budget)
+    eng = Engine(path, plan=Streamed(budget))
     assert eng.streaming and eng.pinned == 2
     assert eng.generate([1, 2, 3], 6) == want
     assert eng.store.peak_resident_bytes <= budget
-    assert Engine(path, max_memory=shared + largest).pinned == 0
+    assert Engine(path, plan=Streamed(shared + largest)).pinned == 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lemonslice.engine import Engine
+from lemonslice.engine import Engine, Streamed
 from lemonslice.models import gemma3
 
 from llama_ref import llama_detokenize, llama_tokenize
@@ -109,7 +109,7 @@ def test_matches_transformers(engine, hf_ref, k):
 
 def test_streaming_equals_full_load(gemma_path, engine, hf_ref):
     prompt = hf_ref["ids"][0]
-    stream = Engine(gemma_path, max_memory=1)
+    stream = Engine(gemma_path, plan=Streamed(1))
     assert stream.streaming and not engine.streaming
     want = hf_ref["greedy"][0][:2]  # the prefill's token, then one incremental decode step
     assert engine.generate(prompt, 2) == want

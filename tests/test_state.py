@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lemonslice.engine import Engine, SequenceState
+from lemonslice.engine import Engine, SequenceState, Streamed
 from lemonslice.engine.speculative import generate
 from lemonslice.errors import LemonsliceError
 from lemonslice.models import AttentionCache, DeltaNetCache
@@ -41,7 +41,7 @@ def run(e: Engine, state: SequenceState, ids: list[int]) -> torch.Tensor:
 
 
 def test_states_come_from_hyper_parameters_alone(model):
-    e = Engine(model, max_memory=1)  # streaming: no block resident
+    e = Engine(model, plan=Streamed(1))  # streaming: no block resident
     before = e.residency.bytes_read
     states = [e.new_state() for _ in range(3)]
     assert e.residency.bytes_read == before
@@ -65,7 +65,7 @@ def test_snapshot_and_restore(model):
 
 
 def test_truncate_back_to_a_mark(model):
-    e = Engine(model, max_memory=1)
+    e = Engine(model, plan=Streamed(1))
     s, ref = e.new_state(), e.new_state()
     run(e, s, A)
     s.mark()
@@ -95,7 +95,7 @@ def test_truncate_without_mark_is_refused_for_recurrent_state(model):
 
 
 def test_mtp_rollback_reads_no_weights_in_streaming(tmp_path, monkeypatch):
-    e = Engine(_drafting_model(tmp_path / "m.gguf", moe=True), max_memory=1)
+    e = Engine(_drafting_model(tmp_path / "m.gguf", moe=True), plan=Streamed(1))
     assert e.streaming and e.pinned == 0
     want = [e.generate(p, 32) for p in PROMPTS]
     cuts: list[tuple[int, int]] = []  # (positions dropped, bytes read during the truncate)

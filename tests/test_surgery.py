@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from lemonslice.engine import Engine
+from lemonslice.engine import Engine, Streamed
 from lemonslice.errors import LemonsliceError
 from lemonslice.gguf.reader import GGUFReader
 from lemonslice.gguf.writer import write_gguf
@@ -278,7 +278,7 @@ def test_donor_blocks_equal_their_file(models, spec, tmp_path):
     playlist = playlist_for(spec, src)
     assert any(isinstance(e, tuple) and Path(e[0]) == donor for e in playlist)
     want = Engine(src, playlist=playlist).logits(IDS)
-    assert torch.equal(Engine(src, playlist=playlist, max_memory=1).logits(IDS), want)  # streamed donors too
+    assert torch.equal(Engine(src, playlist=playlist, plan=Streamed(1)).logits(IDS), want)  # streamed donors too
     own = [e if isinstance(e, int) else e[1] for e in playlist]  # the same order, the model's own blocks
     assert not torch.equal(want, Engine(src, playlist=own).logits(IDS))
     r = surgery(spec, src, tmp_path / "out.gguf")

@@ -178,15 +178,12 @@ def _parse_size(text: str) -> int:
         raise LemonsliceError(f"cannot read size {text!r} (e.g. 2GB, 512MiB)") from None
 
 
-def _default_budget() -> int | None:
-    """80% of MemAvailable: weights that would crowd out the page cache are streamed instead."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 * 8 // 10
-    except OSError:
-        pass
-    return None
+def _default_budget() -> tuple[int | None, str]:
+    """(weight budget, its origin) without --max-memory: the cgroup limit less what the process
+    holds, else 80% of MemAvailable (weights that would crowd out the page cache are streamed)."""
+    from ..engine.budget import detect_budget
+
+    return detect_budget()
 
 
 def _peak_rss() -> int:

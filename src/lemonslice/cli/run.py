@@ -22,8 +22,9 @@ from .format import _print_summary
 
 # Options every model command shares (typer needs them per function; these keep one text).
 _MODEL_HELP = "A .gguf file or a split directory."
-_MEMORY_HELP = ("Weight budget, e.g. 2GB; a larger model is streamed one layer at a time. "
-                "Default: 80% of the memory available now.")
+_MEMORY_HELP = ("Weight budget, e.g. 2GB; a larger model keeps what fits resident, tensor by tensor, and "
+                "streams routed experts through a cache. Default: the cgroup's memory limit less what the "
+                "process holds, else 80% of the memory available now.")
 _THREADS_HELP = "CPU threads (default: torch's choice)."
 _PRESET_HELP = ("Sampling preset: thinking-general, thinking-coding, instruct-general, instruct-reasoning. "
                 "Without one, decoding is greedy unless --temperature is given.")
@@ -50,7 +51,7 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
     if threads is not None and threads < 1:
         raise LemonsliceError(f"--threads must be >= 1, got {threads}")
     _check_model(model, verify)
-    budget = _parse_size(max_memory) if max_memory else _default_budget()
+    budget, origin = (_parse_size(max_memory), "--max-memory") if max_memory else _default_budget()
     playlist = None
     # Opened once: the plan, the tokenizer and the weights all read this one model.
     store = WeightStore(model)
@@ -66,8 +67,15 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
     tok = Tokenizer.from_gguf(store.metadata) if text else None
     engine = Engine(store, max_memory=budget, playlist=playlist)
     runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here
-    pins = f", {engine.pinned} pinned" if engine.pinned else ""
-    mode = f"streaming (shared{pins} + one streamed layer resident)" if engine.streaming else "full load"
+    tp = engine.residency.tensor_plan
+    if tp is not None:
+        mode = (f"streaming, budget {_human(tp.budget)} ({origin}): {_human(tp.shared_bytes + tp.resident_bytes)} resident, "
+                f"{_human(tp.streamed_bytes_per_token)} read per token, expert cache {_human(tp.expert_cache)}")
+    elif engine.streaming:
+        pins = f", {engine.pinned} pinned" if engine.pinned else ""
+        mode = f"streaming (shared{pins} + one streamed layer resident)"
+    else:
+        mode = "full load"
     err.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}",
               highlight=False)
     return engine, tok

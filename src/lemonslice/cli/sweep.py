@@ -110,7 +110,7 @@ def sweep(
     suites = load_suites(probes)
     rng = _parse_range(layer_range) if layer_range is not None else None
     _check_options(limit, threads, prompt_style)
-    budget = _parse_size(max_memory) if max_memory else _default_budget()
+    budget = _parse_size(max_memory) if max_memory else _default_budget()[0]
     _check_model(model, verify)
     # The tokenizer first: its build scratch then does not stack on top of the weights.
     store = WeightStore(model)

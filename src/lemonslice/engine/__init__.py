@@ -3,11 +3,11 @@
 from . import runtime
 from .compute import Compute
 from .engine import Engine, RunStats
-from .residency import FullLoad, Pinned, Plan, Residency, Streamed
+from .residency import Budget, FullLoad, Pinned, Plan, Residency, Streamed
 from .state import SequenceState, StateSnapshot
 from .store import Metadata, WeightStore
 
 __all__ = [
-    "Compute", "Engine", "FullLoad", "Metadata", "Pinned", "Plan", "Residency", "RunStats", "SequenceState",
+    "Budget", "Compute", "Engine", "FullLoad", "Metadata", "Pinned", "Plan", "Residency", "RunStats", "SequenceState",
     "StateSnapshot", "Streamed", "WeightStore", "runtime",
 ]

@@ -100,6 +100,7 @@ class Compute:
                 stop: int) -> torch.Tensor:
         playlist = self.residency.playlist
         for pos in range(start, stop):
+            self.residency.prefetch(pos, x)
             block = self.residency.block(playlist[pos])
             x = block.run(x, [s.caches[pos] for s in states], lengths)
             # Drop the block before the next is read, so streaming holds one layer at a time.

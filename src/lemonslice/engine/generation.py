@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import LemonsliceError
@@ -32,6 +32,19 @@ class GenStats(RunStats):
     reused_tokens: int = 0  # prompt tokens already in the state from the previous turn
     finish: str = ""  # "eos", "length", or "stopped" (the caller stopped early)
     generated: int = 0  # tokens handed out
+    # Weight reading in each phase (residency's counters): bytes read, expert lookups and hits,
+    # seconds reads were in flight and seconds compute waited for them.
+    prefill_io: dict[str, float] = field(default_factory=dict)
+    decode_io: dict[str, float] = field(default_factory=dict)
+
+
+def _io(decoder: "Decoder") -> dict[str, float]:
+    engine = getattr(decoder, "engine", None)
+    return engine.residency.io_counters() if engine is not None else {}
+
+
+def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a[k] for k in b if k in a}
 
 
 class Decoder(Protocol):
@@ -82,9 +95,12 @@ def decode(
     stats = decoder.stats
     stats.finish = "stopped"
     history = list(prompt)
+    io0 = _io(decoder)
     t0 = time.perf_counter()
     decoder.prefill(new)
     stats.prefill_tokens, stats.prefill_seconds = len(new), time.perf_counter() - t0
+    io1 = _io(decoder)
+    stats.prefill_io = _delta(io0, io1)
     start = decoder.n_past
     t0 = time.perf_counter()
     try:
@@ -106,6 +122,7 @@ def decode(
     finally:
         stats.decode_seconds = time.perf_counter() - t0
         stats.decode_tokens = decoder.n_past - start
+        stats.decode_io = _delta(io1, _io(decoder))
 
 
 class Session:

@@ -7,10 +7,13 @@ read now that compute drops after use. The plan says which blocks stay resident:
 * `FullLoad`: every block, read once;
 * `Streamed(budget)`: blocks are pinned in playlist order while shared + pinned + the largest
   block still streamed fits the budget; the rest are read, run and dropped per use;
-* `Pinned(entries)`: exactly these entries stay resident, the rest stream.
+* `Pinned(entries)`: exactly these entries stay resident, the rest stream;
+* `Budget(budget)`: decided per tensor (engine/budget.py): shared weights and as many
+  non-expert layer tensors as fit stay resident, the rest are read per use, and routed
+  experts go through an expert cache (engine/experts.py) that gets the rest of the budget.
 
-Streaming plans memory-map routed-expert tensors, so only the experts the router picks are
-read. Residency counts the bytes resident and the bytes read (preads, plus the routed
+`Streamed` and `Pinned` memory-map routed-expert tensors, so only the experts the router
+picks are read. Residency counts the bytes resident and the bytes read (preads, plus the routed
 experts' bytes of mapped tensors, per call and once per expert for a whole batch). The
 shared weights (embedding, final norm, head) load on first use.
 """
@@ -28,6 +31,8 @@ import torch
 from ..errors import LemonsliceError
 from ..models import Family
 from ..models.protocol import Args, Block, Head
+from .budget import EntryTensors, TensorPlan, plan_tensors
+from .experts import CachedExperts, ExpertCache, ExpertLayout, ExpertPart, ExpertReader
 from .store import Weight, WeightStore
 
 log = logging.getLogger(__name__)
@@ -98,9 +103,31 @@ class Pinned:
         return [e for e in sizes if e in self.entries]
 
 
+@dataclass(frozen=True)
+class Budget:
+    """Per-tensor residency within `budget` bytes of weights, routed experts through a cache
+    evicted by `policy`; `prefetch` starts reading the experts a layer's router is expected to
+    pick from the layer's input, before its mixer runs."""
+
+    budget: int
+    policy: str = "lru"
+    prefetch: bool = True
+    read_threads: int = 4
+    lookahead: int = 8
+    streaming = True
+
+    def pins(self, sizes: dict[Any, int], shared: int) -> list[Any]:
+        return []
+
+
+def budget_plan(store: WeightStore, budget: int, playlist: Sequence[PlaylistEntry] | None = None) -> TensorPlan:
+    """What `Budget(budget)` would keep resident, read per token and cache, reading no weight."""
+    return Residency(store, playlist, plan=Pinned(frozenset())).tensor_plan_for(Budget(budget))
+
+
 def plan_for(weight_bytes: int, max_memory: int | None) -> Plan:
-    """Full load when the weights fit the budget (or there is none), else streaming within it."""
-    return FullLoad() if max_memory is None or weight_bytes <= max_memory else Streamed(max_memory)
+    """Full load when the weights fit the budget (or there is none), else per-tensor residency within it."""
+    return FullLoad() if max_memory is None or weight_bytes <= max_memory else Budget(max_memory)
 
 
 class _Counter:
@@ -127,6 +154,10 @@ class Residency:
         self._blocks: dict[Any, Block] = {}
         self._shared: Head | None = None
         self._mapped = _Counter()
+        # Budget plans: the per-tensor plan, the resident (entry, tensor) weights, the expert cache.
+        self.tensor_plan: TensorPlan | None = None
+        self._resident: dict[tuple[Any, str], Weight] = {}
+        self.experts: ExpertCache | None = None
         self.playlist = self.entries(playlist if playlist is not None else range(self.args.n_layer))
         unique = dict.fromkeys(self.playlist)
         self.weight_bytes = store.nbytes(None) + sum(self.nbytes(e) for e in unique)
@@ -135,6 +166,8 @@ class Residency:
         self._pin()
 
     def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
         self.store.close()
         for store, _ in self._donors.values():
             store.close()
@@ -204,6 +237,9 @@ class Residency:
         return len(self._blocks)
 
     def _pin(self) -> None:
+        if isinstance(self.plan, Budget):
+            self._plan_tensors(self.plan)
+            return
         sizes = {e: self.nbytes(e) for e in dict.fromkeys(self.playlist)}
         keep = self.plan.pins(sizes, self.store.nbytes(None))
         kept = {} if self.plan.streaming else dict(self._blocks)
@@ -212,7 +248,101 @@ class Residency:
             log.info("streaming: %d of %d blocks pinned (%d bytes)", len(keep), len(sizes),
                      sum(sizes[e] for e in keep))
 
+    # ---- per-tensor residency (Budget) -------------------------------------------------
+
+    def _expert_names(self, e: Any) -> list[str]:
+        store, layer = self.source(e)
+        return [n for n in store.tensor_names(layer) if len(store.info(n).shape) == 3]
+
+    def tensor_plan_for(self, plan: Budget) -> TensorPlan:
+        """The per-tensor plan of `plan` for this playlist, from tensor sizes alone (reads nothing)."""
+        counts: dict[Any, int] = {}
+        for e in self.playlist:
+            counts[e] = counts.get(e, 0) + 1
+        entries, slot = [], 0
+        for e, count in counts.items():
+            store, layer = self.source(e)
+            exps = self._expert_names(e)
+            n_expert = store.info(exps[0]).shape[2] if exps else 0
+            per_expert = sum(store.info(n).n_bytes // n_expert for n in exps) if exps else 0
+            slot = max(slot, per_expert + 4096 * (len(exps) + 1))
+            tensors = {n: store.info(n).n_bytes for n in store.tensor_names(layer) if n not in exps}
+            entries.append(EntryTensors(e, tensors, count, per_expert,
+                                        getattr(self.args_of(e), "n_expert_used", 0) if exps else 0))
+        shared_bytes = sum(self.store.info(n).n_bytes for n in self._shared_resident_names())
+        return plan_tensors(plan.budget, shared_bytes, entries, 2 * plan.lookahead * slot)
+
+    def _plan_tensors(self, plan: Budget) -> None:
+        """Plan residency per tensor, read the resident tensors and build the blocks that are
+        wholly resident; the expert cache gets what is left."""
+        self.tensor_plan = tp = self.tensor_plan_for(plan)
+        for store in self._stores():
+            store.drop_page_cache = True  # resident copies are ours; the page cache's would count twice
+        counts = dict.fromkeys(self.playlist)
+        log.info("per-tensor plan: %d resident tensors (%d bytes), %d bytes streamed per token, "
+                 "expert cache %d bytes", len(tp.resident), tp.resident_bytes, tp.streamed_bytes_per_token,
+                 tp.expert_cache)
+        if self.experts is not None:
+            self.experts.close()
+        self.experts = ExpertCache(tp.expert_cache, plan.policy, ExpertReader(plan.read_threads), plan.lookahead)
+        self._resident = {}
+        for e in counts:
+            store, _ = self.source(e)
+            for name in self._nonexpert_names(e):
+                if (e, name) in tp.resident:
+                    self._resident[(e, name)] = store.load(name, map_experts=False)
+        self._blocks = {e: self._build(e) for e in counts
+                        if all((e, n) in tp.resident for n in self._nonexpert_names(e))}
+
+    def _nonexpert_names(self, e: Any) -> list[str]:
+        store, layer = self.source(e)
+        exps = set(self._expert_names(e))
+        return [n for n in store.tensor_names(layer) if n not in exps]
+
+    def _shared_resident_names(self) -> list[str]:
+        """Shared tensors kept resident: all but a token embedding that is not also the LM head."""
+        names = self.store.tensor_names(None)
+        return [n for n in names if not (n == "token_embd.weight" and "output.weight" in names)]
+
+    def _build_budgeted(self, e: Any) -> Block:
+        """A block from its resident tensors plus the rest read now, its experts from the cache."""
+        store, layer = self.source(e)
+        w = {}
+        for name in self._nonexpert_names(e):
+            got = self._resident.get((e, name))
+            w[name] = got if got is not None else store.load(name, map_experts=False)
+        block = self.family.Block(self.args_of(e), layer, w)
+        ffn = getattr(block, "ffn", None)
+        names = getattr(ffn, "expert_names", None)
+        if names and getattr(ffn, "experts", None) is None:
+            assert self.experts is not None
+            ffn.experts = CachedExperts(self.experts, self._layout(e, names))
+        return block
+
+    def _layout(self, e: Any, names: Sequence[str]) -> ExpertLayout:
+        store, layer = self.source(e)
+        infos = [store.info(n) for n in names]
+        n_expert = infos[0].shape[2]
+        parts = tuple(ExpertPart(str(store.file_of(i.name)), i.data_start, i.n_bytes // n_expert, i.ggml_type,
+                                 (i.shape[0], i.shape[1])) for i in infos)
+        return ExpertLayout(e, layer, parts, n_expert)
+
+    def prefetch(self, pos: int, x: torch.Tensor) -> None:
+        """Before playlist position `pos` runs on x [N, E]: start reading the experts its router is
+        expected to pick (Budget plans with prefetch, resident blocks, decode-sized inputs)."""
+        if not (isinstance(self.plan, Budget) and self.plan.prefetch) or x.shape[0] > 4:
+            return
+        block = self._blocks.get(self.playlist[pos])
+        ffn = getattr(block, "ffn", None)
+        guess = getattr(block, "expected_experts", None)
+        if guess is not None and isinstance(getattr(ffn, "experts", None), CachedExperts):
+            ffn.experts.prefetch(guess(x))
+
+    # ---- blocks -------------------------------------------------------------------------
+
     def _build(self, e: Any) -> Block:
+        if isinstance(self.plan, Budget):
+            return self._build_budgeted(e)
         store, layer = self.source(e)
         block = self.family.Block(self.args_of(e), layer, store.load_layer(layer, map_experts=self.plan.streaming))
         ffn = getattr(block, "ffn", None)
@@ -239,7 +369,11 @@ class Residency:
     def shared(self) -> Head:
         """Embedding, final norm and LM head: read on first use, then resident."""
         if self._shared is None:
-            self._shared = self.family.Shared(self.args, self.store.load_shared())
+            # Under a budget, an embedding apart from the head is mapped: only its used rows are read.
+            mapped = (set(self.store.tensor_names(None)) - set(self._shared_resident_names())
+                      if isinstance(self.plan, Budget) else set())
+            weights = self.store.load_shared(mapped)
+            self._shared = self.family.Shared(self.args, weights)
         return self._shared
 
     def load_layer(self, layer: int) -> dict[str, Weight]:
@@ -256,7 +390,16 @@ class Residency:
         """Weight bytes read by this model's stores that something still holds."""
         return sum(s.resident_bytes for s in self._stores())
 
+    def io_counters(self) -> dict[str, float]:
+        """Running totals: bytes read, expert lookups and hits, seconds expert reads were in
+        flight and seconds compute waited for them (the last three 0 without an expert cache)."""
+        c = self.experts
+        return {"bytes_read": self.bytes_read, "expert_lookups": c.lookups if c else 0,
+                "expert_hits": c.hits if c else 0, "read_seconds": c.reader.busy_seconds if c else 0.0,
+                "wait_seconds": c.wait_seconds if c else 0.0}
+
     @property
     def bytes_read(self) -> int:
         """Weight bytes read so far: file reads, plus the routed experts used from mapped tensors."""
-        return sum(s.bytes_read for s in self._stores()) + self._mapped.n
+        cached = self.experts.reader.bytes_read if self.experts is not None else 0
+        return sum(s.bytes_read for s in self._stores()) + self._mapped.n + cached

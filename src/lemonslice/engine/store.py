@@ -14,7 +14,7 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ class WeightStore(ModelFiles):
         # The default for `load`: map ffn_*_exps instead of reading them, so only the pages of
         # the experts the router picks become resident. Residency passes its own choice per load.
         self.map_experts = map_experts
+        # Drop each read range from the page cache once copied (the copy is what stays resident;
+        # under a memory cgroup the page cache's copy would be charged too).
+        self.drop_page_cache = False
         self._resident = 0
         self._peak = 0
         self._read_total = 0
@@ -94,6 +97,8 @@ class WeightStore(ModelFiles):
             if got <= 0:
                 raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
             done += got
+        if self.drop_page_cache:
+            os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
         self._resident += n
         self._read_total += n
         self._peak = max(self._peak, self._resident)
@@ -123,8 +128,15 @@ class WeightStore(ModelFiles):
             raise LemonsliceError(f"{name}: {len(info.shape)}-D tensors are not supported")
         return QuantWeight(raw, info.ggml_type, info.shape)
 
-    def load_shared(self) -> dict[str, Weight]:
-        return {n: self.load(n) for n in self.tensor_names(None)}
+    def load_shared(self, mapped: Iterable[str] = ()) -> dict[str, Weight]:
+        """The shared tensors; those in `mapped` memory-mapped (read a page at a time when used)."""
+        mapped = set(mapped)
+        return {n: self.map_tensor(n) if n in mapped else self.load(n) for n in self.tensor_names(None)}
+
+    def map_tensor(self, name: str) -> QuantWeight:
+        """A matrix memory-mapped read-only instead of read: its pages come in when touched."""
+        info = self.info(name)
+        return QuantWeight(self._map(self.file_of(name), info.data_start, info.n_bytes), info.ggml_type, info.shape)
 
     def load_layer(self, layer: int, map_experts: bool | None = None) -> dict[str, Weight]:
         names = self.tensor_names(layer)

@@ -7,7 +7,7 @@ per-layer cache each playlist position keeps (made from hyper-parameters alone).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -25,6 +25,15 @@ class LayerCache(Protocol):
     def commit(self) -> None: ...
 
     def truncate(self, n: int) -> None: ...
+
+
+class Experts(Protocol):
+    """Where a MoE layer gets its routed experts' weights: resident stacks, or an expert cache."""
+
+    def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(expert id, its 2-D weights: (gate, up, down) or (gate_up, down)) for each of `ids`,
+        in the order they become available; each id exactly once."""
+        ...
 
 
 class Args(Protocol):

@@ -79,6 +79,14 @@ class Block:
     def new_cache(self) -> LayerCache:
         return self.mixer.new_cache()
 
+    def expected_experts(self, x: torch.Tensor) -> list[int]:
+        """The routed experts this block's FFN would pick for x [N, E] if the mixer added nothing:
+        a guess, made before the mixer runs, of which experts to start reading."""
+        if not isinstance(self.ffn, MoE):
+            return []
+        _, ids = self.ffn.route(rms_norm(x, self.ffn_norm, self.args.rms_eps))
+        return torch.unique(ids).tolist()
+
     def __call__(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, E] -> [T, E]; advances `cache` by T positions."""
         return self.run(x, [cache], [x.shape[0]])

@@ -2,14 +2,14 @@
 
 Every module takes one sequence x [T, E] (float32) and its layer's cache (`run`: several
 sequences laid end to end, one cache each), and is built from the layer's weights as handed
-in: matrices as `QuantWeight`s (multiplied through `ops.linear` / `ops.gathered_linear`,
+in: matrices as `QuantWeight`s (multiplied through `ops.linear`, routed experts one by one,
 never expanded whole), 1-D tensors as float tensors.
 Norm weights already hold llama.cpp's +1, so RMSNorm is x / rms(x) * w.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType
 from ..gguf.constants import Tensors as TN
-from ..ops import QuantWeight, dequantize, gathered_linear, linear
+from ..ops import QuantWeight, dequantize, linear
 from .caches import AttentionCache, DeltaNetCache, spans
 from .gated_delta import causal_conv, delta_rule_chunked, delta_rule_recurrent, l2_normalize
+from .protocol import Experts
 from .qwen35_args import ModelArgs
 
 Weight = Union[QuantWeight, torch.Tensor]
@@ -219,17 +220,39 @@ def new_deltanet_cache(args: ModelArgs) -> DeltaNetCache:
                                args.ssm_head_v_dim)
 
 
+class StackedExperts:
+    """Experts held as whole 3-D tensors (read or memory-mapped): expert e is a view of each."""
+
+    def __init__(self, parts: tuple[QuantWeight, ...]):
+        self.parts = parts  # (gate, up, down) or (gate_up, down), each [n_expert, out, row_bytes]
+        self.n_expert = parts[0].n_expert
+
+    def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
+        bad = [e for e in ids if not 0 <= e < self.n_expert]
+        if bad:
+            raise IndexError(f"expert ids must lie in [0, {self.n_expert}), got {bad[0]}")
+        for e in ids:
+            yield e, tuple(p.expert(e) for p in self.parts)
+
+
 class MoE:
-    """Softmax router, top-k renormalised, SwiGLU experts, plus a sigmoid-gated shared expert."""
+    """Softmax router, top-k renormalised, SwiGLU experts, plus a sigmoid-gated shared expert.
+
+    Routed experts come from `self.experts` by id: the layer's own 3-D tensors when it was
+    given them, else whatever the engine attaches (an expert cache)."""
 
     def __init__(self, args: ModelArgs, bid: int, w: Weights):
         self.args = args
         self.router = as_matrix(w, TN.FFN_GATE_INP, bid)
-        fused = TN.FFN_GATE_UP_EXPS.format(bid=bid)
-        self.gate_up = as_matrix(w, TN.FFN_GATE_UP_EXPS, bid) if fused in w else None
-        self.gate = None if self.gate_up is not None else as_matrix(w, TN.FFN_GATE_EXPS, bid)
-        self.up = None if self.gate_up is not None else as_matrix(w, TN.FFN_UP_EXPS, bid)
-        self.down = as_matrix(w, TN.FFN_DOWN_EXPS, bid)
+        templates = ((TN.FFN_GATE_UP_EXPS, TN.FFN_DOWN_EXPS) if TN.FFN_GATE_UP_EXPS.format(bid=bid) in w
+                     else (TN.FFN_GATE_EXPS, TN.FFN_UP_EXPS, TN.FFN_DOWN_EXPS))
+        # The expert tensors' names, in the order `Experts.fetch` hands their 2-D slices out.
+        self.expert_names = tuple(t.format(bid=bid) for t in templates)
+        present = [n in w for n in self.expert_names]
+        if any(present) and not all(present):
+            raise LemonsliceError(f"layer {bid}: routed-expert tensors are only partly present")
+        self.experts: Experts | None = (
+            StackedExperts(tuple(as_matrix(w, t, bid) for t in templates)) if all(present) else None)
         self.shexp_gate = as_float(w, TN.FFN_GATE_INP_SHEXP, bid).reshape(-1)  # [E]
         self.shexp = DenseFFN.from_templates(w, bid, TN.FFN_GATE_SHEXP, TN.FFN_UP_SHEXP, TN.FFN_DOWN_SHEXP)
         # Told the routed expert ids [T, k] of every call (the engine counts the experts' bytes).
@@ -238,7 +261,9 @@ class MoE:
     @property
     def expert_nbytes(self) -> int:
         """Bytes of one expert across the routed-expert tensors: what routing one more expert reads."""
-        return sum(w.raw[0].numel() for w in (self.gate_up, self.gate, self.up, self.down) if w is not None)
+        if not isinstance(self.experts, StackedExperts):
+            raise LemonsliceError("expert_nbytes needs the layer's own expert tensors")
+        return sum(p.raw[0].numel() for p in self.experts.parts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, E] -> (weights [T, k], expert ids [T, k])."""
@@ -251,15 +276,22 @@ class MoE:
         w, ids = self.route(x)
         if self.observe is not None:
             self.observe(ids)
-        if self.gate_up is not None:
-            gate, up = gathered_linear(x, self.gate_up, ids).chunk(2, dim=-1)  # [T, k, Fe] each
-        else:
-            gate, up = gathered_linear(x, self.gate, ids), gathered_linear(x, self.up, ids)
-        h = F.silu(gate) * up  # [T, k, Fe]
+        if self.experts is None:
+            raise LemonsliceError(f"layer {self.expert_names[0]}: no routed experts attached")
         k = ids.shape[1]
-        # Each slot has its own input row, so run the down projection as T*k rows of one slot.
-        d = gathered_linear(h.reshape(T * k, -1), self.down, ids.reshape(T * k, 1)).view(T, k, E)
-        routed = (d * w.unsqueeze(-1)).sum(1)  # [T, E]
+        flat = ids.reshape(-1)  # [T*k] slot -> expert
+        d = x.new_empty((T * k, E))  # each slot's expert output
+        # Experts arrive in any order (cache hits first); each writes only its own slots, and
+        # the slots are summed in a fixed order below, so the result does not depend on it.
+        for e, parts in self.experts.fetch(torch.unique(flat).tolist()):
+            pos = (flat == e).nonzero(as_tuple=True)[0]  # [n] slots routed to e
+            xe = x[pos // k]  # [n, E]
+            if len(parts) == 2:
+                gate, up = linear(xe, parts[0]).chunk(2, dim=-1)  # [n, Fe] each
+            else:
+                gate, up = linear(xe, parts[0]), linear(xe, parts[1])
+            d[pos] = linear(F.silu(gate) * up, parts[-1])
+        routed = (d.view(T, k, E) * w.unsqueeze(-1)).sum(1)  # [T, E]
         shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
         return routed + shared
 
