@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._app import _VERIFY_HELP, _human, _progress, app, err, out
+from ._app import _VERIFY_HELP, _human, _parse_size, _progress, app, err, out
 
 
 @app.command()
@@ -94,15 +95,38 @@ def _print_summary(s: dict) -> None:
 def inspect(
     path: Path = typer.Argument(..., help="A .gguf file or a split directory."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", metavar="SIZE", help="Also show what `run --max-memory SIZE` would keep resident, read "
+        "per token and give the expert cache (reads no weight)."),
 ) -> None:
-    """Show hyperparameters, a layer table and totals."""
+    """Show hyperparameters, a layer table and totals; with --budget, the residency plan for it."""
     from ..slicing import inspect_path
 
+    # The plan first: a budget too small fails with its one line before anything is printed.
+    plan = _budget_plan(path, _parse_size(budget)) if budget is not None else None
     s = inspect_path(path)
     if as_json:
+        if plan is not None:
+            s["budget_plan"] = {k: getattr(plan, k) for k in _PLAN_FIELDS} | {"resident_tensors": len(plan.resident)}
         out.print_json(json.dumps(s, default=str))
-    else:
-        _print_summary(s)
+        return
+    _print_summary(s)
+    if plan is not None:
+        out.print("\n".join(plan.lines(_human)))
+
+
+# TensorPlan's byte counts, as `inspect --budget --json` shows them.
+_PLAN_FIELDS = ("budget", "minimum", "shared_bytes", "resident_bytes", "streamed_bytes_per_token", "scratch",
+                "expert_cache", "expert_bytes_per_token")
+
+
+def _budget_plan(path: Path, budget: int):  # noqa: ANN202
+    """The per-tensor plan of `budget` for the model at `path`, from its headers alone."""
+    from ..engine import WeightStore
+    from ..engine.residency import budget_plan
+
+    with WeightStore(path) as store:
+        return budget_plan(store, budget)
 
 
 @app.command()

@@ -108,14 +108,41 @@ def _write_out(piece: str) -> None:
     sys.stdout.flush()
 
 
-def _report(stats, stats_json: Optional[Path] = None, **extra: Any) -> None:  # noqa: ANN001
+def _io_report(stats, plan) -> dict[str, Any]:  # noqa: ANN001
+    """Under a per-tensor budget plan: print what each phase read and waited for (per token in
+    decode); the numbers for --stats-json."""
+    for phase, io, tokens in (("prefill", stats.prefill_io, stats.prefill_tokens),
+                              ("decode", stats.decode_io, stats.decode_tokens)):
+        if not io or not tokens:
+            continue
+        # Prefill as totals over the prompt (its layers are read once per chunk), decode per token.
+        per, unit, span = (tokens, " per token", "") if phase == "decode" else (1, "", f" for {tokens} tokens")
+        hits = f"{io['expert_hits'] / io['expert_lookups']:.1%}" if io["expert_lookups"] else "-"
+        err.print(f"{phase}: read {_human(io['bytes_read'] / per)}{unit}{span}, expert hits {hits} of "
+                  f"{io['expert_lookups'] / per:.4g} lookups{unit}, "
+                  f"reads in flight {io['read_seconds'] / per:.2f} s, compute waited {io['wait_seconds'] / per:.2f} s"
+                  f"{unit}", highlight=False)
+    d, p = stats.decode_io, stats.prefill_io
+    wait = d.get("wait_seconds", 0.0)
+    return {"prefill_bytes_read": p.get("bytes_read", 0), "decode_bytes_read": d.get("bytes_read", 0),
+            "expert_lookups": d.get("expert_lookups", 0), "expert_hits": d.get("expert_hits", 0),
+            "decode_read_seconds": d.get("read_seconds", 0.0), "decode_wait_seconds": wait,
+            "decode_compute_seconds": stats.decode_seconds - wait, "budget": plan.budget,
+            "resident_bytes": plan.shared_bytes + plan.resident_bytes, "expert_cache_bytes": plan.expert_cache}
+
+
+def _report(stats, stats_json: Optional[Path] = None, engine=None, **extra: Any) -> None:  # noqa: ANN001
     peak = _peak_rss()
     err.print(
         f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_seconds:.2f} s ({stats.prefill_tps:.2f} tokens/s)"
         f"{f', {stats.reused_tokens} re-used' if getattr(stats, 'reused_tokens', 0) else ''}\n"
-        f"decode: {stats.decode_tokens} tokens in {stats.decode_seconds:.2f} s ({stats.decode_tps:.2f} tokens/s)\n"
-        f"peak RSS: {_human(peak)}", highlight=False,
+        f"decode: {stats.decode_tokens} tokens in {stats.decode_seconds:.2f} s ({stats.decode_tps:.2f} tokens/s)",
+        highlight=False,
     )
+    plan = engine.residency.tensor_plan if engine is not None else None
+    if plan is not None:
+        extra = {**_io_report(stats, plan), **extra}
+    err.print(f"peak RSS: {_human(peak)}", highlight=False)
     if stats_json is not None:
         d = {"prefill_tokens": stats.prefill_tokens, "prefill_seconds": stats.prefill_seconds,
              "decode_tokens": stats.decode_tokens, "decode_seconds": stats.decode_seconds,
@@ -155,6 +182,9 @@ def run(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
+    expert_stats: Optional[Path] = typer.Option(
+        None, "--expert-stats", metavar="FILE", help="Write each layer's routed-expert uses and cache hits to FILE "
+        "(JSON) and a heatmap of use by layer and expert to FILE with .png; needs a streamed MoE model."),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Generate from a prompt: text streams to stdout; the stop reason, seed and statistics go to stderr."""
@@ -169,7 +199,13 @@ def run(
                        presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
     if mtp_compare and not mtp:
         raise LemonsliceError("--mtp-compare needs --mtp")
+    if expert_stats is not None:
+        from ..eval.expert_stats import expert_cache_of, heatmap_path, write_expert_stats
+
+        heatmap_path(expert_stats)  # a bad name fails before any weight is read
     engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify)
+    if expert_stats is not None:
+        expert_cache_of(engine)  # no cache, no statistics: say so before generating
     speculator = None
     if mtp:
         from ..engine.speculative import Speculator
@@ -182,10 +218,13 @@ def run(
     if params.temperature > 0:
         err.print(f"seed: {sampler.seed}", highlight=False)
     _print_reply(gen)
+    if expert_stats is not None:
+        written, png = write_expert_stats(expert_stats, expert_cache_of(engine))
+        err.print(f"expert statistics: {written}, heatmap {png}", highlight=False)
     if mtp:
         _report_mtp(engine, tok, gen, params, mtp_compare, stats_json)
         return
-    _report(gen.stats, stats_json, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
+    _report(gen.stats, stats_json, engine=engine, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
             peak_weight_bytes=engine.store.peak_resident_bytes, seed=sampler.seed)
 
 
