@@ -64,8 +64,13 @@ class ExpertLayout:
 
     @property
     def slot_bytes(self) -> int:
-        """Anonymous memory one cached expert takes (each part padded to whole pages)."""
-        return sum(_span(p.start, p.stride)[2] + _ALIGN for p in self.parts)
+        """Memory one cached expert takes: each part in whole pages, room for any alignment."""
+        return sum(_part_room(p.stride) for p in self.parts)
+
+
+def _part_room(n: int) -> int:
+    """Whole pages that hold n bytes starting anywhere within a page."""
+    return -(-(n + _ALIGN - 1) // _ALIGN) * _ALIGN
 
 
 def _span(start: int, n: int) -> tuple[int, int, int]:
@@ -122,12 +127,12 @@ class ExpertReader:
         self._pool.shutdown(wait=True)
         self._files.close()
 
-    def submit(self, layout: ExpertLayout, e: int) -> "Future[tuple[QuantWeight, ...]]":
+    def submit(self, layout: ExpertLayout, e: int, slot: "_Slot") -> "Future[tuple[QuantWeight, ...]]":
         with self._lock:
             if self._in_flight == 0:
                 self._busy_since = time.perf_counter()
             self._in_flight += 1
-        return self._pool.submit(self._read, layout, e)
+        return self._pool.submit(self._read, layout, e, slot)
 
     def _done(self, n: int) -> None:
         with self._lock:
@@ -136,17 +141,15 @@ class ExpertReader:
             if self._in_flight == 0:
                 self.busy_seconds += time.perf_counter() - self._busy_since
 
-    def _read(self, layout: ExpertLayout, e: int) -> tuple[QuantWeight, ...]:
-        """Expert e of a layer, each part in its own page-aligned stretch of one anonymous map."""
-        spans = [_span(p.start + e * p.stride, p.stride) for p in layout.parts]
-        buf = mmap.mmap(-1, sum(n for _, _, n in spans))
-        data = torch.frombuffer(buf, dtype=torch.uint8)  # keeps `buf` alive as long as any view
+    def _read(self, layout: ExpertLayout, e: int, slot: "_Slot") -> tuple[QuantWeight, ...]:
+        """Expert e of a layer into `slot`, each part in its own page-aligned stretch of it."""
         out, at, total = [], 0, 0
         try:
-            for p, (a0, off, n) in zip(layout.parts, spans):
-                total += self._pread(p.path, memoryview(buf)[at : at + n], a0, off + p.stride)
-                out.append(QuantWeight(data[at + off : at + off + p.stride], p.ggml_type, p.shape))
-                at += n
+            for p in layout.parts:
+                a0, off, n = _span(p.start + e * p.stride, p.stride)
+                total += self._pread(p.path, slot.view[at : at + n], a0, off + p.stride)
+                out.append(QuantWeight(slot.data[at + off : at + off + p.stride], p.ggml_type, p.shape))
+                at += _part_room(p.stride)
         finally:
             self._done(total)
         return tuple(out)
@@ -174,6 +177,32 @@ class ExpertReader:
 
 
 @dataclass
+class _Slot:
+    """One expert's room in an arena."""
+
+    size: int  # the arena's slot size (its class)
+    index: int
+    data: torch.Tensor  # uint8 view of the slot
+    view: memoryview
+
+
+class _Arena:
+    """`n` slots of `size` bytes in one private anonymous mapping, made once: a miss reuses an
+    evicted expert's slot instead of mapping and unmapping memory per read."""
+
+    def __init__(self, size: int, n: int):
+        self.size, self.n = size, n
+        self._buf = mmap.mmap(-1, size * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._data = torch.frombuffer(self._buf, dtype=torch.uint8)
+        self._view = memoryview(self._buf)
+        self.free = [self._slot(i) for i in reversed(range(n))]
+
+    def _slot(self, i: int) -> _Slot:
+        a = i * self.size
+        return _Slot(self.size, i, self._data[a : a + self.size], self._view[a : a + self.size])
+
+
+@dataclass
 class LayerStats:
     """Per layer: uses and hits of each expert."""
 
@@ -182,22 +211,29 @@ class LayerStats:
 
 
 class ExpertCache:
-    """Experts of every layer under one byte budget, evicted by `policy` ("lru" or "lfu": least
-    often used so far, ties by age)."""
+    """Experts of every layer in fixed arenas of slots, one arena per slot size, evicted by
+    `policy` ("lru", or "lfu": least often used so far, ties by age).
 
-    def __init__(self, capacity: int, policy: str = "lru", reader: ExpertReader | None = None,
-                 lookahead: int = 8):
+    `slots` maps a slot size (`ExpertLayout.slot_bytes`) to how many slots of it to make;
+    `reserve` more per size hold reads in flight. The expert being computed with is never
+    evicted; a slot goes back to its arena when its expert is."""
+
+    def __init__(self, slots: dict[int, int], policy: str = "lru", reader: ExpertReader | None = None,
+                 lookahead: int = 4):
         if policy not in POLICIES:
             raise LemonsliceError(f"expert cache policy must be one of {', '.join(POLICIES)}, got {policy}")
-        self.capacity = max(0, int(capacity))
         self.policy = policy
         self.reader = reader or ExpertReader()
-        self.lookahead = max(1, lookahead)  # misses in flight per fetch: bounds the transient memory
-        self._entries: OrderedDict[tuple[Hashable, int], tuple[tuple[QuantWeight, ...], int]] = OrderedDict()
-        # Reads started and not yet handed out: key -> (future, the layer's slot bytes).
-        self._pending: dict[tuple[Hashable, int], tuple[Future, int]] = {}
+        self.lookahead = max(1, lookahead)  # misses in flight per fetch
+        reserve = 2 * self.lookahead + 1
+        self._arenas = {size: _Arena(size, n + reserve) for size, n in slots.items()}
+        self.capacity = sum(size * n for size, n in slots.items())
+        self.arena_bytes = sum(a.size * a.n for a in self._arenas.values())
+        self._entries: OrderedDict[tuple[Hashable, int], tuple[tuple[QuantWeight, ...], _Slot]] = OrderedDict()
+        # Reads started and not yet handed out: key -> (future, its slot).
+        self._pending: dict[tuple[Hashable, int], tuple[Future, _Slot]] = {}
+        self._in_use: tuple[Hashable, int] | None = None
         self._freq: dict[tuple[Hashable, int], int] = {}
-        self.used = 0
         self.stats: dict[int, LayerStats] = {}
         self.lookups = 0
         self.hits = 0
@@ -205,11 +241,14 @@ class ExpertCache:
         self.prefetched = 0
         self.prefetch_used = 0
 
+    @property
+    def used(self) -> int:
+        return sum(slot.size for _, slot in self._entries.values())
+
     def close(self) -> None:
         self.drain()
         self.reader.close()
         self._entries.clear()
-        self.used = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -223,21 +262,32 @@ class ExpertCache:
         self._entries.move_to_end(key)
         return hit[0]
 
-    def _put(self, key: tuple[Hashable, int], parts: tuple[QuantWeight, ...], n: int) -> None:
-        if key in self._entries or n > self.capacity:
-            return
-        while self.used + n > self.capacity and self._entries:
-            self._evict()
-        self._entries[key] = (parts, n)
-        self.used += n
+    def _slot_for(self, layout: ExpertLayout) -> _Slot:
+        """A free slot of the layout's size, evicting an expert of that size if none is free."""
+        arena = self._arenas.get(layout.slot_bytes)
+        if arena is None:
+            raise LemonsliceError(f"the expert cache has no slots of {layout.slot_bytes} bytes")
+        if not arena.free:
+            self._evict(arena.size)
+        return arena.free.pop()
 
-    def _evict(self) -> None:
+    def _evict(self, size: int) -> None:
+        candidates = (k for k, (_, slot) in self._entries.items() if slot.size == size and k != self._in_use)
         if self.policy == "lru":
-            victim = next(iter(self._entries))
+            victim = next(candidates, None)
         else:
             # Least used so far; among equals the least recently used (dict order is recency).
-            victim = min(self._entries, key=lambda k: self._freq.get(k, 0))
-        self.used -= self._entries.pop(victim)[1]
+            victim = min(candidates, key=lambda k: self._freq.get(k, 0), default=None)
+        if victim is None:
+            raise LemonsliceError("the expert cache has no slot left to evict (too many reads in flight)")
+        slot = self._entries.pop(victim)[1]
+        self._arenas[size].free.append(slot)
+
+    def _put(self, key: tuple[Hashable, int], parts: tuple[QuantWeight, ...], slot: _Slot) -> None:
+        if key in self._entries:
+            self._arenas[slot.size].free.append(slot)
+            return
+        self._entries[key] = (parts, slot)
 
     def _count(self, layout: ExpertLayout, e: int, hit: bool) -> None:
         st = self.stats.get(layout.layer)
@@ -254,58 +304,64 @@ class ExpertCache:
     # ---- reading ----------------------------------------------------------------------
 
     def prefetch(self, layout: ExpertLayout, ids: Sequence[int]) -> None:
-        """Start reading experts of a layer that are neither cached nor already on their way."""
-        for e in ids:
+        """Start reading experts of a layer that are neither cached nor already on their way
+        (at most `lookahead` of them, so the reads in flight fit the arenas' reserve)."""
+        for e in list(ids)[: self.lookahead]:
             key = (layout.key, e)
             if key not in self._entries and key not in self._pending:
-                self._pending[key] = (self.reader.submit(layout, e), layout.slot_bytes)
+                self._start(layout, e)
                 self.prefetched += 1
 
     def fetch(self, layout: ExpertLayout, ids: Sequence[int]) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
-        """Each of `ids` once: cached experts first, then misses as their reads finish."""
+        """Each of `ids` once: cached experts first, then misses as their reads finish. The
+        expert last handed out stays in memory until the next one is asked for."""
         bad = [e for e in ids if not 0 <= e < layout.n_expert]
         if bad:
             raise IndexError(f"expert ids must lie in [0, {layout.n_expert}), got {bad[0]}")
         misses = []
-        for e in ids:
-            parts = self._get((layout.key, e))
-            self._count(layout, e, parts is not None)
-            if parts is not None:
+        try:
+            for e in ids:
+                parts = self._get((layout.key, e))
+                self._count(layout, e, parts is not None)
+                if parts is not None:
+                    self._in_use = (layout.key, e)
+                    yield e, parts
+                else:
+                    misses.append(e)
+            for e in misses[: self.lookahead]:
+                self._start(layout, e, asked=True)
+            for i, e in enumerate(misses):
+                if i + self.lookahead < len(misses):
+                    self._start(layout, misses[i + self.lookahead], asked=True)
+                key = (layout.key, e)
+                fut, slot = self._pending.pop(key)
+                if not fut.done():
+                    t0 = time.perf_counter()
+                    fut.result()
+                    self.wait_seconds += time.perf_counter() - t0
+                parts = fut.result()
+                self._put(key, parts, slot)
+                self._in_use = key
                 yield e, parts
-            else:
-                misses.append(e)
-        queue = list(misses)
-        for e in queue[: self.lookahead]:
-            self._start(layout, e)
-        for i, e in enumerate(misses):
-            if i + self.lookahead < len(queue):
-                self._start(layout, queue[i + self.lookahead])
-            key = (layout.key, e)
-            fut = self._pending.pop(key)[0]
-            if fut.done():
-                parts = fut.result()
-            else:
-                t0 = time.perf_counter()
-                parts = fut.result()
-                self.wait_seconds += time.perf_counter() - t0
-            self._put(key, parts, layout.slot_bytes)
-            yield e, parts
+        finally:
+            self._in_use = None
         self._settle(layout.key)
 
-    def _start(self, layout: ExpertLayout, e: int) -> None:
+    def _start(self, layout: ExpertLayout, e: int, asked: bool = False) -> None:
         key = (layout.key, e)
         if key in self._pending:
-            self.prefetch_used += 1
+            self.prefetch_used += asked
         else:
-            self._pending[key] = (self.reader.submit(layout, e), layout.slot_bytes)
+            slot = self._slot_for(layout)
+            self._pending[key] = (self.reader.submit(layout, e, slot), slot)
 
     def _settle(self, layer_key: Hashable, wait: bool = False) -> None:
         """Prefetched experts of a layer that its router did not pick: cache those already read
-        (or all, with `wait`), so every byte in memory is under the cache's budget."""
-        for key, (fut, n) in list(self._pending.items()):
+        (or all, with `wait`)."""
+        for key, (fut, slot) in list(self._pending.items()):
             if (key[0] == layer_key or wait) and (wait or fut.done()):
                 del self._pending[key]
-                self._put(key, fut.result(), n)
+                self._put(key, fut.result(), slot)
 
     def drain(self) -> None:
         """Wait for every read still in flight and cache what it read."""

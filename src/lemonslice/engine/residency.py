@@ -113,7 +113,7 @@ class Budget:
     policy: str = "lru"
     prefetch: bool = True
     read_threads: int = 4
-    lookahead: int = 8
+    lookahead: int = 4
     streaming = True
 
     def pins(self, sizes: dict[Any, int], shared: int) -> list[Any]:
@@ -259,18 +259,33 @@ class Residency:
         counts: dict[Any, int] = {}
         for e in self.playlist:
             counts[e] = counts.get(e, 0) + 1
-        entries, slot = [], 0
+        entries = []
         for e, count in counts.items():
             store, layer = self.source(e)
             exps = self._expert_names(e)
-            n_expert = store.info(exps[0]).shape[2] if exps else 0
-            per_expert = sum(store.info(n).n_bytes // n_expert for n in exps) if exps else 0
-            slot = max(slot, per_expert + 4096 * (len(exps) + 1))
+            per_expert = self._layout(e, exps).nbytes if exps else 0
             tensors = {n: store.info(n).n_bytes for n in store.tensor_names(layer) if n not in exps}
             entries.append(EntryTensors(e, tensors, count, per_expert,
                                         getattr(self.args_of(e), "n_expert_used", 0) if exps else 0))
         shared_bytes = sum(self.store.info(n).n_bytes for n in self._shared_resident_names())
-        return plan_tensors(plan.budget, shared_bytes, entries, 2 * plan.lookahead * slot)
+        reserve = (2 * plan.lookahead + 1) * sum(self._slot_classes())
+        return plan_tensors(plan.budget, shared_bytes, entries, reserve)
+
+    def _slot_classes(self) -> dict[int, int]:
+        """Slot size -> how many distinct MoE playlist entries have experts of that size."""
+        classes: dict[int, int] = {}
+        for e in dict.fromkeys(self.playlist):
+            exps = self._expert_names(e)
+            if exps:
+                size = self._layout(e, exps).slot_bytes
+                classes[size] = classes.get(size, 0) + 1
+        return classes
+
+    def _cache_slots(self, capacity: int) -> dict[int, int]:
+        """The expert cache's bytes split into slots, the same share for every MoE entry."""
+        classes = self._slot_classes()
+        total = sum(classes.values())
+        return {size: capacity * n // total // size for size, n in classes.items()}
 
     def _plan_tensors(self, plan: Budget) -> None:
         """Plan residency per tensor, read the resident tensors and build the blocks that are
@@ -284,7 +299,8 @@ class Residency:
                  tp.expert_cache)
         if self.experts is not None:
             self.experts.close()
-        self.experts = ExpertCache(tp.expert_cache, plan.policy, ExpertReader(plan.read_threads), plan.lookahead)
+        self.experts = ExpertCache(self._cache_slots(tp.expert_cache), plan.policy, ExpertReader(plan.read_threads),
+                                   plan.lookahead)
         self._resident = {}
         for e in counts:
             store, _ = self.source(e)
@@ -394,9 +410,10 @@ class Residency:
         """Running totals: bytes read, expert lookups and hits, seconds expert reads were in
         flight and seconds compute waited for them (the last three 0 without an expert cache)."""
         c = self.experts
-        return {"bytes_read": self.bytes_read, "expert_lookups": c.lookups if c else 0,
-                "expert_hits": c.hits if c else 0, "read_seconds": c.reader.busy_seconds if c else 0.0,
-                "wait_seconds": c.wait_seconds if c else 0.0}
+        return {"bytes_read": self.bytes_read, "expert_lookups": c.lookups if c is not None else 0,
+                "expert_hits": c.hits if c is not None else 0,
+                "read_seconds": c.reader.busy_seconds if c is not None else 0.0,
+                "wait_seconds": c.wait_seconds if c is not None else 0.0}
 
     @property
     def bytes_read(self) -> int:
