@@ -613,6 +613,8 @@ def main() -> None:
             r = worker_calibrate(args.model, ids, calib, args.n, [float(s) for s in args.skews.split(",")])
         print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
         return
+    if os.geteuid() != 0 and not (args.clean or args.calibrate):
+        sys.exit("bench/capped.py needs root: it makes memory cgroups and drops the page cache (run it with sudo)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out = args.out or args.workdir / ("capped-calibration.json" if args.calibrate else "capped-results.json")
     args.logdir = args.out.parent / "logs"
@@ -631,8 +633,6 @@ def main() -> None:
             [e for e in args.engines if e not in ("lemonslice", "llama")]:
         sys.exit(f"unknown variant or engine: {', '.join(bad)}")
     caps = [parse_cap(c) for c in args.caps.split(",")]
-    if os.geteuid() != 0:
-        sys.exit("bench/capped.py needs root: it makes memory cgroups and drops the page cache (run it with sudo)")
     if not (CGROUP_V1 / "memory.limit_in_bytes").exists():
         sys.exit(f"bench/capped.py needs the cgroup-v1 memory controller at {CGROUP_V1}")
     if "llama" in args.engines and args.layers < 4:
