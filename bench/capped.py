@@ -22,7 +22,7 @@ and wall time. After a variant's runs, its routing is traced on the same ids (te
 outside any cgroup) and the LRU hit curve of that routing is printed.
 
 lemonslice's --stats-json keys used when present: expert_hits, expert_lookups,
-decode_read_bytes, decode_compute_seconds, decode_read_seconds, decode_wait_seconds; otherwise
+decode_bytes_read, decode_compute_seconds, decode_read_seconds, decode_wait_seconds; otherwise
 decode bytes come from /proc/diskstats samples over the decode window and the rest print '-'.
 Results go to --out (JSON), lemonslice's and llama.cpp's output to logs/ beside it.
 """
@@ -353,8 +353,8 @@ def run_lemonslice(model: Path, cap: int | None, args: argparse.Namespace, promp
         return r
     s = r["stats"] = json.loads(stats_path.read_text())
     r.update(prefill_s=s["prefill_seconds"], decode_tokens=s["decode_tokens"], decode_s=s["decode_seconds"])
-    if "decode_read_bytes" in s:
-        r["decode_read_bytes"], r["read_source"] = s["decode_read_bytes"], "engine"
+    if "decode_bytes_read" in s:
+        r["decode_read_bytes"], r["read_source"] = s["decode_bytes_read"], "engine"
     elif gen:
         # Decoding ends just before the ids are printed; machine-wide reads over that window.
         end = c["t0"] + gen[-1][0]

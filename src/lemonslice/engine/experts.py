@@ -190,8 +190,10 @@ class _Arena:
     """`n` slots of `size` bytes in one private anonymous mapping, made once: a miss reuses an
     evicted expert's slot instead of mapping and unmapping memory per read."""
 
-    def __init__(self, size: int, n: int):
+    def __init__(self, size: int, n: int, cache: int):
         self.size, self.n = size, n
+        self.cache = cache  # slots that may hold cached experts; the rest are for reads in flight
+        self.cached = 0
         self._buf = mmap.mmap(-1, size * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._data = torch.frombuffer(self._buf, dtype=torch.uint8)
         self._view = memoryview(self._buf)
@@ -226,13 +228,14 @@ class ExpertCache:
         self.reader = reader or ExpertReader()
         self.lookahead = max(1, lookahead)  # misses in flight per fetch
         reserve = 2 * self.lookahead + 1
-        self._arenas = {size: _Arena(size, n + reserve) for size, n in slots.items()}
+        self._arenas = {size: _Arena(size, n + reserve, n) for size, n in slots.items()}
         self.capacity = sum(size * n for size, n in slots.items())
         self.arena_bytes = sum(a.size * a.n for a in self._arenas.values())
         self._entries: OrderedDict[tuple[Hashable, int], tuple[tuple[QuantWeight, ...], _Slot]] = OrderedDict()
         # Reads started and not yet handed out: key -> (future, its slot).
         self._pending: dict[tuple[Hashable, int], tuple[Future, _Slot]] = {}
-        self._in_use: tuple[Hashable, int] | None = None
+        # Experts a fetch has handed out or promised and the caller may still be using.
+        self._in_use: set[tuple[Hashable, int]] = set()
         self._freq: dict[tuple[Hashable, int], int] = {}
         self.stats: dict[int, LayerStats] = {}
         self.lookups = 0
@@ -267,29 +270,43 @@ class ExpertCache:
         arena = self._arenas.get(layout.slot_bytes)
         if arena is None:
             raise LemonsliceError(f"the expert cache has no slots of {layout.slot_bytes} bytes")
+        self._trim(arena)
         if not arena.free:
             self._evict(arena.size)
         return arena.free.pop()
 
-    def _evict(self, size: int) -> None:
-        candidates = (k for k, (_, slot) in self._entries.items() if slot.size == size and k != self._in_use)
+    def _trim(self, arena: _Arena) -> None:
+        """Evict while more experts are cached than the cache's share of the arena."""
+        while arena.cached > arena.cache and self._evict(arena.size, strict=False):
+            pass
+
+    def _evict(self, size: int, strict: bool = True) -> bool:
+        candidates = (k for k, (_, slot) in self._entries.items() if slot.size == size and k not in self._in_use)
         if self.policy == "lru":
             victim = next(candidates, None)
         else:
             # Least used so far; among equals the least recently used (dict order is recency).
             victim = min(candidates, key=lambda k: self._freq.get(k, 0), default=None)
         if victim is None:
-            raise LemonsliceError("the expert cache has no slot left to evict (too many reads in flight)")
+            if strict:
+                raise LemonsliceError("the expert cache has no slot left to evict (too many reads in flight)")
+            return False
         slot = self._entries.pop(victim)[1]
-        self._arenas[size].free.append(slot)
+        arena = self._arenas[size]
+        arena.free.append(slot)
+        arena.cached -= 1
+        return True
 
     def _put(self, key: tuple[Hashable, int], parts: tuple[QuantWeight, ...], slot: _Slot) -> None:
+        arena = self._arenas[slot.size]
         if key in self._entries:
-            self._arenas[slot.size].free.append(slot)
+            arena.free.append(slot)
             return
         self._entries[key] = (parts, slot)
+        arena.cached += 1
+        self._trim(arena)
 
-    def _count(self, layout: ExpertLayout, e: int, hit: bool) -> None:
+    def _count(self, layout: ExpertLayout, e: int, hit: bool, rows: int = 1) -> None:
         st = self.stats.get(layout.layer)
         if st is None:
             st = self.stats[layout.layer] = LayerStats(np.zeros(layout.n_expert, np.int64),
@@ -299,7 +316,7 @@ class ExpertCache:
         self.lookups += 1
         self.hits += hit
         key = (layout.key, e)
-        self._freq[key] = self._freq.get(key, 0) + 1
+        self._freq[key] = self._freq.get(key, 0) + rows  # LFU: rows routed to it, so prefill counts too
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -312,24 +329,35 @@ class ExpertCache:
                 self._start(layout, e)
                 self.prefetched += 1
 
-    def fetch(self, layout: ExpertLayout, ids: Sequence[int]) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
+    def fetch(self, layout: ExpertLayout, ids: Sequence[int], counts: Sequence[int] | None = None
+              ) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
         """Each of `ids` once: cached experts first, then misses as their reads finish. The
-        expert last handed out stays in memory until the next one is asked for."""
+        reads of the first misses start now, so the caller can compute something else before
+        it iterates. An expert stays in memory until the caller asks for the next one after
+        it. `counts`: rows routed to each (LFU's frequency)."""
         bad = [e for e in ids if not 0 <= e < layout.n_expert]
         if bad:
             raise IndexError(f"expert ids must lie in [0, {layout.n_expert}), got {bad[0]}")
-        misses = []
+        hits, misses = [], []
+        self._in_use.clear()  # one layer at a time: an earlier fetch is done (or abandoned)
+        for i, e in enumerate(ids):
+            parts = self._get((layout.key, e))
+            self._count(layout, e, parts is not None, counts[i] if counts is not None else 1)
+            if parts is not None:
+                hits.append((e, parts))
+                self._in_use.add((layout.key, e))
+            else:
+                misses.append(e)
+        for e in misses[: self.lookahead]:
+            self._start(layout, e, asked=True)
+        return self._deliver(layout, hits, misses)
+
+    def _deliver(self, layout: ExpertLayout, hits: list[tuple[int, tuple[QuantWeight, ...]]],
+                 misses: list[int]) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
         try:
-            for e in ids:
-                parts = self._get((layout.key, e))
-                self._count(layout, e, parts is not None)
-                if parts is not None:
-                    self._in_use = (layout.key, e)
-                    yield e, parts
-                else:
-                    misses.append(e)
-            for e in misses[: self.lookahead]:
-                self._start(layout, e, asked=True)
+            for e, parts in hits:
+                yield e, parts
+                self._in_use.discard((layout.key, e))
             for i, e in enumerate(misses):
                 if i + self.lookahead < len(misses):
                     self._start(layout, misses[i + self.lookahead], asked=True)
@@ -340,11 +368,13 @@ class ExpertCache:
                     fut.result()
                     self.wait_seconds += time.perf_counter() - t0
                 parts = fut.result()
+                self._in_use.add(key)
                 self._put(key, parts, slot)
-                self._in_use = key
                 yield e, parts
+                self._in_use.discard(key)
         finally:
-            self._in_use = None
+            self._in_use.difference_update((layout.key, e) for e, _ in hits)
+            self._in_use.difference_update((layout.key, e) for e in misses)
         self._settle(layout.key)
 
     def _start(self, layout: ExpertLayout, e: int, asked: bool = False) -> None:
@@ -382,8 +412,9 @@ class CachedExperts:
         self.cache = cache
         self.layout = layout
 
-    def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
-        return self.cache.fetch(self.layout, ids)
+    def fetch(self, ids: Sequence[int], counts: Sequence[int] | None = None
+              ) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
+        return self.cache.fetch(self.layout, ids, counts)
 
     def prefetch(self, ids: Sequence[int]) -> None:
         self.cache.prefetch(self.layout, ids)

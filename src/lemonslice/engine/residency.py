@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence, Union
@@ -31,7 +32,7 @@ import torch
 from ..errors import LemonsliceError
 from ..models import Family
 from ..models.protocol import Args, Block, Head
-from .budget import EntryTensors, TensorPlan, plan_tensors
+from .budget import EntryTensors, TensorPlan, env_int, plan_tensors
 from .experts import CachedExperts, ExpertCache, ExpertLayout, ExpertPart, ExpertReader
 from .store import Weight, WeightStore
 
@@ -110,8 +111,8 @@ class Budget:
     pick from the layer's input, before its mixer runs."""
 
     budget: int
-    policy: str = "lru"
-    prefetch: bool = True
+    policy: str = "lfu"
+    prefetch: bool = False
     read_threads: int = 4
     lookahead: int = 4
     streaming = True
@@ -127,7 +128,11 @@ def budget_plan(store: WeightStore, budget: int, playlist: Sequence[PlaylistEntr
 
 def plan_for(weight_bytes: int, max_memory: int | None) -> Plan:
     """Full load when the weights fit the budget (or there is none), else per-tensor residency within it."""
-    return FullLoad() if max_memory is None or weight_bytes <= max_memory else Budget(max_memory)
+    if max_memory is None or weight_bytes <= max_memory:
+        return FullLoad()
+    # Tuning knobs for benchmarks: LEMONSLICE_EXPERT_POLICY=lru|lfu, LEMONSLICE_PREFETCH=0|1.
+    return Budget(max_memory, policy=os.environ.get("LEMONSLICE_EXPERT_POLICY", "lfu"),
+                  prefetch=env_int("LEMONSLICE_PREFETCH", 0) != 0)
 
 
 class _Counter:

@@ -30,9 +30,10 @@ class LayerCache(Protocol):
 class Experts(Protocol):
     """Where a MoE layer gets its routed experts' weights: resident stacks, or an expert cache."""
 
-    def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    def fetch(self, ids: Sequence[int], counts: Sequence[int] | None = None) -> Iterator[tuple[int, tuple[Any, ...]]]:
         """(expert id, its 2-D weights: (gate, up, down) or (gate_up, down)) for each of `ids`,
-        in the order they become available; each id exactly once."""
+        in the order they become available; each id exactly once. `counts`: how many rows
+        use each (a cache may keep the busiest)."""
         ...
 
 

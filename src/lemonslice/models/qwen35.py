@@ -16,6 +16,7 @@ import torch
 from ..errors import LemonsliceError
 from ..gguf.constants import Role
 from ..gguf.constants import Tensors as TN
+from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
 from .qwen35_args import ModelArgs
 from .qwen35_layers import (
@@ -84,8 +85,9 @@ class Block:
         a guess, made before the mixer runs, of which experts to start reading."""
         if not isinstance(self.ffn, MoE):
             return []
-        _, ids = self.ffn.route(rms_norm(x, self.ffn_norm, self.args.rms_eps))
-        return torch.unique(ids).tolist()
+        # The router's logits alone: softmax and renormalising do not change the top k.
+        logits = linear(rms_norm(x, self.ffn_norm, self.args.rms_eps), self.ffn.router)  # [N, X]
+        return torch.unique(logits.topk(self.args.n_expert_used, dim=-1).indices).tolist()
 
     def __call__(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, E] -> [T, E]; advances `cache` by T positions."""

@@ -227,7 +227,8 @@ class StackedExperts:
         self.parts = parts  # (gate, up, down) or (gate_up, down), each [n_expert, out, row_bytes]
         self.n_expert = parts[0].n_expert
 
-    def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
+    def fetch(self, ids: Sequence[int], counts: Sequence[int] | None = None
+              ) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
         bad = [e for e in ids if not 0 <= e < self.n_expert]
         if bad:
             raise IndexError(f"expert ids must lie in [0, {self.n_expert}), got {bad[0]}")
@@ -283,7 +284,11 @@ class MoE:
         d = x.new_empty((T * k, E))  # each slot's expert output
         # Experts arrive in any order (cache hits first); each writes only its own slots, and
         # the slots are summed in a fixed order below, so the result does not depend on it.
-        for e, parts in self.experts.fetch(torch.unique(flat).tolist()):
+        experts, counts = torch.unique(flat, return_counts=True)
+        arriving = self.experts.fetch(experts.tolist(), counts.tolist())
+        # The shared expert first: an expert cache reads the missing experts meanwhile.
+        shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
+        for e, parts in arriving:
             pos = (flat == e).nonzero(as_tuple=True)[0]  # [n] slots routed to e
             xe = x[pos // k]  # [n, E]
             if len(parts) == 2:
@@ -292,7 +297,6 @@ class MoE:
                 gate, up = linear(xe, parts[0]), linear(xe, parts[1])
             d[pos] = linear(F.silu(gate) * up, parts[-1])
         routed = (d.view(T, k, E) * w.unsqueeze(-1)).sum(1)  # [T, E]
-        shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
         return routed + shared
 
 
