@@ -14,6 +14,7 @@ compute waited for them.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import mmap
 import os
@@ -237,6 +238,10 @@ class ExpertCache:
         # Experts a fetch has handed out or promised and the caller may still be using.
         self._in_use: set[tuple[Hashable, int]] = set()
         self._freq: dict[tuple[Hashable, int], int] = {}
+        # LFU: per slot size a heap of (rows routed, last use, key), stale items skipped when popped.
+        self._heaps: dict[int, list[tuple[int, int, tuple[Hashable, int]]]] = {size: [] for size in slots}
+        self._last: dict[tuple[Hashable, int], int] = {}
+        self._tick = 0
         self.stats: dict[int, LayerStats] = {}
         self.lookups = 0
         self.hits = 0
@@ -280,13 +285,42 @@ class ExpertCache:
         while arena.cached > arena.cache and self._evict(arena.size, strict=False):
             pass
 
+    def _touch(self, key: tuple[Hashable, int]) -> None:
+        """Note a use of a cached expert (its LFU heap item is renewed)."""
+        self._tick += 1
+        self._last[key] = self._tick
+        if self.policy == "lfu" and key in self._entries:
+            heap = self._heaps[self._entries[key][1].size]
+            heapq.heappush(heap, (self._freq.get(key, 0), self._tick, key))
+            if len(heap) > 4 * len(self._entries) + 64:
+                self._heaps[self._entries[key][1].size] = heap = [
+                    (self._freq.get(k, 0), self._last[k], k) for k, (_, sl) in self._entries.items()
+                    if sl.size == self._entries[key][1].size]
+                heapq.heapify(heap)
+
+    def _lfu_victim(self, size: int) -> tuple[Hashable, int] | None:
+        """Least rows routed so far, among equals the least recently used; skips experts in use."""
+        heap, kept, victim = self._heaps[size], [], None
+        while heap:
+            item = heapq.heappop(heap)
+            f, t, k = item
+            if k not in self._entries or self._last.get(k) != t or self._freq.get(k, 0) != f:
+                continue  # stale: the expert was used again, or evicted
+            if k in self._in_use:
+                kept.append(item)
+                continue
+            victim = k
+            break
+        for item in kept:
+            heapq.heappush(heap, item)
+        return victim
+
     def _evict(self, size: int, strict: bool = True) -> bool:
-        candidates = (k for k, (_, slot) in self._entries.items() if slot.size == size and k not in self._in_use)
         if self.policy == "lru":
-            victim = next(candidates, None)
+            victim = next((k for k, (_, slot) in self._entries.items() if slot.size == size and k not in self._in_use),
+                          None)
         else:
-            # Least used so far; among equals the least recently used (dict order is recency).
-            victim = min(candidates, key=lambda k: self._freq.get(k, 0), default=None)
+            victim = self._lfu_victim(size)
         if victim is None:
             if strict:
                 raise LemonsliceError("the expert cache has no slot left to evict (too many reads in flight)")
@@ -304,6 +338,7 @@ class ExpertCache:
             return
         self._entries[key] = (parts, slot)
         arena.cached += 1
+        self._touch(key)
         self._trim(arena)
 
     def _count(self, layout: ExpertLayout, e: int, hit: bool, rows: int = 1) -> None:
@@ -317,6 +352,7 @@ class ExpertCache:
         self.hits += hit
         key = (layout.key, e)
         self._freq[key] = self._freq.get(key, 0) + rows  # LFU: rows routed to it, so prefill counts too
+        self._touch(key)
 
     # ---- reading ----------------------------------------------------------------------
 
