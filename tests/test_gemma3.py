@@ -133,7 +133,7 @@ def test_cli_run(gemma_path, hf_ref):
 def test_cli_run_streams_text(gemma_path, hf_ref):
     """`run -p` tokenizes as llama.cpp does and prints transformers' greedy text; stats go to stderr."""
     r = subprocess.run(
-        [LEMONSLICE, "run", str(gemma_path), "-p", PROMPTS[0], "-n", "12", "--threads", "1", "--max-memory", "1"],
+        [LEMONSLICE, "run", str(gemma_path), "-p", PROMPTS[0], "-n", "12", "--threads", "1", "--max-memory", "180MiB"],
         capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr
