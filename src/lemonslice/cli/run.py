@@ -117,11 +117,12 @@ def _io_report(stats, plan) -> dict[str, Any]:  # noqa: ANN001
             continue
         # Prefill as totals over the prompt (its layers are read once per chunk), decode per token.
         per, unit, span = (tokens, " per token", "") if phase == "decode" else (1, "", f" for {tokens} tokens")
-        hits = f"{io['expert_hits'] / io['expert_lookups']:.1%}" if io["expert_lookups"] else "-"
-        err.print(f"{phase}: read {_human(io['bytes_read'] / per)}{unit}{span}, expert hits {hits} of "
-                  f"{io['expert_lookups'] / per:.4g} lookups{unit}, "
-                  f"reads in flight {io['read_seconds'] / per:.2f} s, compute waited {io['wait_seconds'] / per:.2f} s"
-                  f"{unit}", highlight=False)
+        line = f"{phase}: read {_human(io['bytes_read'] / per)}{unit}{span}"
+        if io["expert_lookups"]:  # a MoE model: what the expert cache did
+            line += (f", expert hits {io['expert_hits'] / io['expert_lookups']:.1%} of "
+                     f"{io['expert_lookups'] / per:.4g} lookups{unit}, reads in flight {io['read_seconds'] / per:.2f} s, "
+                     f"compute waited {io['wait_seconds'] / per:.2f} s{unit}")
+        err.print(line, highlight=False)
     d, p = stats.decode_io, stats.prefill_io
     wait = d.get("wait_seconds", 0.0)
     return {"prefill_bytes_read": p.get("bytes_read", 0), "decode_bytes_read": d.get("bytes_read", 0),

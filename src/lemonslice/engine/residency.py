@@ -331,7 +331,9 @@ class Residency:
         w = {}
         for name in self._nonexpert_names(e):
             got = self._resident.get((e, name))
-            w[name] = got if got is not None else store.load(name, map_experts=False)
+            # Read per use: its page cache may serve the next token while memory allows (the
+            # kernel reclaims it first under a cap), unlike a resident tensor's.
+            w[name] = got if got is not None else store.load(name, map_experts=False, drop_page_cache=False)
         block = self.family.Block(self.args_of(e), layer, w)
         ffn = getattr(block, "ffn", None)
         names = getattr(ffn, "expert_names", None)

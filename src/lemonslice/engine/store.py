@@ -85,7 +85,7 @@ class WeightStore(ModelFiles):
 
     # ---- reading --------------------------------------------------------------------
 
-    def _read(self, name: str, start: int, n: int) -> np.ndarray:
+    def _read(self, name: str, start: int, n: int, drop: bool | None = None) -> np.ndarray:
         """n bytes at absolute offset `start` of tensor `name`'s file, into a fresh buffer the
         store keeps count of."""
         path, fd = self.file_of(name), self.fd_of(name)
@@ -97,7 +97,7 @@ class WeightStore(ModelFiles):
             if got <= 0:
                 raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
             done += got
-        if self.drop_page_cache:
+        if self.drop_page_cache if drop is None else drop:
             os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
         self._resident += n
         self._read_total += n
@@ -113,13 +113,13 @@ class WeightStore(ModelFiles):
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
 
-    def load(self, name: str, map_experts: bool | None = None) -> Weight:
+    def load(self, name: str, map_experts: bool | None = None, drop_page_cache: bool | None = None) -> Weight:
         """One tensor: a QuantWeight for matrices, float32 for 1-D tensors. A 3-D (expert)
         tensor is memory-mapped rather than read when `map_experts` (default: the store's)."""
         info = self.info(name)
         if (self.map_experts if map_experts is None else map_experts) and len(info.shape) == 3:
             return QuantWeight(self._map(self.file_of(name), info.data_start, info.n_bytes), info.ggml_type, info.shape)
-        raw = torch.from_numpy(self._read(name, info.data_start, info.n_bytes))
+        raw = torch.from_numpy(self._read(name, info.data_start, info.n_bytes, drop_page_cache))
         if len(info.shape) == 1:
             if info.ggml_type == GGMLType.F32:
                 return raw.view(torch.float32)  # shares the counted buffer
