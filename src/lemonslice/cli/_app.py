@@ -188,12 +188,11 @@ def _default_budget() -> tuple[int | None, str]:
 
 def _peak_rss() -> int:
     """This process's peak RSS in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from ..engine.budget import peak_rss
+
+    peak = peak_rss()
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

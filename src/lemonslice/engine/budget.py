@@ -32,26 +32,31 @@ def _read_int(path: Path) -> int | None:
     return None if text in ("", "max") else int(text)
 
 
-def cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """This process's memory limit from its cgroup (v2 memory.max, v1 memory.limit_in_bytes),
-    the smallest along its path; None when unlimited or unknown."""
+def _memory_cgroups(proc: Path, root: Path) -> list[tuple[Path, Path, bool]]:
+    """(controller root, this process's cgroup dir, is v2) for each memory hierarchy it is in."""
     try:
         lines = proc.read_text().splitlines()
     except OSError:
-        return None
-    limits = []
+        return []
+    out = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, rel = parts
         if controllers == "":
-            base, name = root, "memory.max"
+            out.append((root, root / rel.lstrip("/"), True))
         elif "memory" in controllers.split(","):
-            base, name = root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        d = base / rel.lstrip("/")
+            out.append((root / "memory", root / "memory" / rel.lstrip("/"), False))
+    return out
+
+
+def cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """This process's memory limit from its cgroup (v2 memory.max, v1 memory.limit_in_bytes),
+    the smallest along its path; None when unlimited or unknown."""
+    limits = []
+    for base, d, v2 in _memory_cgroups(proc, root):
+        name = "memory.max" if v2 else "memory.limit_in_bytes"
         while True:
             n = _read_int(d / name)
             # v1 spells "no limit" as a huge number near 2^63.
@@ -63,41 +68,37 @@ def cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys
     return min(limits) if limits else None
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes."""
+def cgroup_usage(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the process's memory cgroup holds now (page cache included)."""
+    for _, d, v2 in _memory_cgroups(proc, root):
+        return _read_int(d / ("memory.current" if v2 else "memory.usage_in_bytes"))
+    return None
+
+
+def _kib_field(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a /proc file, in bytes."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
-def cgroup_usage() -> int | None:
-    """Bytes the process's memory cgroup holds now (page cache included), if it has a limit."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, rel = line.split(":", 2)
-        if controllers == "":
-            return _read_int(Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.current")
-        if "memory" in controllers.split(","):
-            return _read_int(Path("/sys/fs/cgroup/memory") / rel.lstrip("/") / "memory.usage_in_bytes")
-    return None
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    return _kib_field("/proc/meminfo", "MemAvailable")
 
 
 def rss() -> int:
     """This process's resident set now, in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _kib_field("/proc/self/status", "VmRSS") or 0
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident set (VmHWM), in bytes."""
+    return _kib_field("/proc/self/status", "VmHWM")
 
 
 def detect_budget() -> tuple[int | None, str]:

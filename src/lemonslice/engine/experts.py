@@ -182,7 +182,6 @@ class _Slot:
     """One expert's room in an arena."""
 
     size: int  # the arena's slot size (its class)
-    index: int
     data: torch.Tensor  # uint8 view of the slot
     view: memoryview
 
@@ -202,7 +201,7 @@ class _Arena:
 
     def _slot(self, i: int) -> _Slot:
         a = i * self.size
-        return _Slot(self.size, i, self._data[a : a + self.size], self._view[a : a + self.size])
+        return _Slot(self.size, self._data[a : a + self.size], self._view[a : a + self.size])
 
 
 @dataclass

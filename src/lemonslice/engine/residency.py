@@ -163,6 +163,8 @@ class Residency:
         self.tensor_plan: TensorPlan | None = None
         self._resident: dict[tuple[Any, str], Weight] = {}
         self.experts: ExpertCache | None = None
+        self._split: dict[Any, tuple[list[str], list[str]]] = {}
+        self._layouts: dict[Any, ExpertLayout] = {}
         self.playlist = self.entries(playlist if playlist is not None else range(self.args.n_layer))
         unique = dict.fromkeys(self.playlist)
         self.weight_bytes = store.nbytes(None) + sum(self.nbytes(e) for e in unique)
@@ -255,9 +257,14 @@ class Residency:
 
     # ---- per-tensor residency (Budget) -------------------------------------------------
 
-    def _expert_names(self, e: Any) -> list[str]:
-        store, layer = self.source(e)
-        return [n for n in store.tensor_names(layer) if len(store.info(n).shape) == 3]
+    def _names(self, e: Any) -> tuple[list[str], list[str]]:
+        """(non-expert, routed-expert) tensor names of a playlist entry, split once."""
+        if e not in self._split:
+            store, layer = self.source(e)
+            names = store.tensor_names(layer)
+            self._split[e] = ([n for n in names if len(store.info(n).shape) != 3],
+                              [n for n in names if len(store.info(n).shape) == 3])
+        return self._split[e]
 
     def tensor_plan_for(self, plan: Budget) -> TensorPlan:
         """The per-tensor plan of `plan` for this playlist, from tensor sizes alone (reads nothing)."""
@@ -266,10 +273,10 @@ class Residency:
             counts[e] = counts.get(e, 0) + 1
         entries = []
         for e, count in counts.items():
-            store, layer = self.source(e)
-            exps = self._expert_names(e)
+            store, _ = self.source(e)
+            others, exps = self._names(e)
             per_expert = self._layout(e, exps).nbytes if exps else 0
-            tensors = {n: store.info(n).n_bytes for n in store.tensor_names(layer) if n not in exps}
+            tensors = {n: store.info(n).n_bytes for n in others}
             entries.append(EntryTensors(e, tensors, count, per_expert,
                                         getattr(self.args_of(e), "n_expert_used", 0) if exps else 0))
         shared_bytes = sum(self.store.info(n).n_bytes for n in self._shared_resident_names())
@@ -280,7 +287,7 @@ class Residency:
         """Slot size -> how many distinct MoE playlist entries have experts of that size."""
         classes: dict[int, int] = {}
         for e in dict.fromkeys(self.playlist):
-            exps = self._expert_names(e)
+            exps = self._names(e)[1]
             if exps:
                 size = self._layout(e, exps).slot_bytes
                 classes[size] = classes.get(size, 0) + 1
@@ -296,8 +303,6 @@ class Residency:
         """Plan residency per tensor, read the resident tensors and build the blocks that are
         wholly resident; the expert cache gets what is left."""
         self.tensor_plan = tp = self.tensor_plan_for(plan)
-        for store in self._stores():
-            store.drop_page_cache = True  # resident copies are ours; the page cache's would count twice
         counts = dict.fromkeys(self.playlist)
         log.info("per-tensor plan: %d resident tensors (%d bytes), %d bytes streamed per token, "
                  "expert cache %d bytes", len(tp.resident), tp.resident_bytes, tp.streamed_bytes_per_token,
@@ -309,16 +314,12 @@ class Residency:
         self._resident = {}
         for e in counts:
             store, _ = self.source(e)
-            for name in self._nonexpert_names(e):
+            for name in self._names(e)[0]:
                 if (e, name) in tp.resident:
-                    self._resident[(e, name)] = store.load(name, map_experts=False)
+                    # The copy is ours: its page cache would be charged to a cgroup a second time.
+                    self._resident[(e, name)] = store.load(name, map_experts=False, drop_page_cache=True)
         self._blocks = {e: self._build(e) for e in counts
-                        if all((e, n) in tp.resident for n in self._nonexpert_names(e))}
-
-    def _nonexpert_names(self, e: Any) -> list[str]:
-        store, layer = self.source(e)
-        exps = set(self._expert_names(e))
-        return [n for n in store.tensor_names(layer) if n not in exps]
+                        if all((e, n) in tp.resident for n in self._names(e)[0])}
 
     def _shared_resident_names(self) -> list[str]:
         """Shared tensors kept resident: all but a token embedding that is not also the LM head."""
@@ -329,11 +330,11 @@ class Residency:
         """A block from its resident tensors plus the rest read now, its experts from the cache."""
         store, layer = self.source(e)
         w = {}
-        for name in self._nonexpert_names(e):
+        for name in self._names(e)[0]:
             got = self._resident.get((e, name))
             # Read per use: its page cache may serve the next token while memory allows (the
             # kernel reclaims it first under a cap), unlike a resident tensor's.
-            w[name] = got if got is not None else store.load(name, map_experts=False, drop_page_cache=False)
+            w[name] = got if got is not None else store.load(name, map_experts=False)
         block = self.family.Block(self.args_of(e), layer, w)
         ffn = getattr(block, "ffn", None)
         names = getattr(ffn, "expert_names", None)
@@ -343,6 +344,12 @@ class Residency:
         return block
 
     def _layout(self, e: Any, names: Sequence[str]) -> ExpertLayout:
+        key = (e, tuple(names))
+        if key not in self._layouts:
+            self._layouts[key] = self._make_layout(e, names)
+        return self._layouts[key]
+
+    def _make_layout(self, e: Any, names: Sequence[str]) -> ExpertLayout:
         store, layer = self.source(e)
         infos = [store.info(n) for n in names]
         n_expert = infos[0].shape[2]
@@ -395,7 +402,7 @@ class Residency:
             # Under a budget, an embedding apart from the head is mapped: only its used rows are read.
             mapped = (set(self.store.tensor_names(None)) - set(self._shared_resident_names())
                       if isinstance(self.plan, Budget) else set())
-            weights = self.store.load_shared(mapped)
+            weights = self.store.load_shared(mapped, drop_page_cache=isinstance(self.plan, Budget))
             self._shared = self.family.Shared(self.args, weights)
         return self._shared
 

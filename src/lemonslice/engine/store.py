@@ -44,9 +44,6 @@ class WeightStore(ModelFiles):
         # The default for `load`: map ffn_*_exps instead of reading them, so only the pages of
         # the experts the router picks become resident. Residency passes its own choice per load.
         self.map_experts = map_experts
-        # Drop each read range from the page cache once copied (the copy is what stays resident;
-        # under a memory cgroup the page cache's copy would be charged too).
-        self.drop_page_cache = False
         self._resident = 0
         self._peak = 0
         self._read_total = 0
@@ -85,7 +82,7 @@ class WeightStore(ModelFiles):
 
     # ---- reading --------------------------------------------------------------------
 
-    def _read(self, name: str, start: int, n: int, drop: bool | None = None) -> np.ndarray:
+    def _read(self, name: str, start: int, n: int, drop: bool = False) -> np.ndarray:
         """n bytes at absolute offset `start` of tensor `name`'s file, into a fresh buffer the
         store keeps count of."""
         path, fd = self.file_of(name), self.fd_of(name)
@@ -97,7 +94,8 @@ class WeightStore(ModelFiles):
             if got <= 0:
                 raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
             done += got
-        if self.drop_page_cache if drop is None else drop:
+        if drop:
+            # The copy is what stays resident; under a memory cgroup the page cache's would count too.
             os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
         self._resident += n
         self._read_total += n
@@ -113,7 +111,7 @@ class WeightStore(ModelFiles):
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
 
-    def load(self, name: str, map_experts: bool | None = None, drop_page_cache: bool | None = None) -> Weight:
+    def load(self, name: str, map_experts: bool | None = None, drop_page_cache: bool = False) -> Weight:
         """One tensor: a QuantWeight for matrices, float32 for 1-D tensors. A 3-D (expert)
         tensor is memory-mapped rather than read when `map_experts` (default: the store's)."""
         info = self.info(name)
@@ -128,10 +126,11 @@ class WeightStore(ModelFiles):
             raise LemonsliceError(f"{name}: {len(info.shape)}-D tensors are not supported")
         return QuantWeight(raw, info.ggml_type, info.shape)
 
-    def load_shared(self, mapped: Iterable[str] = ()) -> dict[str, Weight]:
+    def load_shared(self, mapped: Iterable[str] = (), drop_page_cache: bool = False) -> dict[str, Weight]:
         """The shared tensors; those in `mapped` memory-mapped (read a page at a time when used)."""
         mapped = set(mapped)
-        return {n: self.map_tensor(n) if n in mapped else self.load(n) for n in self.tensor_names(None)}
+        return {n: self.map_tensor(n) if n in mapped else self.load(n, drop_page_cache=drop_page_cache)
+                for n in self.tensor_names(None)}
 
     def map_tensor(self, name: str) -> QuantWeight:
         """A matrix memory-mapped read-only instead of read: its pages come in when touched."""
