@@ -33,7 +33,7 @@ from ..errors import LemonsliceError
 from ..models import Family
 from ..models.protocol import Args, Block, Head
 from .budget import EntryTensors, TensorPlan, env_int, plan_tensors
-from .experts import CachedExperts, ExpertCache, ExpertLayout, ExpertPart, ExpertReader
+from .experts import POLICIES, CachedExperts, ExpertCache, ExpertLayout, ExpertPart, ExpertReader
 from .store import Weight, WeightStore
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,10 @@ def plan_for(weight_bytes: int, max_memory: int | None) -> Plan:
     if max_memory is None or weight_bytes <= max_memory:
         return FullLoad()
     # Tuning knobs for benchmarks: LEMONSLICE_EXPERT_POLICY=lru|lfu, LEMONSLICE_PREFETCH=0|1.
-    return Budget(max_memory, policy=os.environ.get("LEMONSLICE_EXPERT_POLICY", "lfu"),
-                  prefetch=env_int("LEMONSLICE_PREFETCH", 0) != 0)
+    policy = os.environ.get("LEMONSLICE_EXPERT_POLICY", "lfu")
+    if policy not in POLICIES:
+        raise LemonsliceError(f"LEMONSLICE_EXPERT_POLICY must be one of {', '.join(POLICIES)}, got {policy}")
+    return Budget(max_memory, policy=policy, prefetch=env_int("LEMONSLICE_PREFETCH", 0) != 0)
 
 
 class _Counter:
