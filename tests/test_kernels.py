@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from lemonslice.gguf.constants import GGMLType
-from lemonslice.ops import QuantWeight, gathered_linear, gathered_linear_ref, kernels, linear, linear_ref
+from lemonslice.ops import (
+    QuantWeight, gathered_linear, gathered_linear_q8_ref, gathered_linear_ref, kernels, linear, linear_q8_ref,
+    linear_ref, set_exact,
+)
+from lemonslice.ops.qlinear import Q8_BLOCK, round_activations
 
 from test_dequant import QUANTIZABLE, assert_bit_equal, assert_close_rel, quantized, random_blocks, reference
 
@@ -41,9 +45,16 @@ def test_c_dequant_equals_gguf_py_bit_for_bit(t):
         assert_bit_equal(got, reference(raw, t).reshape(7, 512))
 
 
+@pytest.fixture
+def exact():
+    set_exact(True)
+    yield
+    set_exact(False)
+
+
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n", [1, 3, 16, 17, 40])
-def test_linear_fast_equals_reference_twin(t, n):
+def test_linear_exact_equals_reference_twin(t, n, exact):
     # n <= 16 takes the fused decode-and-dot kernel, larger n C dequantization + BLAS.
     raw = blocks(t, 37, 768, seed=n)
     w = QuantWeight(torch.from_numpy(raw), t, (768, 37))
@@ -53,7 +64,46 @@ def test_linear_fast_equals_reference_twin(t, n):
     assert_close_rel(got, want, rel=2e-6)
 
 
-def test_fast_linear_handles_chunks_and_strided_rows(monkeypatch):
+@pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 2, 8, 9, 40])
+def test_linear_8bit_equals_its_twin(t, n):
+    # 8 activation rows share one pass over a weight row: 9 and 40 take several passes.
+    raw = blocks(t, 37, 768, seed=n)
+    w = QuantWeight(torch.from_numpy(raw), t, (768, 37))
+    x = torch.randn(n, 768, generator=torch.Generator().manual_seed(n)) * 3
+    got, want = linear(x, w), linear_q8_ref(x, w)
+    assert kernels.q8_supported(t) == (t in Q8_BLOCK)
+    assert_close_rel(got, want, rel=2e-6)
+    if t in Q8_BLOCK:  # the rounding is real: the product moves off the exact one, a little
+        exact_y = linear_ref(x, w)
+        drift = ((got - exact_y).abs().max() / exact_y.abs().max()).item()
+        assert 0 < drift < 0.05
+
+
+def test_activation_rounding_worked_by_hand():
+    # amax 2.54 -> scale 0.02; 1.0 / 0.02 = 50, 0.01 / 0.02 = 0.5 rounds to even 0, -0.03 -> -1.5 -> -2
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([2.54, 1.0, 0.01, -0.03])
+    got = round_activations(x, 32)[0, :4]
+    want = torch.tensor([127, 50, 0, -2], dtype=torch.float64) * (2.54 / 127)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_exact_switch_and_environment(exact):
+    raw = blocks(T.Q8_0, 5, 64, seed=3)
+    w = QuantWeight(torch.from_numpy(raw), T.Q8_0, (64, 5))
+    x = torch.randn(2, 64)
+    assert torch.equal(linear(x, w), kernels.qmatmul(x, torch.from_numpy(raw), T.Q8_0, 64))
+    code = "from lemonslice.ops import is_exact; print(is_exact())"
+    for value, want in (("1", "True"), ("0", "False")):
+        r = subprocess.run([sys.executable, "-c", code], env={"LEMONSLICE_EXACT": value, "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True)
+        assert r.stdout.strip() == want, r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env={"LEMONSLICE_EXACT": "yes"}, capture_output=True, text=True)
+    assert r.returncode != 0 and "LEMONSLICE_EXACT must be 0 or 1, got 'yes'" in r.stderr
+
+
+def test_fast_linear_handles_chunks_and_strided_rows(monkeypatch, exact):
     monkeypatch.setattr(linear_mod, "CHUNK_BYTES", 4 * 256 * 5)
     raw = torch.from_numpy(blocks(T.Q4_K, 23, 256, seed=4))
     w = QuantWeight(raw, T.Q4_K, (256, 23))
@@ -66,13 +116,18 @@ def test_fast_linear_handles_chunks_and_strided_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-def test_gathered_fast_equals_reference_twin(t):
+def test_gathered_fast_equals_reference_twins(t):
     n_expert, out, n_in = 5, 24, 512
     raw = torch.from_numpy(blocks(t, n_expert * out, n_in, seed=9))
     w = QuantWeight(raw, t, (n_in, out, n_expert))
     x = torch.randn(4, n_in)
     ids = torch.tensor([[0, 4], [4, 2], [2, 0], [1, 4]])
-    assert_close_rel(gathered_linear(x, w, ids), gathered_linear_ref(x, w, ids), rel=2e-6)
+    assert_close_rel(gathered_linear(x, w, ids), gathered_linear_q8_ref(x, w, ids), rel=2e-6)
+    set_exact(True)
+    try:
+        assert_close_rel(gathered_linear(x, w, ids), gathered_linear_ref(x, w, ids), rel=2e-6)
+    finally:
+        set_exact(False)
 
 
 def test_reference_switch_and_missing_compiler(tmp_path):

@@ -27,7 +27,8 @@ from ..slicing.atomic import write_text
 from ..text.prompt import special_kwargs
 from ._app import _VERIFY_HELP, app, err
 from .run import (
-    _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _SEED_HELP, _TEMP_HELP, _TEMPLATE_HELP, _THREADS_HELP, _open_engine, _sampling,
+    _EXACT_HELP, _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _SEED_HELP, _TEMP_HELP, _TEMPLATE_HELP, _THREADS_HELP,
+    _open_engine, _sampling,
     _write_out,
 )
 
@@ -241,6 +242,7 @@ def chat(
                                      "else ~/.cache/lemonslice/chat_history)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Interactive multi-turn chat with line editing and history; /help lists the commands.
@@ -250,7 +252,7 @@ def chat(
     if n < 0:
         raise LemonsliceError(f"-n must be >= 0, got {n}")
     params = _sampling(preset, seed, temperature=temperature)
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify, exact=exact)
     from ..text.prompt import chat_template_for, stop_ids
 
     template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)

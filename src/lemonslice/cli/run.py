@@ -38,11 +38,13 @@ _MIN_P_HELP = "Drop tokens less likely than P times the most likely one (0 = off
 _PRESENCE_HELP = "Subtract this from the logit of every token among the last 64 (0 = off)."
 _REPEAT_HELP = "Divide positive logits of tokens among the last 64 by this, multiply negative ones (1 = off)."
 _SEED_HELP = "Sampling seed; -1 (the default) picks a random one. The seed used is printed on stderr."
+_EXACT_HELP = ("Multiply with float activations (slower; the default rounds them to 8 bits per block for the "
+               "integer kernels, as llama.cpp does).")
 _STOP_HELP = "Stop when the text contains this string, which is not printed (repeatable)."
 
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
-                 text: bool = False, verify: bool = False):  # noqa: ANN202
+                 text: bool = False, verify: bool = False, exact: bool = False):  # noqa: ANN202
     """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
     scratch of building a 250k-token vocabulary does not stack on top of the weights."""
     from ..engine import Engine, WeightStore, runtime
@@ -66,7 +68,7 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
             err.print(f"warning: {w}", highlight=False)
     tok = Tokenizer.from_gguf(store.metadata) if text else None
     engine = Engine(store, max_memory=budget, playlist=playlist)
-    runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here
+    runtime.setup(threads=threads, compact_heap=engine.streaming, exact=exact)  # process-wide: once, here
     tp = engine.residency.tensor_plan
     if tp is not None:
         mode = (f"streaming, budget {_human(tp.budget)} ({origin}): {_human(tp.shared_bytes + tp.resident_bytes)} resident, "
@@ -182,6 +184,7 @@ def run(
         False, "--mtp-compare", help="With --mtp: also decode without it and report both speeds."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
     expert_stats: Optional[Path] = typer.Option(
         None, "--expert-stats", metavar="FILE", help="Write each layer's routed-expert uses and cache hits to FILE "
@@ -204,7 +207,8 @@ def run(
         from ..eval.expert_stats import expert_cache_of, heatmap_path, write_expert_stats
 
         heatmap_path(expert_stats)  # a bad name fails before any weight is read
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify,
+                               exact=exact)
     if expert_stats is not None:
         expert_cache_of(engine)  # no cache, no statistics: say so before generating
     speculator = None
@@ -338,6 +342,7 @@ def perplexity(
     layers: Optional[str] = typer.Option(None, "--layers", help=_LAYERS_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
 ) -> None:
@@ -356,7 +361,7 @@ def perplexity(
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LemonsliceError(f"{text_file} is not UTF-8 text") from None
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify, exact=exact)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -9,15 +9,18 @@ import logging
 import torch
 
 from ..errors import LemonsliceError
+from ..ops import set_exact
 
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3
 
 
-def setup(threads: int | None = None, compact_heap: bool = False) -> None:
-    """Set torch's intra-op threads (None: leave torch's choice) and, for streaming runs, have
-    glibc serve allocations over 1 MiB by mmap so that freed layer scratch leaves the process.
+def setup(threads: int | None = None, compact_heap: bool = False, exact: bool | None = None) -> None:
+    """Set torch's intra-op threads (None: leave torch's choice), the activations' precision
+    (exact: float activations in every product; False: 8-bit ones where the kernels have
+    them, as llama.cpp does; None: leave it), and, for streaming runs, have glibc serve
+    allocations over 1 MiB by mmap so that freed layer scratch leaves the process.
 
     glibc otherwise raises its mmap threshold after each large free and keeps later scratch
     on the heap, which adds tens of MB to a streaming run's peak; a fully loaded run keeps
@@ -27,6 +30,8 @@ def setup(threads: int | None = None, compact_heap: bool = False) -> None:
         if threads < 1:
             raise LemonsliceError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    if exact is not None:
+        set_exact(exact)
     if compact_heap:
         try:
             ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)

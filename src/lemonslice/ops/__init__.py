@@ -1,9 +1,12 @@
 """Torch kernels: dequantization and quantized linear layers."""
 
 from .dequant import TORCH_TYPES, as_uint8, dequantize
-from .qlinear import QuantWeight, gathered_linear, gathered_linear_ref, linear, linear_ref
+from .qlinear import (
+    QuantWeight, gathered_linear, gathered_linear_q8_ref, gathered_linear_ref, is_exact, linear, linear_q8_ref,
+    linear_ref, set_exact,
+)
 
 __all__ = [
-    "QuantWeight", "TORCH_TYPES", "as_uint8", "dequantize", "gathered_linear", "gathered_linear_ref",
-    "linear", "linear_ref",
+    "QuantWeight", "TORCH_TYPES", "as_uint8", "dequantize", "gathered_linear", "gathered_linear_q8_ref",
+    "gathered_linear_ref", "is_exact", "linear", "linear_q8_ref", "linear_ref", "set_exact",
 ]

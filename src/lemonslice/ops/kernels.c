@@ -3,13 +3,17 @@
  * ls_qmatmul: Y[t, r] = sum_c W[r, c] * X[t, c] with W kept as ggml blocks. Each block is
  * decoded into a small scratch and multiplied into lane-wise accumulators, so the weight is
  * read once and never expanded.
+ * ls_qmatmul_q8: the same product with the activations rounded to 8 bits per block, as
+ * llama.cpp does: integer dot products of weight codes and activation codes, one float
+ * scale per block (see the section "8-bit activations" below).
  * ls_dequant: rows of ggml blocks to float32, equal bit for bit to ggml/gguf-py
  * (built with -ffp-contract=off so products are rounded as theirs are).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__)
+#include <math.h>
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -418,3 +422,335 @@ int ls_qmatmul(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int
     }
     return 0;
 }
+
+/* ---- 8-bit activations ----
+ *
+ * Each activation row is rounded per block to int8 codes q = round_half_even(x * 127 / amax)
+ * with scale d = amax / 127: blocks of 32 for the 32-value weight types (Q4_0, Q5_0, Q8_0),
+ * blocks of 256 with int16 sums per 16 codes for the K-quants. A weight block times an
+ * activation block is then an exact integer sum, scaled once in float. The torch twin is
+ * qlinear.linear_q8_ref, which rounds the activations the same way.
+ */
+#if defined(__AVX2__) && defined(__FMA__)
+#define Q8_ROWS 8 /* activation rows per pass over a weight row (accumulators in registers) */
+
+typedef struct { float d; int8_t q[32]; } xq32;
+typedef struct { float d; int16_t bsum[16]; int8_t q[256]; } xq256;
+
+static inline float amax_avx(const float *x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    float v[8];
+    _mm256_storeu_ps(v, m);
+    float r = 0.f;
+    for (int j = 0; j < 8; j++) r = v[j] > r ? v[j] : r;
+    return r;
+}
+
+/* n (a multiple of 8) values -> int8 codes at scale 127/amax, rounded half to even. */
+static inline void round_codes(const float *x, int n, float id, int8_t *q) {
+    const __m256 s = _mm256_set1_ps(id);
+    for (int j = 0; j < n; j += 8) {
+        const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), s),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i i = _mm256_cvtps_epi32(v);
+        int32_t w[8];
+        _mm256_storeu_si256((__m256i *)w, i);
+        for (int k = 0; k < 8; k++) q[j + k] = (int8_t)w[k];
+    }
+}
+
+static void quant_x32(const float *x, int64_t n, xq32 *out) {
+    for (int64_t i = 0; i < n / 32; i++) {
+        const float amax = amax_avx(x + 32 * i, 32);
+        out[i].d = amax / 127.0f;
+        round_codes(x + 32 * i, 32, amax > 0.f ? 127.0f / amax : 0.f, out[i].q);
+    }
+}
+
+static void quant_x256(const float *x, int64_t n, xq256 *out) {
+    for (int64_t i = 0; i < n / 256; i++) {
+        const float amax = amax_avx(x + 256 * i, 256);
+        out[i].d = amax / 127.0f;
+        round_codes(x + 256 * i, 256, amax > 0.f ? 127.0f / amax : 0.f, out[i].q);
+        for (int j = 0; j < 16; j++) {
+            int s = 0;
+            for (int k = 0; k < 16; k++) s += out[i].q[16 * j + k];
+            out[i].bsum[j] = (int16_t)s;
+        }
+    }
+}
+
+/* int32 lanes of sums of 4 products; u holds unsigned bytes, s signed ones. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Signed weight codes w times signed activation codes x (x never -128). */
+static inline __m256i dot_s8s8(__m256i w, __m256i x) {
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+static inline void zero_acc(__m256 *A, int T) {
+    for (int t = 0; t < T; t++) A[t] = _mm256_setzero_ps();
+}
+
+static inline void hsum_acc(const __m256 *A, int T, float *acc) {
+    for (int t = 0; t < T; t++) {
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(A[t]), _mm256_extractf128_ps(A[t], 1));
+        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        acc[t] += _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+    }
+}
+
+/* The 32 signed codes of one 32-value block. */
+static inline __m256i codes_q8_0(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 2)); }
+
+static inline __m256i codes_q4_0(const uint8_t *b) {
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+}
+
+static inline __m256i codes_q5_0(const uint8_t *b) {
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    const __m256i hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+    return _mm256_sub_epi8(_mm256_or_si256(nib, hi), _mm256_set1_epi8(0x10));
+}
+
+/* One weight row of a 32-value type (its f16 scale at byte 0) against T <= Q8_ROWS rows. */
+#define ROW_I8_32(NAME, BYTES, CODES)                                                                     \
+    static void NAME(const uint8_t *row, int64_t nb, const xq32 *X, int64_t ldx, int T, float *acc) {     \
+        __m256 A[Q8_ROWS];                                                                                \
+        if (T == 1) { /* decode: two accumulators in registers, two blocks per step */                  \
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                    \
+            int64_t i = 0;                                                                                \
+            for (; i + 1 < nb; i += 2) {                                                                  \
+                const uint8_t *b0 = row + i * (BYTES), *b1 = b0 + (BYTES);                                \
+                const __m256i w0 = CODES(b0), w1 = CODES(b1);                                             \
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)X[i + 1].q);                       \
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w0, x0)),                                \
+                                     _mm256_set1_ps(f16_to_f32(rd16(b0)) * X[i].d), a0);                  \
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w1, x1)),                                \
+                                     _mm256_set1_ps(f16_to_f32(rd16(b1)) * X[i + 1].d), a1);              \
+            }                                                                                             \
+            for (; i < nb; i++) {                                                                         \
+                const uint8_t *b0 = row + i * (BYTES);                                                    \
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(CODES(b0), x0)),                         \
+                                     _mm256_set1_ps(f16_to_f32(rd16(b0)) * X[i].d), a0);                  \
+            }                                                                                             \
+            A[0] = _mm256_add_ps(a0, a1);                                                                 \
+            hsum_acc(A, 1, acc);                                                                          \
+            return;                                                                                       \
+        }                                                                                                 \
+        zero_acc(A, T);                                                                                   \
+        for (int64_t i = 0; i < nb; i++) {                                                                \
+            const uint8_t *b = row + i * (BYTES);                                                         \
+            const __m256i w = CODES(b);                                                                   \
+            const __m256i aw = _mm256_sign_epi8(w, w);                                                    \
+            const float dw = f16_to_f32(rd16(b));                                                         \
+            for (int t = 0; t < T; t++) {                                                                 \
+                const xq32 *x = X + t * ldx + i;                                                          \
+                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x->q), w);        \
+                A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, xs)), _mm256_set1_ps(dw * x->d), A[t]); \
+            }                                                                                             \
+        }                                                                                                 \
+        hsum_acc(A, T, acc);                                                                              \
+    }
+
+ROW_I8_32(row_q8_0_i8, 34, codes_q8_0)
+ROW_I8_32(row_q4_0_i8, 18, codes_q4_0)
+ROW_I8_32(row_q5_0_i8, 22, codes_q5_0)
+
+/* The 6-bit scales and mins of a Q4_K/Q5_K block: scv[j] = sc_j in every int16 lane, and
+   mv = (m_0, m_0, m_1, m_1, ..., m_7, m_7) to pair with the activations' sums per 16. */
+static inline void k_scales(const uint8_t *scales, __m256i *scv, __m256i *mv) {
+    uint8_t sc, m;
+    int16_t mm[16];
+    for (int j = 0; j < 8; j++) {
+        scale_min_k4(j, scales, &sc, &m);
+        scv[j] = _mm256_set1_epi16(sc);
+        mm[2 * j] = mm[2 * j + 1] = m;
+    }
+    *mv = _mm256_loadu_si256((const __m256i *)mm);
+}
+
+/* Q4_K: per 64 values one 32-byte load of nibbles; low nibbles are sub-block 2k, high 2k+1.
+   Value = d*sc*q - dmin*m, so a block adds d*dx*sum(sc*q.x) - dmin*dx*sum(m*sum(x)). */
+static void row_q4_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 144;
+        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+        __m256i scv[8], mv;
+        k_scales(b + 4, scv, &mv);
+        __m256i q[8];
+        for (int k = 0; k < 4; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
+            q[2 * k] = _mm256_and_si256(v, low4);
+            q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
+            }
+            /* lane j: m_j * (sum of the activation codes of sub-block j) */
+            const __m256i mins = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
+            A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
+/* Q5_K: Q4_K's layout plus a fifth bit per value (qh bit 2k for sub-block 2k, 2k+1 for 2k+1). */
+static void row_q5_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 176;
+        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+        __m256i scv[8], mv;
+        k_scales(b + 4, scv, &mv);
+        const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+        __m256i q[8];
+        for (int k = 0; k < 4; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * k));
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4);
+            q[2 * k] = _mm256_or_si256(_mm256_and_si256(v, low4), h0);
+            q[2 * k + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), h1);
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
+            }
+            /* lane j: m_j * (sum of the activation codes of sub-block j) */
+            const __m256i mins = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
+            A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
+/* Q6_K: unsigned 6-bit codes c (value = d*sc*(c-32)), one int8 scale per 16 values; the
+   -32 comes off through the activations' sums per 16. */
+static void row_q6_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 210;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        const float d = f16_to_f32(rd16(b + 208));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        __m256i q[8], scv[8];
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            for (int g = 0; g < 4; g++) {
+                const __m256i lo = g & 1 ? l1 : l0;
+                const __m256i nib = _mm256_and_si256(g < 2 ? lo : _mm256_srli_epi16(lo, 4), low4);
+                const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * g), two), 4);
+                q[4 * n + g] = _mm256_or_si256(nib, hi);
+                const int j = 8 * n + 2 * g;  /* scales of values 16j..16j+15 and the next 16 */
+                scv[4 * n + g] = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1]), _mm_set1_epi16(sc[j]));
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
+            }
+            const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
+            s = _mm256_sub_epi32(s, _mm256_slli_epi32(off, 5));  /* the codes' -32 */
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
+static int q8_block(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: return 32;
+    case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+int ls_q8_supported(int type) { return q8_block(type) != 0; }
+
+/* Y [T, nrows] = round8(X) [T, ncols] @ W.T for any T; -1 for a type without an 8-bit path. */
+int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols,
+                  const float *X, int64_t T, float *Y, int nthreads) {
+    const int xb = q8_block(type);
+    if (!xb || ncols % xb || T < 1) return -1;
+    const int64_t nb = ncols / xb;
+    const size_t xsize = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    void *XQ = malloc((size_t)(T * nb) * xsize);
+    if (!XQ) return -2;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            if (xb == 32) quant_x32(X + t * ncols, ncols, (xq32 *)XQ + t * nb);
+            else quant_x256(X + t * ncols, ncols, (xq256 *)XQ + t * nb);
+        }
+        /* Static halves: each thread streams one contiguous range, which the hardware
+           prefetcher follows (2x dynamic chunks' bandwidth on a 178 MB LM head). */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < nrows; r++) {
+            const uint8_t *row = W + r * row_bytes;
+            for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
+                const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
+                float acc[Q8_ROWS] = {0};
+                const xq32 *x32 = (const xq32 *)XQ + t0 * nb;
+                const xq256 *x256 = (const xq256 *)XQ + t0 * nb;
+                switch (type) {
+                case T_Q8_0: row_q8_0_i8(row, nb, x32, nb, n, acc); break;
+                case T_Q4_0: row_q4_0_i8(row, nb, x32, nb, n, acc); break;
+                case T_Q5_0: row_q5_0_i8(row, nb, x32, nb, n, acc); break;
+                case T_Q4_K: row_q4_k_i8(row, nb, x256, nb, n, acc); break;
+                case T_Q5_K: row_q5_k_i8(row, nb, x256, nb, n, acc); break;
+                case T_Q6_K: row_q6_k_i8(row, nb, x256, nb, n, acc); break;
+                default: break;
+                }
+                for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = acc[t];
+            }
+        }
+    }
+    free(XQ);
+    return 0;
+}
+#else
+int ls_q8_supported(int type) { (void)type; return 0; }
+int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols,
+                  const float *X, int64_t T, float *Y, int nthreads) {
+    (void)type; (void)W; (void)row_bytes; (void)nrows; (void)ncols; (void)X; (void)T; (void)Y; (void)nthreads;
+    return -1;
+}
+#endif

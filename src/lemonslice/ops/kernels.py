@@ -82,6 +82,8 @@ def library() -> ctypes.CDLL | None:
     lib.ls_supported.argtypes = [ctypes.c_int]
     lib.ls_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.ls_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_q8_supported.argtypes = [ctypes.c_int]
+    lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -89,6 +91,13 @@ def library() -> ctypes.CDLL | None:
 def supported(ggml_type: int) -> bool:
     lib = library()
     return lib is not None and bool(lib.ls_supported(int(ggml_type)))
+
+
+@lru_cache(maxsize=None)
+def q8_supported(ggml_type: int) -> bool:
+    """Whether the kernels multiply this type with 8-bit activations (`qmatmul_q8`)."""
+    lib = library()
+    return lib is not None and bool(lib.ls_q8_supported(int(ggml_type)))
 
 
 def _check(raw: torch.Tensor, ggml_type: int, n_in: int) -> None:
@@ -125,4 +134,21 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -> to
     )
     if rc:
         raise ValueError(f"ls_qmatmul rejected type {ggml_type}, {x.shape[0]} rows, {n_in} columns")
+    return out
+
+
+def qmatmul_q8(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -> torch.Tensor:
+    """round8(x) [N, in] @ W.T -> [N, rows] float32, for any N: the activations are rounded to
+    int8 per block (32 values, or 256 for K-quants) and multiplied in integers, as llama.cpp does."""
+    _check(raw, ggml_type, n_in)
+    x = x.contiguous()
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in or x.shape[0] < 1:
+        raise ValueError(f"x must be float32 [N, {n_in}] with N >= 1")
+    out = torch.empty((x.shape[0], raw.shape[0]), dtype=torch.float32)
+    rc = library().ls_qmatmul_q8(
+        int(ggml_type), raw.data_ptr(), raw.stride(0), raw.shape[0], n_in, x.data_ptr(), x.shape[0],
+        out.data_ptr(), torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"ls_qmatmul_q8 rejected type {ggml_type}, {x.shape[0]} rows, {n_in} columns (rc {rc})")
     return out

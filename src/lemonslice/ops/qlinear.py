@@ -2,13 +2,19 @@
 
 Model code calls `linear` and `gathered_linear`. Each has a `_ref` twin with the same
 signature that dequantizes the weight a few rows at a time in torch and multiplies in
-float32. The fast path uses the C kernels (ops/kernels.c): a fused decode-and-dot for a
-few activation rows (decode), and C dequantization of row chunks + BLAS for many (prefill).
+float32. The fast path uses the C kernels (ops/kernels.c).
+
+By default, for the types the kernels cover with 8-bit activations (Q4_0, Q5_0, Q8_0, Q4_K,
+Q5_K, Q6_K), the activations are rounded to int8 per block and multiplied in integers, as
+llama.cpp does; the twin of that path is `linear_q8_ref`. `set_exact(True)` (or
+LEMONSLICE_EXACT=1) keeps float activations everywhere: a fused decode-and-dot for a few
+activation rows, and C dequantization of row chunks + BLAS for many.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,30 @@ from .dequant import RawData, as_uint8, dequantize
 # Most bytes of float32 weight the reference expands at once (read at call time). Dequantizing
 # makes a few temporaries of this size, so it sets the op's scratch memory.
 CHUNK_BYTES = 2 << 20
+
+# Values per activation scale on the 8-bit path, by weight type (the C kernels' blocks).
+Q8_BLOCK = {GGMLType.Q4_0: 32, GGMLType.Q5_0: 32, GGMLType.Q8_0: 32,
+            GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256}
+
+
+def _exact_from_env() -> bool:
+    value = os.environ.get("LEMONSLICE_EXACT", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LEMONSLICE_EXACT must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+_exact = _exact_from_env()
+
+
+def set_exact(exact: bool) -> None:
+    """Process-wide: float activations everywhere (True), or 8-bit ones where the kernels have them."""
+    global _exact
+    _exact = bool(exact)
+
+
+def is_exact() -> bool:
+    return _exact
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +123,7 @@ def _matmul_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in:
         r1 = min(rows, r0 + step)
         # Only this chunk's bytes move to the activations' device.
         w = dequantize(raw[r0:r1].to(xf.device), ggml_type, (n_in, r1 - r0))  # [r1-r0, in]
-        out[:, r0:r1] = xf @ w.T
+        out[:, r0:r1] = xf @ w.T.to(xf.dtype)
     return out
 
 
@@ -105,6 +135,8 @@ def _fast_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: i
         return xf @ raw.view(torch.float32).T  # already float: no copy at all
     if BLOCK_SIZES[ggml_type][0] == 1:
         return _matmul_rows(xf, raw, ggml_type, n_in)
+    if not _exact and kernels.q8_supported(ggml_type):
+        return kernels.qmatmul_q8(xf, raw, ggml_type, n_in)
     if xf.shape[0] <= kernels.MAX_ROWS:
         return kernels.qmatmul(xf, raw, ggml_type, n_in)
     rows = raw.shape[0]
@@ -114,6 +146,23 @@ def _fast_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: i
         r1 = min(rows, r0 + step)
         out[:, r0:r1] = xf @ kernels.dequant(raw[r0:r1], ggml_type, n_in).T
     return out
+
+
+def round_activations(xf: torch.Tensor, block: int) -> torch.Tensor:
+    """xf [N, in] float32 as the 8-bit path sees it: per block of `block` values, int8 codes
+    round_half_even(x * 127 / amax) times amax / 127, returned in float64 (exact)."""
+    xb = xf.reshape(xf.shape[0], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)  # [N, in/block, 1]
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(xb * inv)  # float32 product, rounded half to even as the C kernel does
+    return (codes.double() * (amax / 127.0).double()).reshape(xf.shape)
+
+
+def _q8_rows_ref(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: int) -> torch.Tensor:
+    """Twin of the 8-bit kernel: rounded activations times the dequantized weight, in float64."""
+    if ggml_type not in Q8_BLOCK:
+        return _matmul_rows(xf, raw, ggml_type, n_in)
+    return _matmul_rows(round_activations(xf, Q8_BLOCK[ggml_type]), raw, ggml_type, n_in).to(torch.float32)
 
 
 def _check_2d(x: torch.Tensor, w: QuantWeight) -> None:
@@ -128,6 +177,15 @@ def linear_ref(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     _check_2d(x, w)
     xf = x.reshape(-1, w.in_features).to(torch.float32)
     y = _matmul_rows(xf, w.raw, w.ggml_type, w.in_features)
+    return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
+
+
+def linear_q8_ref(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """`linear_ref` with the activations rounded as the 8-bit path rounds them (the twin of
+    `linear` when not exact; types without an 8-bit path multiply exactly)."""
+    _check_2d(x, w)
+    xf = x.reshape(-1, w.in_features).to(torch.float32)
+    y = _q8_rows_ref(xf, w.raw, w.ggml_type, w.in_features)
     return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
 
 
@@ -169,6 +227,11 @@ def gathered_linear_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tenso
     Only the selected experts' byte ranges are dequantized, one expert at a time.
     """
     return _gathered(x, w, expert_ids, _matmul_rows)
+
+
+def gathered_linear_q8_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
+    """`gathered_linear_ref` with 8-bit activations: the twin of `gathered_linear` when not exact."""
+    return _gathered(x, w, expert_ids, _q8_rows_ref)
 
 
 def gathered_linear(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
