@@ -141,13 +141,16 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     if args.gguf:
         model = Path(args.gguf)
         split = args.workdir / (model.stem + ".split")
+    elif args.dense:
+        model = args.workdir / f"qwen35-4b-L{args.layers}-V{args.vocab}.gguf"
+        split = model.with_suffix(".split")
     else:
         model = args.workdir / f"qwen35moe-a3b-L{args.layers}-V{args.vocab}-X{args.experts}.gguf"
         split = model.with_suffix(".split")
     if not model.exists():
         print(f"building {model} ({args.layers} real-shape layers, vocab {args.vocab})…", flush=True)
         tmp = model.with_suffix(".tmp")
-        write_large_random(tmp, n_layer=args.layers, n_vocab=args.vocab, n_expert=args.experts)
+        write_large_random(tmp, n_layer=args.layers, n_vocab=args.vocab, n_expert=args.experts, dense=args.dense)
         os.replace(tmp, model)
     manifest = None
     if (split / "manifest.json").exists():
@@ -190,6 +193,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="trunk layers (~0.55 GB each)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--dense", action="store_true", help="the dense Qwen3.5-4B-like shapes instead of the MoE")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens P")
     ap.add_argument("-n", type=int, default=8, help="decode tokens N")

@@ -45,3 +45,13 @@ def syn_copy(syn_split, tmp_path) -> Path:
     shutil.copytree(syn_split, dst)
     return dst
 
+
+
+@pytest.fixture
+def exact():
+    """Float activations in every quantized product (the default rounds them to 8 bits)."""
+    from lemonslice.ops import set_exact
+
+    set_exact(True)
+    yield
+    set_exact(False)

@@ -153,7 +153,7 @@ def make_weight(t: GGMLType, out: int, n_in: int, seed: int, n_expert: int | Non
 
 
 @pytest.mark.parametrize("t", LINEAR_TYPES, ids=lambda t: t.name)
-def test_linear_matches_dense_matmul(t):
+def test_linear_matches_dense_matmul(t, exact):
     w, dense = make_weight(t, out=48, n_in=512, seed=11)
     x = torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(0))
     want = x @ dense.T
@@ -203,7 +203,7 @@ def test_quant_weight_keeps_raw_bytes():
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.MXFP4], ids=lambda t: t.name)
-def test_gathered_linear_matches_dense(t, monkeypatch):
+def test_gathered_linear_matches_dense(t, monkeypatch, exact):
     n_expert, out, n_in = 6, 24, 256
     w, dense = make_weight(t, out=out, n_in=n_in, seed=21, n_expert=n_expert)  # dense [E, out, in]
     g = torch.Generator().manual_seed(1)

@@ -41,6 +41,7 @@ from lemonslice.engine import Engine
 from lemonslice.gguf.constants import GGMLType
 from lemonslice.gguf.reader import GGUFReader
 from lemonslice.models.gated_delta import delta_rule_chunked
+from lemonslice.ops import set_exact
 from llama_ref import llama_logits, llama_quantize
 from llama_sdist import llama_convert_hf
 
@@ -163,10 +164,19 @@ class Refs:
         return self._memoize(("llama", path), lambda: torch.from_numpy(
             llama_logits(path, self.text_ids(kind)[:N_TEXT])))
 
-    def engine(self, path: Path) -> torch.Tensor:
-        """lemonslice's teacher-forced logits over the first 256 text tokens."""
+    def engine(self, path: Path, exact: bool = True) -> torch.Tensor:
+        """lemonslice's teacher-forced logits over the first 256 text tokens; `exact`: float
+        activations, else the default 8-bit ones."""
         kind = path.name.split("-", 1)[0]
-        return self._memoize(("engine", path), lambda: Engine(path).logits(self.text_ids(kind)[:N_TEXT]))
+
+        def run() -> torch.Tensor:
+            set_exact(exact)
+            try:
+                return Engine(path).logits(self.text_ids(kind)[:N_TEXT])
+            finally:
+                set_exact(False)
+
+        return self._memoize(("engine", path, exact), run)
 
 
 @pytest.fixture(scope="session")
@@ -270,22 +280,30 @@ def test_quantized_matches_llama_cpp(kind, ftype, refs):
     assert types == quantized | {GGMLType.F32}, types
     assert tensor_types(fpath) == {GGMLType.F32}
 
-    got = refs.engine(qpath)
+    got = refs.engine(qpath)  # exact: float activations
     want = refs.llama(fpath)
     rel, agree = rel_diff(got, want), top1(got, want)
     direct = refs.llama(qpath)
-    direct_rel, direct_agree = rel_diff(got, direct), top1(got, direct)
-    itself = top1(direct, want)  # llama.cpp on the quantized file vs on its ALL_F32 copy
+    itself, itself_rel = top1(direct, want), rel_diff(direct, want)  # llama.cpp: quantized file vs ALL_F32 copy
     names = "/".join(sorted(t.name for t in types))
-    figure(f"B2 {kind} {ftype} ({names}): lemonslice on it vs llama.cpp on its ALL_F32 copy, {N_TEXT} text tokens: "
-           f"relative difference {rel:.2e}, top-1 agreement {agree:.2%}")
-    figure(f"B3 {kind} {ftype}: lemonslice vs llama.cpp both on the {ftype} file: top-1 agreement "
-           f"{direct_agree:.2%}, relative difference {direct_rel:.2e} (llama.cpp rounds activations to 8 bits; "
-           f"llama.cpp on the {ftype} file vs on its ALL_F32 copy: top-1 agreement {itself:.2%})")
+    figure(f"B2 {kind} {ftype} ({names}): lemonslice --exact on it vs llama.cpp on its ALL_F32 copy, {N_TEXT} text "
+           f"tokens: relative difference {rel:.2e}, top-1 agreement {agree:.2%}")
     assert rel <= REL_BOUND
     assert agree >= TOP1_BOUND
-    # Sanity only: the same model, so far above chance (1/vocab), and finite.
-    assert torch.isfinite(direct).all() and direct_agree >= 0.2
+    # The default path rounds activations to 8 bits as llama.cpp does. On these tiny random
+    # models that moves top-1 a lot (llama.cpp itself agrees with its exact copy on 53-78%), so
+    # the bounds are llama.cpp's own: about as close to the exact answer as llama.cpp on the
+    # same file, and closer to llama.cpp than llama.cpp is to the exact answer.
+    fast = refs.engine(qpath, exact=False)
+    fast_rel, fast_agree = rel_diff(fast, want), top1(fast, want)
+    direct_rel, direct_agree = rel_diff(fast, direct), top1(fast, direct)
+    figure(f"B3 {kind} {ftype}: lemonslice (8-bit activations) vs the ALL_F32 copy: relative difference "
+           f"{fast_rel:.2e}, top-1 {fast_agree:.2%}; llama.cpp on the {ftype} file vs the copy: {itself_rel:.2e}, "
+           f"top-1 {itself:.2%}; lemonslice vs llama.cpp both on the {ftype} file: {direct_rel:.2e}, "
+           f"top-1 {direct_agree:.2%}")
+    assert torch.isfinite(direct).all()
+    assert fast_rel <= 1.5 * itself_rel and fast_agree >= itself - 0.05
+    assert direct_agree >= itself
 
 
 # ---- the chunked delta rule keeps float32 precision under strong decay ----------------------------

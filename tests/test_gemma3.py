@@ -26,7 +26,7 @@ import torch
 from lemonslice.engine import Engine, Streamed
 from lemonslice.models import gemma3
 
-from llama_ref import llama_detokenize, llama_tokenize
+from llama_ref import llama_detokenize, llama_logits, llama_tokenize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,7 +92,8 @@ def test_args_from_gguf(engine):
 
 
 @pytest.mark.parametrize("k", range(len(PROMPTS)))
-def test_matches_transformers(engine, hf_ref, k):
+def test_matches_transformers(engine, hf_ref, k, exact):
+    """--exact (float activations): transformers' logits to 1e-3 and its greedy text."""
     prompt, cont = hf_ref["ids"][k], hf_ref["greedy"][k]
     got = engine.logits(prompt + cont[:-1])  # [T + N - 1, V]
     ref = hf_ref["logits"][k]
@@ -100,11 +101,32 @@ def test_matches_transformers(engine, hf_ref, k):
     assert rel < REL_TOL, f"prompt {k}: max |diff| / max |logit| = {rel:.2e}"
     greedy = got[len(prompt) - 1 :].argmax(-1).tolist()
     first = next((i for i, (a, b) in enumerate(zip(greedy, cont)) if a != b), None)
-    print(f"FIGURE gemma3 vs transformers prompt {k}: max|diff|/max|logit| {rel:.2e}, "
+    print(f"FIGURE gemma3 --exact vs transformers prompt {k}: max|diff|/max|logit| {rel:.2e}, "
           f"greedy {sum(a == b for a, b in zip(greedy, cont))}/{len(cont)} tokens equal")
     assert greedy == cont, f"prompt {k}: greedy tokens differ from step {first}"
     # And by real incremental decoding (one token per forward), now that decode is fast.
     assert engine.generate(prompt, N_NEW) == cont
+
+
+@pytest.mark.parametrize("k", range(len(PROMPTS)))
+def test_8bit_activations_as_close_to_transformers_as_llama_cpp(gemma_path, engine, hf_ref, k):
+    """The default path rounds activations to 8 bits, as llama.cpp does: its logits must be
+    about as close to transformers' as llama.cpp's, and pick the same next tokens as often."""
+    prompt, cont = hf_ref["ids"][k], hf_ref["greedy"][k]
+    ref = hf_ref["logits"][k]
+    got = engine.logits(prompt + cont[:-1])
+    llama = torch.from_numpy(llama_logits(gemma_path, prompt + cont[:-1], n_threads=1))
+
+    def rel(x: torch.Tensor) -> float:
+        return float((x[: len(prompt)] - ref).abs().max() / ref.abs().max())
+
+    def agree(x: torch.Tensor) -> int:  # teacher-forced next tokens equal to transformers' greedy ones
+        return sum(a == b for a, b in zip(x[len(prompt) - 1 :].argmax(-1).tolist(), cont))
+
+    print(f"FIGURE gemma3 8-bit vs transformers prompt {k}: max|diff|/max|logit| {rel(got):.2e} "
+          f"(llama.cpp {rel(llama):.2e}), next tokens {agree(got)}/{len(cont)} (llama.cpp {agree(llama)})")
+    assert rel(got) < 1.5 * rel(llama)
+    assert agree(got) >= agree(llama) - 3
 
 
 def test_streaming_equals_full_load(gemma_path, engine, hf_ref):

@@ -13,7 +13,7 @@ import torch
 from lemonslice.gguf.constants import GGMLType
 from lemonslice.ops import (
     QuantWeight, gathered_linear, gathered_linear_q8_ref, gathered_linear_ref, kernels, linear, linear_q8_ref,
-    linear_ref, set_exact,
+    linear_ref, set_exact, swiglu_experts, swiglu_experts_q8_ref, swiglu_experts_ref,
 )
 from lemonslice.ops.qlinear import Q8_BLOCK, round_activations
 
@@ -43,13 +43,6 @@ def test_c_dequant_equals_gguf_py_bit_for_bit(t):
         raw = maker(t, 7, 512, seed)
         got = kernels.dequant(torch.from_numpy(raw), t, 512)
         assert_bit_equal(got, reference(raw, t).reshape(7, 512))
-
-
-@pytest.fixture
-def exact():
-    set_exact(True)
-    yield
-    set_exact(False)
 
 
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
@@ -145,3 +138,44 @@ def test_reference_switch_and_missing_compiler(tmp_path):
         assert r.stdout.strip() == "0.0"
     assert "reference" in r.stderr  # the failed build is reported once, not silent
     assert not list(tmp_path.rglob("*.tmp"))  # no torn library left behind
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0)], ids=lambda ts: "-".join(t.name for t in ts))
+def test_swiglu_experts_one_call_equals_twins(types, fused):
+    gate_t, down_t = types
+    n_expert, E, Fe = 4, 512, 256
+    gu = QuantWeight(torch.from_numpy(blocks(gate_t, n_expert * 2 * Fe, E, seed=1)), gate_t, (E, 2 * Fe, n_expert))
+    down = QuantWeight(torch.from_numpy(blocks(down_t, n_expert * E, Fe, seed=2)), down_t, (Fe, E, n_expert))
+    parts = []
+    for e in range(n_expert):
+        g = gu.expert(e)
+        if fused:
+            parts.append((g, down.expert(e)))
+        else:  # separate gate and up tensors: the two halves of the fused rows
+            half = lambda r: QuantWeight(g.raw[r], gate_t, (E, Fe))  # noqa: E731
+            parts.append((half(slice(0, Fe)), half(slice(Fe, 2 * Fe)), down.expert(e)))
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, E, generator=gen) for n in (1, 3, 9, 2)]
+    got = swiglu_experts(xs, parts)
+    want = swiglu_experts_q8_ref(xs, parts)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        # the SiLU output is rounded to 8 bits again: a one-ulp SiLU difference can move a code
+        assert_close_rel(g, w, rel=2e-4)
+    set_exact(True)
+    try:
+        for g, w in zip(swiglu_experts(xs, parts), swiglu_experts_ref(xs, parts)):
+            assert_close_rel(g, w, rel=2e-6)
+    finally:
+        set_exact(False)
+
+
+@pytest.mark.parametrize("t", sorted(Q8_BLOCK), ids=lambda t: t.name)
+def test_8bit_rows_do_not_depend_on_the_batch(t):
+    # Batched decoding must give each sequence the bits it gets alone.
+    raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
+    x = torch.randn(11, 768, generator=torch.Generator().manual_seed(3))
+    together = kernels.qmatmul_q8(x, raw, t, 768)
+    for i in range(11):
+        assert torch.equal(kernels.qmatmul_q8(x[i : i + 1], raw, t, 768)[0], together[i])

@@ -222,7 +222,8 @@ def test_greedy_matches_engine_generate_and_stops(tiny):
     seen: list[str] = []
     g = greedy(engine, prompt, tok, 10, frozenset(), done=lambda text: seen.append(text) or len(seen) == 2)
     assert (g.ids, g.stop) == (want[:2], "done")
-    assert seen == [tok.decode(want[:1]), tok.decode(want[:2])]
+    # `done` sees the text as it streams: a trailing incomplete UTF-8 character is held back.
+    assert seen == [tok.decode(want[:1]).rstrip("\ufffd"), tok.decode(want[:2]).rstrip("\ufffd")]
     # A think block left open by the prompt: the answer is what follows </think>.
     g = greedy(engine, prompt, tok, 10, frozenset(), opened_think=True)
     assert g.answer == ""

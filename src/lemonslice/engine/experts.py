@@ -443,6 +443,8 @@ class ExpertCache:
 class CachedExperts:
     """A MoE layer's `Experts`, served from the shared cache (models/protocol.Experts)."""
 
+    resident = False  # a slot may be reused once the caller asks for the next expert
+
     def __init__(self, cache: ExpertCache, layout: ExpertLayout):
         self.cache = cache
         self.layout = layout

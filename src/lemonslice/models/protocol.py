@@ -30,6 +30,10 @@ class LayerCache(Protocol):
 class Experts(Protocol):
     """Where a MoE layer gets its routed experts' weights: resident stacks, or an expert cache."""
 
+    # True when every expert handed out stays valid for the whole call (resident stacks), so
+    # all of them can be multiplied at once; False when one must be used before the next is asked.
+    resident: bool
+
     def fetch(self, ids: Sequence[int], counts: Sequence[int] | None = None) -> Iterator[tuple[int, tuple[Any, ...]]]:
         """(expert id, its 2-D weights: (gate, up, down) or (gate_up, down)) for each of `ids`,
         in the order they become available; each id exactly once. `counts`: how many rows

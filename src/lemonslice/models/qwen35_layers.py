@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType
 from ..gguf.constants import Tensors as TN
-from ..ops import QuantWeight, dequantize, linear
+from ..ops import QuantWeight, dequantize, linear, swiglu_experts
 from .caches import AttentionCache, DeltaNetCache, spans
 from .gated_delta import causal_conv, delta_rule_chunked, delta_rule_recurrent, l2_normalize
 from .protocol import Experts
@@ -223,6 +223,8 @@ def new_deltanet_cache(args: ModelArgs) -> DeltaNetCache:
 class StackedExperts:
     """Experts held as whole 3-D tensors (read or memory-mapped): expert e is a view of each."""
 
+    resident = True
+
     def __init__(self, parts: tuple[QuantWeight, ...]):
         self.parts = parts  # (gate, up, down) or (gate_up, down), each [n_expert, out, row_bytes]
         self.n_expert = parts[0].n_expert
@@ -284,18 +286,20 @@ class MoE:
         d = x.new_empty((T * k, E))  # each slot's expert output
         # Experts arrive in any order (cache hits first); each writes only its own slots, and
         # the slots are summed in a fixed order below, so the result does not depend on it.
-        experts, counts = torch.unique(flat, return_counts=True)
+        experts, counts = torch.unique(flat, return_counts=True)  # ascending ids
         arriving = self.experts.fetch(experts.tolist(), counts.tolist())
         # The shared expert first: an expert cache reads the missing experts meanwhile.
         shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
-        for e, parts in arriving:
-            pos = (flat == e).nonzero(as_tuple=True)[0]  # [n] slots routed to e
-            xe = x[pos // k]  # [n, E]
-            if len(parts) == 2:
-                gate, up = linear(xe, parts[0]).chunk(2, dim=-1)  # [n, Fe] each
-            else:
-                gate, up = linear(xe, parts[0]), linear(xe, parts[1])
-            d[pos] = linear(F.silu(gate) * up, parts[-1])
+        if self.experts.resident:
+            # Every expert at once: slots sorted by expert id, one kernel call for all of them.
+            got = dict(arriving)
+            order = torch.argsort(flat, stable=True)  # [T*k] slots grouped by ascending expert
+            xs = x[order // k].split(counts.tolist())
+            d[order] = torch.cat(swiglu_experts(xs, [got[e] for e in experts.tolist()]))
+        else:
+            for e, parts in arriving:
+                pos = (flat == e).nonzero(as_tuple=True)[0]  # [n] slots routed to e
+                d[pos] = swiglu_experts([x[pos // k]], [parts])[0]
         routed = (d.view(T, k, E) * w.unsqueeze(-1)).sum(1)  # [T, E]
         return routed + shared
 

@@ -553,18 +553,24 @@ static inline __m256i codes_q5_0(const uint8_t *b) {
             hsum_acc(A, 1, acc);                                                                          \
             return;                                                                                       \
         }                                                                                                 \
+        /* Even and odd blocks in two accumulators per row, as above: a row's result does not \
+           depend on how many rows share the pass. */                                            \
+        __m256 B[Q8_ROWS];                                                                                \
         zero_acc(A, T);                                                                                   \
+        zero_acc(B, T);                                                                                   \
         for (int64_t i = 0; i < nb; i++) {                                                                \
             const uint8_t *b = row + i * (BYTES);                                                         \
             const __m256i w = CODES(b);                                                                   \
             const __m256i aw = _mm256_sign_epi8(w, w);                                                    \
             const float dw = f16_to_f32(rd16(b));                                                         \
+            __m256 *acc_i = i & 1 ? B : A;                                                                \
             for (int t = 0; t < T; t++) {                                                                 \
                 const xq32 *x = X + t * ldx + i;                                                          \
                 const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x->q), w);        \
-                A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, xs)), _mm256_set1_ps(dw * x->d), A[t]); \
+                acc_i[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, xs)), _mm256_set1_ps(dw * x->d), acc_i[t]); \
             }                                                                                             \
         }                                                                                                 \
+        for (int t = 0; t < T; t++) A[t] = _mm256_add_ps(A[t], B[t]);                                     \
         hsum_acc(A, T, acc);                                                                              \
     }
 
@@ -746,8 +752,103 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
     free(XQ);
     return 0;
 }
+
+/* One weight row against n <= Q8_ROWS quantized activation rows (xq: blocks of q8_block(type)). */
+static void row_dot_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc) {
+    switch (type) {
+    case T_Q8_0: row_q8_0_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
+    case T_Q4_0: row_q4_0_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
+    case T_Q5_0: row_q5_0_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
+    case T_Q4_K: row_q4_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_Q5_K: row_q5_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_Q6_K: row_q6_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    default: break;
+    }
+}
+
+static void quant_rows(int xb, const float *X, int64_t T, int64_t ncols, void *XQ) {
+    const int64_t nb = ncols / xb;
+    for (int64_t t = 0; t < T; t++) {
+        if (xb == 32) quant_x32(X + t * ncols, ncols, (xq32 *)XQ + t * nb);
+        else quant_x256(X + t * ncols, ncols, (xq256 *)XQ + t * nb);
+    }
+}
+
+/* One weight row times quantized X [T rows] -> column `col` of Y [T, ldy]. */
+static void row_to(int type, const uint8_t *row, int64_t ncols, const void *XQ, int64_t T, float *Y,
+                   int64_t ldy, int64_t col) {
+    const int xb = q8_block(type);
+    const int64_t nb = ncols / xb;
+    const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
+        const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
+        float acc[Q8_ROWS] = {0};
+        row_dot_q8(type, row, nb, (const char *)XQ + (size_t)(t0 * nb) * xs, nb, n, acc);
+        for (int t = 0; t < n; t++) Y[(t0 + t) * ldy + col] = acc[t];
+    }
+}
+
+/* SwiGLU experts, all in one call: for expert j, Y_j [T_j, E] = down_j(silu(gate_j X_j) * up_j X_j)
+ * with 8-bit activations. job j is 11 int64: gate type, gate W, gate row bytes, up W (0: gate
+ * holds gate rows then up rows), up row bytes, down type, down W, down row bytes, X_j, T_j, Y_j.
+ * E (model width) and F (expert width) are shared. Rows of all experts share the threads. */
+int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
+    int64_t tt = 0;
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const int64_t *J = jobs + 11 * j;
+        const int gb = q8_block((int)J[0]), db = q8_block((int)J[5]);
+        if (!gb || !db || E % gb || F % db || J[9] < 1) return -1;
+        tt += J[9];
+    }
+    const int gb = q8_block((int)jobs[0]), db = q8_block((int)jobs[5]);
+    for (int64_t j = 0; j < n_jobs; j++)
+        if (q8_block((int)jobs[11 * j]) != gb || q8_block((int)jobs[11 * j + 5]) != db) return -1;
+    const size_t gxs = gb == 32 ? sizeof(xq32) : sizeof(xq256), dxs = db == 32 ? sizeof(xq32) : sizeof(xq256);
+    char *XQ = malloc((size_t)tt * (size_t)(E / gb) * gxs);
+    float *H = malloc((size_t)tt * (size_t)(2 * F) * sizeof(float));
+    char *HQ = malloc((size_t)tt * (size_t)(F / db) * dxs);
+    int64_t *start = malloc((size_t)(n_jobs + 1) * sizeof(int64_t));
+    if (!XQ || !H || !HQ || !start) { free(XQ); free(H); free(HQ); free(start); return -2; }
+    start[0] = 0;
+    for (int64_t j = 0; j < n_jobs; j++) start[j + 1] = start[j] + jobs[11 * j + 9];
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n_jobs; j++)
+            quant_rows(gb, (const float *)jobs[11 * j + 8], jobs[11 * j + 9], E,
+                       XQ + (size_t)(start[j] * (E / gb)) * gxs);
+        /* gate and up rows of every expert: H_j [T_j, 2F], gate in columns [0, F) */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_jobs * 2 * F; i++) {
+            const int64_t j = i / (2 * F), r = i % (2 * F);
+            const int64_t *J = jobs + 11 * j;
+            const uint8_t *row = J[3] && r >= F ? (const uint8_t *)J[3] + (r - F) * J[4]
+                                                : (const uint8_t *)J[1] + r * J[2];
+            row_to((int)J[0], row, E, XQ + (size_t)(start[j] * (E / gb)) * gxs, J[9], H + start[j] * 2 * F, 2 * F, r);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tt; t++) {
+            float *h = H + t * 2 * F;
+            for (int64_t c = 0; c < F; c++) h[c] = h[c] / (1.0f + expf(-h[c])) * h[F + c];
+            quant_rows(db, h, 1, F, HQ + (size_t)(t * (F / db)) * dxs);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_jobs * E; i++) {
+            const int64_t j = i / E, r = i % E;
+            const int64_t *J = jobs + 11 * j;
+            row_to((int)J[5], (const uint8_t *)J[6] + r * J[7], F, HQ + (size_t)(start[j] * (F / db)) * dxs, J[9],
+                   (float *)J[10], E, r);
+        }
+    }
+    free(XQ); free(H); free(HQ); free(start);
+    return 0;
+}
 #else
 int ls_q8_supported(int type) { (void)type; return 0; }
+int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
+    (void)n_jobs; (void)jobs; (void)E; (void)F; (void)nthreads;
+    return -1;
+}
 int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols,
                   const float *X, int64_t T, float *Y, int nthreads) {
     (void)type; (void)W; (void)row_bytes; (void)nrows; (void)ncols; (void)X; (void)T; (void)Y; (void)nthreads;

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,6 +31,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 # Most activation rows the fused kernel takes; more rows go through dequantize + BLAS.
 MAX_ROWS = 16
+# Weights smaller than this are multiplied on one thread: waking a second one costs more.
+ONE_THREAD_BYTES = 64 << 10
 
 
 def _cpu_id() -> str:
@@ -84,6 +87,7 @@ def library() -> ctypes.CDLL | None:
     lib.ls_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_q8_supported.argtypes = [ctypes.c_int]
     lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_swiglu_experts_q8.argtypes = [i64, ptr, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -152,3 +156,37 @@ def qmatmul_q8(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) ->
     if rc:
         raise ValueError(f"ls_qmatmul_q8 rejected type {ggml_type}, {x.shape[0]} rows, {n_in} columns (rc {rc})")
     return out
+
+
+def bind_q8(raw: torch.Tensor, ggml_type: int, n_in: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`qmatmul_q8` for one weight, checked once: x [N, in] float32 -> [N, rows]. The weight's
+    pointer and sizes are resolved here, so a call costs one allocation and one C call."""
+    _check(raw, ggml_type, n_in)
+    if not q8_supported(ggml_type):
+        raise ValueError(f"{GGMLType(ggml_type).name} has no 8-bit kernel")
+    fn = library().ls_qmatmul_q8
+    rows = raw.shape[0]
+    head = (int(ggml_type), raw.data_ptr(), raw.stride(0), rows, n_in)
+    one_thread = rows * raw.stride(0) < ONE_THREAD_BYTES
+
+    def run(x: torch.Tensor, _keep: torch.Tensor = raw) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in or x.shape[0] < 1:
+            raise ValueError(f"x must be float32 [N, {n_in}] with N >= 1")
+        x = x.contiguous()
+        out = torch.empty((x.shape[0], rows), dtype=torch.float32)
+        threads = 1 if one_thread and x.shape[0] <= MAX_ROWS else torch.get_num_threads()
+        if fn(*head, x.data_ptr(), x.shape[0], out.data_ptr(), threads):
+            raise ValueError(f"ls_qmatmul_q8 rejected {x.shape[0]} rows of {n_in} columns")
+        return out
+
+    return run
+
+
+def swiglu_experts_q8(jobs: torch.Tensor, n_embd: int, n_ff: int) -> None:
+    """Run the SwiGLU experts in `jobs` (int64 [n, 11], see ls_swiglu_experts_q8 in kernels.c)
+    in one call. The caller checked every pointer and shape in the table."""
+    if jobs.dtype != torch.int64 or jobs.dim() != 2 or jobs.shape[1] != 11 or not jobs.is_contiguous():
+        raise ValueError("jobs must be a contiguous int64 [n, 11] table")
+    rc = library().ls_swiglu_experts_q8(jobs.shape[0], jobs.data_ptr(), n_embd, n_ff, torch.get_num_threads())
+    if rc:
+        raise ValueError(f"ls_swiglu_experts_q8 rejected the experts (rc {rc})")

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..gguf.constants import BLOCK_SIZES, GGMLType
 from . import kernels
@@ -189,8 +191,24 @@ def linear_q8_ref(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
 
 
+def _bound_q8(w: QuantWeight):  # noqa: ANN202
+    """The weight's 8-bit C product, resolved on first use and kept on the weight (None when
+    exact, or when the weight has no such path)."""
+    run = w.__dict__.get("_q8")
+    if run is None:
+        ok = w.n_expert is None and w.raw.device.type == "cpu" and kernels.q8_supported(w.ggml_type)
+        run = kernels.bind_q8(w.raw, w.ggml_type, w.in_features) if ok else False
+        object.__setattr__(w, "_q8", run)
+    return None if _exact or not run else run
+
+
 def linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [..., in] @ W.T -> [..., out]; the op model code calls."""
+    run = _bound_q8(w)
+    if run is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if x.shape[-1] != w.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, weight expects {w.in_features}")
+        return run(x.reshape(-1, w.in_features)).reshape(*x.shape[:-1], w.out_features)
     _check_2d(x, w)
     xf = x.reshape(-1, w.in_features).to(torch.float32)
     y = _fast_rows(xf, w.raw, w.ggml_type, w.in_features)
@@ -237,3 +255,65 @@ def gathered_linear_q8_ref(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Te
 def gathered_linear(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> torch.Tensor:
     """x [T, in], expert_ids [T, k] -> [T, k, out]; the MoE op model code calls."""
     return _gathered(x, w, expert_ids, _fast_rows)
+
+
+def _swiglu(x: torch.Tensor, parts: tuple[QuantWeight, ...], lin) -> torch.Tensor:  # noqa: ANN001
+    """down(silu(gate x) * up x) through `lin`; parts = (gate, up, down) or (gate_up, down)."""
+    if len(parts) == 2:
+        gate, up = lin(x, parts[0]).chunk(2, dim=-1)  # [n, F] each
+    else:
+        gate, up = lin(x, parts[0]), lin(x, parts[1])
+    return lin(F.silu(gate) * up, parts[-1])
+
+
+def swiglu_experts_ref(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]) -> list[torch.Tensor]:
+    """xs[j] [n_j, E] through SwiGLU expert parts[j] -> [n_j, E] each, with float activations."""
+    return [_swiglu(x, p, linear_ref) for x, p in zip(xs, parts)]
+
+
+def swiglu_experts_q8_ref(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]
+                          ) -> list[torch.Tensor]:
+    """`swiglu_experts_ref` with 8-bit activations: the twin of `swiglu_experts` when not exact."""
+    return [_swiglu(x, p, linear_q8_ref) for x, p in zip(xs, parts)]
+
+
+def _expert_jobs(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]) -> list[list[int]] | None:
+    """The fused kernel's job rows, or None where it does not apply (exact, other types, devices)."""
+    if _exact or kernels.library() is None or not xs:
+        return None
+    first = parts[0]
+    gate_t, down_t = first[0].ggml_type, first[-1].ggml_type
+    if not (kernels.q8_supported(gate_t) and kernels.q8_supported(down_t)):
+        return None
+    jobs = []
+    for x, p in zip(xs, parts):
+        up = p[1] if len(p) == 3 else None
+        if (len(p) != len(first) or p[0].ggml_type != gate_t or p[-1].ggml_type != down_t
+                or (up is not None and up.ggml_type != gate_t) or x.dtype != torch.float32
+                or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] == 0):
+            return None
+        jobs.append([int(gate_t), p[0].raw.data_ptr(), p[0].raw.stride(0),
+                     up.raw.data_ptr() if up is not None else 0, up.raw.stride(0) if up is not None else 0,
+                     int(down_t), p[-1].raw.data_ptr(), p[-1].raw.stride(0)])
+    return jobs
+
+
+def swiglu_experts(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]) -> list[torch.Tensor]:
+    """xs[j] [n_j, E] through SwiGLU expert parts[j] -> [n_j, E] each: the MoE op model code
+    calls. With 8-bit activations every expert goes through one C call (gate and up, SiLU,
+    down), its rows shared by the threads; otherwise expert by expert through `linear`."""
+    jobs = _expert_jobs(xs, parts)
+    if jobs is None:
+        return [_swiglu(x, p, linear) for x, p in zip(xs, parts)]
+    E, Fe = parts[0][-1].out_features, parts[0][-1].in_features
+    for x, p in zip(xs, parts):
+        gate_rows = p[0].out_features if len(p) == 3 else p[0].out_features // 2
+        if x.shape[1] != E or p[0].in_features != E or gate_rows != Fe or p[-1].shape[:2] != (Fe, E):
+            raise ValueError(f"expert shapes do not match inputs [n, {E}] and width {Fe}")
+    xs = [x.contiguous() for x in xs]
+    outs = [torch.empty((x.shape[0], E), dtype=torch.float32) for x in xs]
+    for job, x, y in zip(jobs, xs, outs):
+        job += [x.data_ptr(), x.shape[0], y.data_ptr()]
+    table = torch.tensor(jobs, dtype=torch.int64)  # [n, 11]
+    kernels.swiglu_experts_q8(table, E, Fe)
+    return outs

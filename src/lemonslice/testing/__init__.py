@@ -12,6 +12,7 @@ from .config import (
     MATRIX_KINDS,
     QUANTIZABLE_TYPES,
     SyntheticConfig,
+    qwen35_4b,
     qwen35moe_35b_a3b,
     tiny_qwen35,
     tiny_qwen35moe,
@@ -24,6 +25,6 @@ from .synthetic import draw_values, encode_tensor, tensor_values, write_syntheti
 __all__ = [
     "ARCHES", "KIND_GROUPS", "MATRIX_KINDS", "QUANTIZABLE_TYPES", "SPECIAL_TOKENS", "SyntheticConfig",
     "SyntheticTensor", "TensorSlot", "Vocab", "build_vocab", "byte_unicode", "draw_values", "encode_tensor",
-    "fallbacks", "large_config", "q4_k_m_tensors", "qwen35moe_35b_a3b", "synthetic_tensors", "tensor_layout",
+    "fallbacks", "large_config", "q4_k_m_tensors", "qwen35_4b", "qwen35moe_35b_a3b", "synthetic_tensors", "tensor_layout",
     "tensor_values", "tiny_qwen35", "tiny_qwen35moe", "write_large_random", "write_synthetic",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..gguf.constants import BLOCK_SIZES, FileType, GGMLType, Role, Tensors
 from ..gguf.writer import plan_file
-from .config import SyntheticConfig, qwen35moe_35b_a3b
+from .config import SyntheticConfig, qwen35_4b, qwen35moe_35b_a3b
 from .layout import SyntheticTensor, TensorSlot, fits_blocks, tensor_layout
 from .metadata import model_kv
 from .synthetic import draw_values
@@ -85,6 +85,7 @@ def write_large_random(
     pool_bytes: int = 64 << 20,
     router_skew: float = 0.0,
     centered: bool = False,
+    dense: bool = False,
     **overrides: Any,
 ) -> Path:
     """Write a Qwen3.5-35B-A3B-shaped GGUF of `n_layer` trunk layers and return its path.
@@ -96,10 +97,14 @@ def write_large_random(
     Without `centered`, Q4_K/Q5_K weights (dmin = d) all have a positive mean, so every token's
     residual stream points the same way and routing is the same for every token; `centered`
     sets dmin = d times the mean quant (`CENTERING`), making weights zero-mean.
+    `dense` writes the dense Qwen3.5-4B-like shapes (`qwen35_4b`) instead.
     Deterministic for a given set of arguments.
     """
     path = Path(path)
-    cfg = large_config(n_layer, n_vocab=n_vocab, n_expert=n_expert, mtp=mtp, seed=seed, **overrides)
+    if dense:
+        cfg = qwen35_4b(n_layer, n_vocab=n_vocab, mtp=mtp, seed=seed, **overrides)
+    else:
+        cfg = large_config(n_layer, n_vocab=n_vocab, n_expert=n_expert, mtp=mtp, seed=seed, **overrides)
     specs = q4_k_m_tensors(cfg)
     plan = plan_file(model_kv(cfg, FileType.MOSTLY_Q4_K_M), [(t.name, t.shape, t.ggml_type) for t in specs])
     rng = np.random.default_rng([seed, 0x4C415247])
