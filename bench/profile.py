@@ -75,7 +75,9 @@ def instrument(timer: OpTimer) -> None:
         mod.rms_norm = timer.wrap(mod.rms_norm, "rms norm")
     for mod in (qwen35_layers, gemma3):
         mod.attend_each = timer.wrap(mod.attend_each, "attention (rope, cache, sdpa)")
-    qwen35_layers.GatedDeltaNet._recur = timer.wrap(qwen35_layers.GatedDeltaNet._recur, "deltanet (conv, rule)")
+    qwen35_layers.swiglu_experts = timer.wrap(qwen35_layers.swiglu_experts, "routed experts (swiglu)")
+    qwen35_layers.GatedDeltaNet._recur = timer.wrap(qwen35_layers.GatedDeltaNet._recur, "deltanet conv, norms")
+    qwen35_layers.pick_rule = lambda T, pick=qwen35_layers.pick_rule: timer.wrap(pick(T), "deltanet rule")
     common.SharedWeights.embed = timer.wrap(common.SharedWeights.embed, "embedding")
     moe_call = qwen35_layers.MoE.__call__
 

@@ -13,7 +13,7 @@ import torch
 from lemonslice.gguf.constants import GGMLType
 from lemonslice.ops import (
     QuantWeight, gathered_linear, gathered_linear_q8_ref, gathered_linear_ref, kernels, linear, linear_q8_ref,
-    linear_ref, set_exact, swiglu_experts, swiglu_experts_q8_ref, swiglu_experts_ref,
+    linear_ref, set_exact, swiglu_experts, swiglu_experts_q8_ref, swiglu_experts_ref, take_rows, take_rows_ref,
 )
 from lemonslice.ops.qlinear import Q8_BLOCK, round_activations
 
@@ -179,3 +179,29 @@ def test_8bit_rows_do_not_depend_on_the_batch(t):
     together = kernels.qmatmul_q8(x, raw, t, 768)
     for i in range(11):
         assert torch.equal(kernels.qmatmul_q8(x[i : i + 1], raw, t, 768)[0], together[i])
+
+
+@pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
+def test_take_rows_equals_its_twin_bit_for_bit(t):
+    raw = blocks(t, 40, 512, seed=12)
+    w = QuantWeight(torch.from_numpy(raw), t, (512, 40))
+    ids = torch.tensor([3, 0, 39, 3])
+    assert_bit_equal(take_rows(w, ids), take_rows_ref(w, ids).numpy())
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_delta_rule_in_c_equals_the_recurrent_twin(T):
+    from lemonslice.models.gated_delta import delta_rule_recurrent, delta_rule_steps
+
+    gen = torch.Generator().manual_seed(T)
+    H, Dk, Dv = 4, 32, 48
+    q, k = (torch.nn.functional.normalize(torch.randn(T, H, Dk, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(T, H, Dv, generator=gen)
+    g, beta = -torch.rand(T, H, generator=gen), torch.rand(T, H, generator=gen)
+    state = torch.randn(H, Dk, Dv, generator=gen)
+    before = state.clone()
+    o, s = delta_rule_steps(q, k, v, g, beta, state)
+    o_ref, s_ref = delta_rule_recurrent(q, k, v, g, beta, state)
+    assert_close_rel(o, o_ref, rel=1e-5)
+    assert_close_rel(s, s_ref, rel=1e-5)
+    assert torch.equal(state, before)  # a rewind keeps the old state: it is not written

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LemonsliceError
-from .gated_delta import delta_rule_chunked, delta_rule_recurrent
+from .gated_delta import pick_rule
 
 
 def spans(lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -121,8 +121,7 @@ class DeltaNetCache:
         self.conv = xs[xs.shape[0] - n_keep :].clone()
         if keep:
             # The rule a forward over these `keep` tokens would have picked.
-            rule = delta_rule_recurrent if keep == 1 else delta_rule_chunked
-            _, self.state = rule(q, k, v, g, beta, state)
+            _, self.state = pick_rule(keep)(q, k, v, g, beta, state)
         else:
             self.state = state
         self.length = n

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import LemonsliceError
 from ..gguf.constants import Tensors as TN
-from ..ops import dequantize, linear
+from ..ops import linear, take_rows
 from .qwen35_layers import Weights, as_float, as_matrix, rms_norm
 
 
@@ -32,7 +32,7 @@ class SharedWeights:
         ids = ids.to(torch.long)
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.embd.out_features):
             raise LemonsliceError(f"token ids must lie in [0, {self.embd.out_features})")
-        return dequantize(self.embd.raw[ids], self.embd.ggml_type)
+        return take_rows(self.embd, ids)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, E] -> [T, V]."""

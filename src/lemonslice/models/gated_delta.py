@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import kernels
+
 # Tokens per chunk of the chunked form: large enough for matmul efficiency, small enough
 # that the [L, L] decay matrices stay cheap.
 CHUNK = 64
@@ -59,6 +61,24 @@ def delta_rule_recurrent(
         s = s + k[t].unsqueeze(-1) * delta.unsqueeze(-2)
         out[t] = torch.einsum("hk,hkv->hv", q[t], s)
     return out, s
+
+
+# Up to this many tokens (decode, an MTP verify pass) the rule runs token by token in C.
+STEP_MAX = 16
+
+
+def delta_rule_steps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`delta_rule_recurrent` (its twin) in one C call, where the kernels are built."""
+    if kernels.library() is None or q.device.type != "cpu" or v.shape[-1] > 1024:
+        return delta_rule_recurrent(q, k, v, g, beta, state)
+    return kernels.delta_rule(q, k, v, g, beta, state)
+
+
+def pick_rule(T: int):  # noqa: ANN201
+    """The rule a forward over T tokens uses (and a rewind replays, to get the same state)."""
+    return delta_rule_steps if T <= STEP_MAX else delta_rule_chunked
 
 
 def delta_rule_chunked(

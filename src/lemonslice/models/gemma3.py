@@ -14,6 +14,7 @@ is x / rms(x) * w here. No I/O: the engine hands the weights in.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -26,7 +27,7 @@ from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
 from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
-from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, rms_norm
+from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, attend_one, rms_norm
 
 ARCH = "gemma3"
 _REQUIRED = object()
@@ -128,8 +129,10 @@ def positional_swa(period: int, n_layer: int) -> tuple[bool, ...]:
     return tuple(period == 0 or i % period < period - 1 for i in range(n_layer))
 
 
+@lru_cache(maxsize=None)
 def inv_freq(base: float, dim: int) -> torch.Tensor:
-    """[dim/2] angle per position of each rotated pair: base^(-2i/dim)."""
+    """[dim/2] angle per position of each rotated pair: base^(-2i/dim). One shared (read-only)
+    tensor per (base, dim), so the layers of a step share their RoPE tables."""
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
@@ -143,6 +146,8 @@ def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int
     k0 = max(0, q_pos0 - window + 1) if window > 0 else 0
     # Keys before k0 are out of every query's window; skip them rather than mask them.
     k, v = k[k0:], v[k0:]
+    if T == 1:
+        return attend_one(q, k, v, scale)
     mask = None
     if T > 1:
         qpos = torch.arange(T, device=q.device)[:, None] + q_pos0  # [T, 1]

@@ -9,6 +9,7 @@ Norm weights already hold llama.cpp's +1, so RMSNorm is x / rms(x) * w.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
@@ -19,7 +20,7 @@ from ..gguf.constants import GGMLType
 from ..gguf.constants import Tensors as TN
 from ..ops import QuantWeight, dequantize, linear, swiglu_experts
 from .caches import AttentionCache, DeltaNetCache, spans
-from .gated_delta import causal_conv, delta_rule_chunked, delta_rule_recurrent, l2_normalize
+from .gated_delta import causal_conv, l2_normalize, pick_rule
 from .protocol import Experts
 from .qwen35_args import ModelArgs
 
@@ -52,14 +53,20 @@ def as_float(w: Weights, template: str, bid: int) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim (torch's fused op)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """[rope_dim/2] angle per position of each rotated pair: base^(-2i/rope_dim)."""
-    exponent = torch.arange(0, args.rope_dim, 2, dtype=torch.float32) / args.rope_dim
-    return 1.0 / (args.rope_base ** exponent)
+    return _inv_freq(args.rope_base, args.rope_dim)
+
+
+@lru_cache(maxsize=None)
+def _inv_freq(base: float, dim: int) -> torch.Tensor:
+    # One shared (read-only) tensor per (base, dim): the layers of a step share their RoPE tables.
+    exponent = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    return 1.0 / (base ** exponent)
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -76,19 +83,62 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> to
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
+_ROPE_TABLES: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_tables(inv_freq: torch.Tensor, pos0: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [T, 1, D] for `rotate` at positions pos0..pos0+T-1: over the rotated
+    dims (cos, cos) and (-sin, sin), 1 and 0 over the rest. Kept per (inv_freq, positions), so
+    the layers of one step share them."""
+    key = (id(inv_freq), pos0, T, D)
+    hit = _ROPE_TABLES.get(key)
+    if hit is not None and hit[2] is inv_freq:
+        return hit[0], hit[1]
+    half = inv_freq.shape[0]
+    pos = torch.arange(pos0, pos0 + T, dtype=torch.float32)
+    ang = pos[:, None] * inv_freq[None, :]  # [T, half]
+    c, s = ang.cos(), ang.sin()
+    one, zero = torch.ones(T, D - 2 * half), torch.zeros(T, D - 2 * half)
+    cos = torch.cat((c, c, one), dim=-1)[:, None, :]
+    sin = torch.cat((-s, s, zero), dim=-1)[:, None, :]
+    if len(_ROPE_TABLES) > 256:
+        _ROPE_TABLES.clear()
+    _ROPE_TABLES[key] = (cos, sin, inv_freq)  # the tensor itself kept: its id stays unique
+    return cos, sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    """`apply_rope` with tables from `rope_tables`: x * cos + (x2, x1, rest) * sin."""
+    swapped = torch.cat((x[..., half : 2 * half], x[..., :half], x[..., 2 * half :]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
 def attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: Sequence[AttentionCache],
                 lengths: Sequence[int], inv_freq: torch.Tensor,
                 attend_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """Sequences laid end to end, q [N, H, D], k/v [N, Hkv, D]: each is rotated at its own
     positions, appended to its own cache and attended over it -> [N, H * D]."""
     outs = []
+    D, half = q.shape[-1], inv_freq.shape[0]
     for (s, e), cache in zip(spans(lengths), caches):
         pos0 = cache.length
-        pos = torch.arange(pos0, pos0 + e - s, device=q.device)
-        qi, ki = apply_rope(q[s:e], pos, inv_freq), apply_rope(k[s:e], pos, inv_freq)
+        cos, sin = rope_tables(inv_freq, pos0, e - s, D)
+        qi, ki = rotate(q[s:e], cos, sin, half), rotate(k[s:e], cos, sin, half)
         k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
         outs.append(attend_fn(qi, k_all, v_all, pos0).reshape(e - s, -1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query position q [1, H, D] over keys and values k, v [S, Hkv, D] (no mask: every
+    key is in the past) -> [1, H, D]. Query heads of a KV head are rows of one matmul, so K/V
+    are never repeated."""
+    H, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    qh = q.reshape(Hkv, H // Hkv, D)  # [Hkv, rep, D]
+    scores = torch.matmul(qh, k.permute(1, 2, 0)) * scale  # [Hkv, rep, S]
+    o = torch.matmul(scores.softmax(-1), v.transpose(0, 1))  # [Hkv, rep, D]
+    return o.reshape(1, H, D)
 
 
 def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
@@ -108,8 +158,11 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
-    """Fast twin of `attend_ref` (torch SDPA with grouped KV heads)."""
+    """Fast twin of `attend_ref`: one decode position by `attend_one`, more by torch SDPA with
+    grouped KV heads."""
     T, S = q.shape[0], k.shape[0]
+    if T == 1:
+        return attend_one(q, k, v, q.shape[-1] ** -0.5)
     mask = None
     if T > 1:
         qpos = torch.arange(T, device=q.device)[:, None] + q_pos0
@@ -174,7 +227,7 @@ class GatedDeltaNet:
         return new_deltanet_cache(self.args)
 
     def __call__(self, x: torch.Tensor, cache: DeltaNetCache, rule=None) -> torch.Tensor:
-        """x [T, E] -> [T, E]. `rule` forces a delta-rule kernel; by default chunked for T > 1."""
+        """x [T, E] -> [T, E]. `rule` forces a delta-rule kernel; by default `pick_rule(T)`."""
         return self.run(x, [cache], [x.shape[0]], rule)
 
     def run(self, x: torch.Tensor, caches: Sequence[DeltaNetCache], lengths: Sequence[int],
@@ -207,7 +260,7 @@ class GatedDeltaNet:
         k = k.repeat(1, Hv // G, 1)
         v = v.reshape(T, Hv, Dv)
         cache.record(qkv, q, k, v, g, beta)
-        rule = rule or (delta_rule_recurrent if T == 1 else delta_rule_chunked)
+        rule = rule or pick_rule(T)
         o, cache.state = rule(q, k, v, g, beta, cache.state)  # o [T, Hv, Dv]
         cache.conv = conv
         cache.length += T
@@ -228,6 +281,8 @@ class StackedExperts:
     def __init__(self, parts: tuple[QuantWeight, ...]):
         self.parts = parts  # (gate, up, down) or (gate_up, down), each [n_expert, out, row_bytes]
         self.n_expert = parts[0].n_expert
+        # Each expert's 2-D views, made on first use and kept: a decode step routes 8 of them.
+        self._views: list[tuple[QuantWeight, ...] | None] = [None] * self.n_expert
 
     def fetch(self, ids: Sequence[int], counts: Sequence[int] | None = None
               ) -> Iterator[tuple[int, tuple[QuantWeight, ...]]]:
@@ -235,7 +290,10 @@ class StackedExperts:
         if bad:
             raise IndexError(f"expert ids must lie in [0, {self.n_expert}), got {bad[0]}")
         for e in ids:
-            yield e, tuple(p.expert(e) for p in self.parts)
+            views = self._views[e]
+            if views is None:
+                views = self._views[e] = tuple(p.expert(e) for p in self.parts)
+            yield e, views
 
 
 class MoE:

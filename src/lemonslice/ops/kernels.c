@@ -855,3 +855,44 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
     return -1;
 }
 #endif
+
+/* ---- the gated delta rule, token by token (Gated DeltaNet decode) ----
+ * Per value head h, state S [Dk, Dv]; per token: S <- exp(g) S; u = beta (v - S^T k);
+ * S <- S + k u^T; o = S^T q. Heads are independent and share the threads. s_in is read,
+ * s_out written (the caller keeps the old state for rewinding). Twin: delta_rule_recurrent.
+ */
+int ls_delta_rule(int64_t T, int64_t H, int64_t Dk, int64_t Dv, const float *q, const float *k, const float *v,
+                  const float *g, const float *beta, const float *s_in, float *s_out, float *out, int nthreads) {
+    if (T < 1 || H < 1 || Dk < 1 || Dv < 1 || Dv > 1024) return -1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t h = 0; h < H; h++) {
+        float *S = s_out + h * Dk * Dv;
+        memcpy(S, s_in + h * Dk * Dv, sizeof(float) * (size_t)(Dk * Dv));
+        float kv[1024], u[1024];
+        for (int64_t t = 0; t < T; t++) {
+            const float *kt = k + (t * H + h) * Dk, *qt = q + (t * H + h) * Dk, *vt = v + (t * H + h) * Dv;
+            const float decay = expf(g[t * H + h]), b = beta[t * H + h];
+            for (int64_t j = 0; j < Dv; j++) kv[j] = 0.f;
+            for (int64_t i = 0; i < Dk; i++) {
+                float *row = S + i * Dv;
+                const float ki = kt[i];
+                for (int64_t j = 0; j < Dv; j++) {
+                    row[j] *= decay;
+                    kv[j] += ki * row[j];
+                }
+            }
+            for (int64_t j = 0; j < Dv; j++) u[j] = (vt[j] - kv[j]) * b;
+            float *o = out + (t * H + h) * Dv;
+            for (int64_t j = 0; j < Dv; j++) o[j] = 0.f;
+            for (int64_t i = 0; i < Dk; i++) {
+                float *row = S + i * Dv;
+                const float ki = kt[i], qi = qt[i];
+                for (int64_t j = 0; j < Dv; j++) {
+                    row[j] += ki * u[j];
+                    o[j] += qi * row[j];
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -88,6 +88,7 @@ def library() -> ctypes.CDLL | None:
     lib.ls_q8_supported.argtypes = [ctypes.c_int]
     lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_swiglu_experts_q8.argtypes = [i64, ptr, i64, i64, ctypes.c_int]
+    lib.ls_delta_rule.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -190,3 +191,25 @@ def swiglu_experts_q8(jobs: torch.Tensor, n_embd: int, n_ff: int) -> None:
     rc = library().ls_swiglu_experts_q8(jobs.shape[0], jobs.data_ptr(), n_embd, n_ff, torch.get_num_threads())
     if rc:
         raise ValueError(f"ls_swiglu_experts_q8 rejected the experts (rc {rc})")
+
+
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule token by token in one C call: q, k [T, H, Dk], v [T, H, Dv],
+    g, beta [T, H], state [H, Dk, Dv] (all float32) -> (o [T, H, Dv], new state). `state` is
+    not written."""
+    T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    if (q.shape != k.shape or v.shape[:2] != (T, H) or g.shape != (T, H) or beta.shape != (T, H)
+            or state.shape != (H, Dk, Dv) or Dv > 1024):
+        raise ValueError("delta_rule: shapes do not match")
+    args = [t.to(torch.float32).contiguous() for t in (q, k, v, g, beta, state)]
+    if any(t.device.type != "cpu" for t in args):
+        raise ValueError("delta_rule runs on CPU tensors")
+    new = torch.empty((H, Dk, Dv), dtype=torch.float32)
+    out = torch.empty((T, H, Dv), dtype=torch.float32)
+    rc = library().ls_delta_rule(T, H, Dk, Dv, *(t.data_ptr() for t in args), new.data_ptr(), out.data_ptr(),
+                                 torch.get_num_threads())
+    if rc:
+        raise ValueError(f"ls_delta_rule rejected T={T}, H={H}, Dk={Dk}, Dv={Dv}")
+    return out, new

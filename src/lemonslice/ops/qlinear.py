@@ -215,6 +215,19 @@ def linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
 
 
+def take_rows_ref(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [T] of a 2-D weight as float32 [T, in] (an embedding lookup), dequantized in torch."""
+    return dequantize(w.raw[ids], w.ggml_type)
+
+
+def take_rows(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    """`take_rows_ref` through the C dequantization (bit for bit the same) where it has the type."""
+    rows = w.raw[ids]
+    if rows.device.type == "cpu" and kernels.supported(w.ggml_type) and BLOCK_SIZES[w.ggml_type][0] > 1:
+        return kernels.dequant(rows, w.ggml_type, w.in_features)
+    return dequantize(rows, w.ggml_type)
+
+
 def _check_gathered(x: torch.Tensor, w: QuantWeight, expert_ids: torch.Tensor) -> None:
     if w.n_expert is None:
         raise ValueError(f"gathered_linear needs a 3-D weight, got shape {w.shape}")
