@@ -340,24 +340,25 @@ class MoE:
         if self.experts is None:
             raise LemonsliceError(f"layer {self.expert_names[0]}: no routed experts attached")
         k = ids.shape[1]
-        flat = ids.reshape(-1)  # [T*k] slot -> expert
-        d = x.new_empty((T * k, E))  # each slot's expert output
-        # Experts arrive in any order (cache hits first); each writes only its own slots, and
-        # the slots are summed in a fixed order below, so the result does not depend on it.
-        experts, counts = torch.unique(flat, return_counts=True)  # ascending ids
-        arriving = self.experts.fetch(experts.tolist(), counts.tolist())
+        sorted_ids, order = ids.reshape(-1).sort(stable=True)  # [T*k] slots grouped by ascending expert
+        experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        experts_l, counts_l = experts.tolist(), counts.tolist()
+        arriving = self.experts.fetch(experts_l, counts_l)
         # The shared expert first: an expert cache reads the missing experts meanwhile.
         shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
+        xs = x[order // k]  # [T*k, E] each slot's input, grouped by expert
         if self.experts.resident:
-            # Every expert at once: slots sorted by expert id, one kernel call for all of them.
-            got = dict(arriving)
-            order = torch.argsort(flat, stable=True)  # [T*k] slots grouped by ascending expert
-            xs = x[order // k].split(counts.tolist())
-            d[order] = torch.cat(swiglu_experts(xs, [got[e] for e in experts.tolist()]))
+            got = dict(arriving)  # every expert at once: one kernel call for all of them
+            ys = swiglu_experts(xs, counts_l, [got[e] for e in experts_l])
         else:
+            # Experts arrive in any order (cache hits first); each fills only its own rows.
+            ys = torch.empty_like(xs)
+            rows = dict(zip(experts_l, spans(counts_l)))
             for e, parts in arriving:
-                pos = (flat == e).nonzero(as_tuple=True)[0]  # [n] slots routed to e
-                d[pos] = swiglu_experts([x[pos // k]], [parts])[0]
+                s, t = rows[e]
+                ys[s:t] = swiglu_experts(xs[s:t], [t - s], [parts])
+        d = torch.empty_like(ys)
+        d[order] = ys  # back to slot order; the slots are summed in a fixed order below
         routed = (d.view(T, k, E) * w.unsqueeze(-1)).sum(1)  # [T, E]
         return routed + shared
 

@@ -279,31 +279,43 @@ def _swiglu(x: torch.Tensor, parts: tuple[QuantWeight, ...], lin) -> torch.Tenso
     return lin(F.silu(gate) * up, parts[-1])
 
 
-def swiglu_experts_ref(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]) -> list[torch.Tensor]:
-    """xs[j] [n_j, E] through SwiGLU expert parts[j] -> [n_j, E] each, with float activations."""
-    return [_swiglu(x, p, linear_ref) for x, p in zip(xs, parts)]
+def _per_expert(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]], lin
+                ) -> torch.Tensor:  # noqa: ANN001
+    if len(counts) != len(parts) or sum(counts) != x.shape[0]:
+        raise ValueError(f"{len(counts)} experts with {sum(counts)} rows for {len(parts)} weights and {x.shape[0]} rows")
+    outs, s = [], 0
+    for n, p in zip(counts, parts):
+        outs.append(_swiglu(x[s : s + n], p, lin))
+        s += n
+    return torch.cat(outs) if len(outs) != 1 else outs[0]
 
 
-def swiglu_experts_q8_ref(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]
-                          ) -> list[torch.Tensor]:
+def swiglu_experts_ref(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]]
+                       ) -> torch.Tensor:
+    """x [N, E], rows grouped by expert (counts[j] rows for expert parts[j]) -> [N, E]: each
+    row through its SwiGLU expert, with float activations."""
+    return _per_expert(x, counts, parts, linear_ref)
+
+
+def swiglu_experts_q8_ref(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]]
+                          ) -> torch.Tensor:
     """`swiglu_experts_ref` with 8-bit activations: the twin of `swiglu_experts` when not exact."""
-    return [_swiglu(x, p, linear_q8_ref) for x, p in zip(xs, parts)]
+    return _per_expert(x, counts, parts, linear_q8_ref)
 
 
-def _expert_jobs(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]) -> list[list[int]] | None:
-    """The fused kernel's job rows, or None where it does not apply (exact, other types, devices)."""
-    if _exact or kernels.library() is None or not xs:
+def _expert_jobs(x: torch.Tensor, parts: Sequence[tuple[QuantWeight, ...]]) -> list[list[int]] | None:
+    """The fused kernel's job rows (weights only), or None where it does not apply."""
+    if _exact or kernels.library() is None or not parts or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     first = parts[0]
     gate_t, down_t = first[0].ggml_type, first[-1].ggml_type
     if not (kernels.q8_supported(gate_t) and kernels.q8_supported(down_t)):
         return None
     jobs = []
-    for x, p in zip(xs, parts):
+    for p in parts:
         up = p[1] if len(p) == 3 else None
         if (len(p) != len(first) or p[0].ggml_type != gate_t or p[-1].ggml_type != down_t
-                or (up is not None and up.ggml_type != gate_t) or x.dtype != torch.float32
-                or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] == 0):
+                or (up is not None and up.ggml_type != gate_t)):
             return None
         jobs.append([int(gate_t), p[0].raw.data_ptr(), p[0].raw.stride(0),
                      up.raw.data_ptr() if up is not None else 0, up.raw.stride(0) if up is not None else 0,
@@ -311,22 +323,27 @@ def _expert_jobs(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, 
     return jobs
 
 
-def swiglu_experts(xs: Sequence[torch.Tensor], parts: Sequence[tuple[QuantWeight, ...]]) -> list[torch.Tensor]:
-    """xs[j] [n_j, E] through SwiGLU expert parts[j] -> [n_j, E] each: the MoE op model code
-    calls. With 8-bit activations every expert goes through one C call (gate and up, SiLU,
-    down), its rows shared by the threads; otherwise expert by expert through `linear`."""
-    jobs = _expert_jobs(xs, parts)
+def swiglu_experts(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]]
+                   ) -> torch.Tensor:
+    """x [N, E], rows grouped by expert (counts[j] rows for parts[j]) -> [N, E]: the MoE op
+    model code calls. With 8-bit activations every expert goes through one C call (gate and
+    up, SiLU, down), their rows shared by the threads; otherwise expert by expert."""
+    jobs = _expert_jobs(x, parts)
     if jobs is None:
-        return [_swiglu(x, p, linear) for x, p in zip(xs, parts)]
+        return _per_expert(x, counts, parts, linear)
     E, Fe = parts[0][-1].out_features, parts[0][-1].in_features
-    for x, p in zip(xs, parts):
+    if len(counts) != len(parts) or sum(counts) != x.shape[0] or x.dim() != 2 or x.shape[1] != E:
+        raise ValueError(f"{len(counts)} experts with {sum(counts)} rows for {len(parts)} weights and x "
+                         f"{tuple(x.shape)}")
+    for p in parts:
         gate_rows = p[0].out_features if len(p) == 3 else p[0].out_features // 2
-        if x.shape[1] != E or p[0].in_features != E or gate_rows != Fe or p[-1].shape[:2] != (Fe, E):
+        if p[0].in_features != E or gate_rows != Fe or p[-1].shape[:2] != (Fe, E) or min(counts) < 1:
             raise ValueError(f"expert shapes do not match inputs [n, {E}] and width {Fe}")
-    xs = [x.contiguous() for x in xs]
-    outs = [torch.empty((x.shape[0], E), dtype=torch.float32) for x in xs]
-    for job, x, y in zip(jobs, xs, outs):
-        job += [x.data_ptr(), x.shape[0], y.data_ptr()]
-    table = torch.tensor(jobs, dtype=torch.int64)  # [n, 11]
-    kernels.swiglu_experts_q8(table, E, Fe)
-    return outs
+    x = x.contiguous()
+    y = torch.empty((x.shape[0], E), dtype=torch.float32)
+    row, s = 4 * E, 0
+    for job, n in zip(jobs, counts):
+        job += [x.data_ptr() + s * row, n, y.data_ptr() + s * row]
+        s += n
+    kernels.swiglu_experts_q8(torch.tensor(jobs, dtype=torch.int64), E, Fe)
+    return y
