@@ -579,16 +579,23 @@ ROW_I8_32(row_q4_0_i8, 18, codes_q4_0)
 ROW_I8_32(row_q5_0_i8, 22, codes_q5_0)
 
 /* The 6-bit scales and mins of a Q4_K/Q5_K block: scv[j] = sc_j in every int16 lane, and
-   mv = (m_0, m_0, m_1, m_1, ..., m_7, m_7) to pair with the activations' sums per 16. */
+   mv = (m_0, m_0, m_1, m_1, ..., m_7, m_7) to pair with the activations' sums per 16.
+   The 12 bytes hold, per byte lane i of three words a, b, c: sc_i = a & 63 and m_i = b & 63
+   for i < 4; for i >= 4 the low nibbles of c plus the top two bits of a (scales) or b (mins). */
 static inline void k_scales(const uint8_t *scales, __m256i *scv, __m256i *mv) {
-    uint8_t sc, m;
-    int16_t mm[16];
-    for (int j = 0; j < 8; j++) {
-        scale_min_k4(j, scales, &sc, &m);
-        scv[j] = _mm256_set1_epi16(sc);
-        mm[2 * j] = mm[2 * j + 1] = m;
-    }
-    *mv = _mm256_loadu_si256((const __m256i *)mm);
+    uint32_t a, b, c;
+    memcpy(&a, scales, 4);
+    memcpy(&b, scales + 4, 4);
+    memcpy(&c, scales + 8, 4);
+    const uint32_t sc_lo = a & 0x3f3f3f3fu, m_lo = b & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
+    const uint32_t m_hi = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+    const __m128i sc16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
+    const __m128i m16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo));
+    *mv = _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
+    const __m256i both = _mm256_set_m128i(sc16, sc16);
+    for (int j = 0; j < 8; j++)  /* bytes 2j, 2j+1 of each lane: int16 sc_j everywhere */
+        scv[j] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
 }
 
 /* Q4_K: per 64 values one 32-byte load of nibbles; low nibbles are sub-block 2k, high 2k+1.
@@ -670,6 +677,9 @@ static void row_q6_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
         const int8_t *sc = (const int8_t *)(b + 192);
         const float d = f16_to_f32(rd16(b + 208));
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        /* int16 scales 0-7 (and 8-15) in both 128-bit lanes, for per-lane shuffles */
+        const __m256i sc_lo8 = _mm256_permute2x128_si256(sc16, sc16, 0x00);
+        const __m256i sc_hi8 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
         __m256i q[8], scv[8];
         for (int n = 0; n < 2; n++) {
             const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
@@ -681,8 +691,9 @@ static void row_q6_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
                 const __m256i nib = _mm256_and_si256(g < 2 ? lo : _mm256_srli_epi16(lo, 4), low4);
                 const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * g), two), 4);
                 q[4 * n + g] = _mm256_or_si256(nib, hi);
-                const int j = 8 * n + 2 * g;  /* scales of values 16j..16j+15 and the next 16 */
-                scv[4 * n + g] = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1]), _mm_set1_epi16(sc[j]));
+                /* scales of values 16j..16j+15 (low lane) and the next 16 (high lane), j = 8n + 2g */
+                scv[4 * n + g] = _mm256_shuffle_epi8(n ? sc_hi8 : sc_lo8, _mm256_set_m128i(
+                    _mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * g + 1))), _mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * g)))));
             }
         }
         for (int t = 0; t < T; t++) {
