@@ -16,8 +16,12 @@ Each engine runs in its own subprocess (this script with --worker), measured by
 * lemonslice streaming: the split directory with a weight budget below the model's size
   (default: shared + largest layer), so each layer is read, run and dropped;
 * llama.cpp (llama-cpp-python, low-level API): the monolithic .gguf, memory-mapped as usual
-  (its RSS counts the mapped file pages it touched), CPU only, with the test harness's settings
-  (tests/llama_ref.py): no extra (AMX/repacked) weight buffers, F32 KV cache, flash attention off.
+  (its RSS counts the mapped file pages it touched), CPU only, F32 KV cache, flash attention
+  off; run twice, without and with its extra (repacked) weight buffers, and the ratios use the
+  faster of the two for each rate. A build whose extra buffers crash (the AMX path on some
+  Xeons) is reported and left out. `--llama-build avx2` first builds llama-cpp-python from
+  the same sdist for AVX2 without AMX (once, into ~/.cache/lemonslice/llama-avx2, about 9
+  minutes on 2 cores) and runs that build instead.
 
 Prefill is one P-token prompt; decode is N more tokens, one forward each (greedy). Load time
 is reported apart and is in neither rate.
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,13 +45,14 @@ _keep_log_callback = None
 # ---- workers (run in their own process; print one JSON line on stderr) ---------------------
 
 
-def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_memory: int | None) -> dict:
+def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_memory: int | None,
+                      exact: bool) -> dict:
     from lemonslice.engine import Engine, runtime
 
     t0 = time.perf_counter()
     engine = Engine(model, max_memory=max_memory)
     load_s = time.perf_counter() - t0
-    runtime.setup(threads=threads, compact_heap=engine.streaming)  # as the CLI does
+    runtime.setup(threads=threads, compact_heap=engine.streaming, exact=exact)  # as the CLI does
     # n + 1 tokens: the first comes out of the prefill, the other n from n decode forwards.
     ids = engine.generate(prompt, n + 1)
     s = engine.stats
@@ -57,7 +63,7 @@ def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_m
     }
 
 
-def worker_llama(model: str, prompt: list[int], n: int, threads: int) -> dict:
+def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_bufts: bool) -> dict:
     import ctypes
 
     import llama_cpp
@@ -76,7 +82,7 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int) -> dict:
     llama_cpp.llama_backend_init()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = 0
-    mp.use_extra_bufts = False  # the AMX path segfaults on these machines (see tests/llama_ref.py)
+    mp.use_extra_bufts = extra_bufts  # repacked layouts; the AMX path segfaults on some Xeons
     mp.load_mtp = False
     t0 = time.perf_counter()
     m = llama_cpp.llama_model_load_from_file(model.encode(), mp)
@@ -165,16 +171,50 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     return model, split, {"shared": shared, "largest": max(sizes.values()), "total": shared + sum(sizes.values())}
 
 
-def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[int], max_memory: int | None) -> dict:
+AVX2_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF "
+              "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+
+def llama_build(kind: str) -> str | None:
+    """The directory to put first on the workers' PYTHONPATH for this llama.cpp build (None: the
+    installed one). 'avx2' is built once from the installed version's sdist."""
+    if kind == "installed":
+        return None
+    from importlib.metadata import version
+
+    target = Path.home() / ".cache" / "lemonslice" / f"llama-avx2-{version('llama-cpp-python')}"
+    if not (target / "llama_cpp").is_dir():
+        print(f"building llama-cpp-python for AVX2 without AMX into {target} (about 9 minutes)…", flush=True)
+        tmp = target.with_suffix(".tmp")
+        env = {**os.environ, "CMAKE_ARGS": AVX2_CMAKE, "FORCE_CMAKE": "1"}
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-binary", "llama-cpp-python",
+                        "--no-cache-dir", "--target", str(tmp), f"llama-cpp-python=={version('llama-cpp-python')}"],
+                       env=env, check=True)
+        os.replace(tmp, target)
+    return str(target)
+
+
+def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[int], max_memory: int | None,
+               extra: list[str] = (), pythonpath: str | None = None, fatal: bool = True) -> dict | None:
     from lemonslice.testing.measure import measure
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model),
-           "--threads", str(args.threads), "-n", str(args.n), "--prompt-ids", ",".join(map(str, prompt))]
+           "--threads", str(args.threads), "-n", str(args.n), "--prompt-ids", ",".join(map(str, prompt)), *extra]
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
-    m = measure(cmd)
+    saved = os.environ.get("PYTHONPATH")
+    if pythonpath:
+        os.environ["PYTHONPATH"] = pythonpath + (os.pathsep + saved if saved else "")
+    try:
+        m = measure(cmd)
+    finally:
+        if pythonpath:
+            os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
     lines = [ln for ln in m.stderr.splitlines() if ln.startswith(RESULT)]
     if m.returncode != 0 or not lines:
+        if not fatal:
+            print(f"  ({kind} {' '.join(extra)} failed with exit {m.returncode}: left out)", flush=True)
+            return None
         sys.exit(f"{kind} worker failed (exit {m.returncode}):\n{m.stderr.strip()}")
     return {**json.loads(lines[-1][len(RESULT):]), "peak_rss": m.peak_rss, "wall_s": m.wall_s}
 
@@ -202,19 +242,23 @@ def main() -> None:
     ap.add_argument("--only", choices=["full", "streaming", "llama"], action="append",
                     help="run only these engines (repeatable)")
     ap.add_argument("--seed", type=int, default=0, help="of the prompt's token ids")
+    ap.add_argument("--llama-build", choices=["installed", "avx2"], default="installed",
+                    help="llama.cpp to race: the installed wheel, or one built for AVX2 without AMX")
+    ap.add_argument("--exact", action="store_true", help="lemonslice with float activations")
     # worker mode
     ap.add_argument("--worker", choices=["lemonslice", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--max-memory", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--extra-bufts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
         if args.worker == "lemonslice":
-            r = worker_lemonslice(args.model, prompt, args.n, args.threads, args.max_memory)
+            r = worker_lemonslice(args.model, prompt, args.n, args.threads, args.max_memory, args.exact)
         else:
-            r = worker_llama(args.model, prompt, args.n, args.threads)
+            r = worker_llama(args.model, prompt, args.n, args.threads, args.extra_bufts)
         print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
         return
 
@@ -234,37 +278,50 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {args.threads} threads, prompt {args.prompt} tokens, decode {args.n} tokens, "
           f"streaming budget {budget / 1e6:.0f} MB", flush=True)
 
+    pythonpath = llama_build(args.llama_build)
+    exact = ["--exact"] if args.exact else []
     runs = {
-        "full": ("lemonslice", model, None),
-        "streaming": ("lemonslice", split, budget),
-        "llama": ("llama", model, None),
+        "full": ("lemonslice", model, None, exact),
+        "streaming": ("lemonslice", split, budget, exact),
+        "llama": ("llama", model, None, []),
+        "llama-repacked": ("llama", model, None, ["--extra-bufts"]),
     }
-    labels = {"full": "lemonslice full load", "streaming": "lemonslice streaming", "llama": "llama.cpp (mmap)"}
+    tag = " avx2" if args.llama_build == "avx2" else ""
+    labels = {"full": "lemonslice full load", "streaming": "lemonslice streaming",
+              "llama": f"llama.cpp{tag} (mmap)", "llama-repacked": f"llama.cpp{tag} repacked"}
     results: dict[str, dict] = {}
-    head = (f"{'engine':22} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12} "
+    head = (f"{'engine':24} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12} "
             f"{'wall s':>7}  first tokens")
     print(head)
-    for key, (kind, path, mem) in runs.items():
-        if args.only and key not in args.only:
+    for key, (kind, path, mem, extra) in runs.items():
+        if args.only and key.split("-")[0] not in args.only:
             continue
-        r = results[key] = run_worker(kind, path, args, prompt, mem)
+        r = run_worker(kind, path, args, prompt, mem, extra, pythonpath if kind == "llama" else None,
+                       fatal=key != "llama-repacked")
+        if r is None:
+            continue
+        results[key] = r
         r["prefill_tps"] = r["prefill_tokens"] / r["prefill_s"] if r["prefill_s"] else 0.0
         r["decode_tps"] = r["decode_tokens"] / r["decode_s"] if r["decode_s"] else 0.0
         if kind == "lemonslice" and (r["mode"] == "streaming") != (key == "streaming"):
             sys.exit(f"{labels[key]}: the engine chose {r['mode']} mode")
-        print(f"{labels[key]:22} {r['load_s']:>7.2f} {r['prefill_tps']:>14.2f} {r['decode_tps']:>13.3f} "
+        print(f"{labels[key]:24} {r['load_s']:>7.2f} {r['prefill_tps']:>14.2f} {r['decode_tps']:>13.3f} "
               f"{r['peak_rss'] / 1e6:>12.0f} {r['wall_s']:>7.1f}  {' '.join(map(str, r['ids'][:6]))}", flush=True)
 
-    if "llama" in results:
+    llamas = [results[k] for k in ("llama", "llama-repacked") if k in results]
+    if llamas:
+        # The anchor: the faster llama.cpp configuration for each rate.
+        best_prefill = max(r["prefill_tps"] for r in llamas)
+        best_decode = max(r["decode_tps"] for r in llamas)
         ll = results["llama"]
         for key in ("full", "streaming"):
             if key not in results:
                 continue
             r = results[key]
             same = sum(a == b for a, b in zip(r["ids"], ll["ids"]))
-            print(f"{labels[key]} / llama.cpp: prefill {r['prefill_tps'] / ll['prefill_tps']:.3f}x, "
-                  f"decode {r['decode_tps'] / ll['decode_tps']:.3f}x, peak RSS {r['peak_rss'] / ll['peak_rss']:.2f}x"
-                  f"; tokens equal at {same}/{len(ll['ids'])} positions")
+            print(f"{labels[key]} / best llama.cpp: prefill {r['prefill_tps'] / best_prefill:.3f}x, "
+                  f"decode {r['decode_tps'] / best_decode:.3f}x, peak RSS {r['peak_rss'] / ll['peak_rss']:.2f}x"
+                  f"; tokens equal to llama.cpp's at {same}/{len(ll['ids'])} positions")
     if "full" in results and "streaming" in results:
         f, s = results["full"], results["streaming"]
         print(f"streaming / full load: decode {s['decode_tps'] / f['decode_tps']:.3f}x, "
