@@ -526,8 +526,8 @@ static inline __m256i codes_q5_0(const uint8_t *b) {
     return _mm256_sub_epi8(_mm256_or_si256(nib, hi), _mm256_set1_epi8(0x10));
 }
 
-/* One weight row of a 32-value type (its f16 scale at byte 0) against T <= Q8_ROWS rows. */
-#define ROW_I8_32(NAME, BYTES, CODES)                                                                     \
+/* One weight row of a 32-value type (its scale at byte 0, read by SCALE) against T <= Q8_ROWS rows. */
+#define ROW_I8_32(NAME, BYTES, CODES, SCALE)                                                                     \
     static void NAME(const uint8_t *row, int64_t nb, const xq32 *X, int64_t ldx, int T, float *acc) {     \
         __m256 A[Q8_ROWS];                                                                                \
         if (T == 1) { /* decode: two accumulators in registers, two blocks per step */                  \
@@ -539,15 +539,15 @@ static inline __m256i codes_q5_0(const uint8_t *b) {
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)X[i + 1].q);                       \
                 a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w0, x0)),                                \
-                                     _mm256_set1_ps(f16_to_f32(rd16(b0)) * X[i].d), a0);                  \
+                                     _mm256_set1_ps(SCALE(b0) * X[i].d), a0);                             \
                 a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w1, x1)),                                \
-                                     _mm256_set1_ps(f16_to_f32(rd16(b1)) * X[i + 1].d), a1);              \
+                                     _mm256_set1_ps(SCALE(b1) * X[i + 1].d), a1);                         \
             }                                                                                             \
             for (; i < nb; i++) {                                                                         \
                 const uint8_t *b0 = row + i * (BYTES);                                                    \
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
                 a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(CODES(b0), x0)),                         \
-                                     _mm256_set1_ps(f16_to_f32(rd16(b0)) * X[i].d), a0);                  \
+                                     _mm256_set1_ps(SCALE(b0) * X[i].d), a0);                             \
             }                                                                                             \
             A[0] = _mm256_add_ps(a0, a1);                                                                 \
             hsum_acc(A, 1, acc);                                                                          \
@@ -562,7 +562,7 @@ static inline __m256i codes_q5_0(const uint8_t *b) {
             const uint8_t *b = row + i * (BYTES);                                                         \
             const __m256i w = CODES(b);                                                                   \
             const __m256i aw = _mm256_sign_epi8(w, w);                                                    \
-            const float dw = f16_to_f32(rd16(b));                                                         \
+            const float dw = SCALE(b);                                                                    \
             __m256 *acc_i = i & 1 ? B : A;                                                                \
             for (int t = 0; t < T; t++) {                                                                 \
                 const xq32 *x = X + t * ldx + i;                                                          \
@@ -574,9 +574,25 @@ static inline __m256i codes_q5_0(const uint8_t *b) {
         hsum_acc(A, T, acc);                                                                              \
     }
 
-ROW_I8_32(row_q8_0_i8, 34, codes_q8_0)
-ROW_I8_32(row_q4_0_i8, 18, codes_q4_0)
-ROW_I8_32(row_q5_0_i8, 22, codes_q5_0)
+static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
+static inline float scale_f32(const uint8_t *b) { float d; memcpy(&d, b, 4); return d; }
+static inline __m256i codes_unpacked(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 4)); }
+
+ROW_I8_32(row_q8_0_i8, 34, codes_q8_0, scale_f16)
+ROW_I8_32(row_q4_0_i8, 18, codes_q4_0, scale_f16)
+ROW_I8_32(row_q5_0_i8, 22, codes_q5_0, scale_f16)
+/* A row unpacked by unpack_row_32 (as xq32 blocks): the same arithmetic, codes by plain loads. */
+ROW_I8_32(row_unpacked_i8, (int64_t)sizeof(xq32), codes_unpacked, scale_f32)
+
+/* A Q4_0/Q5_0 row as signed codes and float scales, decoded once for many activation rows. */
+static void unpack_row_32(int type, const uint8_t *row, int64_t nb, xq32 *out) {
+    const int bytes = type == T_Q4_0 ? 18 : 22;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * bytes;
+        _mm256_storeu_si256((__m256i *)out[i].q, type == T_Q4_0 ? codes_q4_0(b) : codes_q5_0(b));
+        out[i].d = f16_to_f32(rd16(b));
+    }
+}
 
 /* The 6-bit scales and mins of a Q4_K/Q5_K block: scv[j] = sc_j in every int16 lane, and
    mv = (m_0, m_0, m_1, m_1, ..., m_7, m_7) to pair with the activations' sums per 16.
@@ -739,14 +755,23 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
         }
         /* Static halves: each thread streams one contiguous range, which the hardware
            prefetcher follows (2x dynamic chunks' bandwidth on a 178 MB LM head). */
+        /* With several passes over a Q4_0/Q5_0 row, its codes are unpacked once per row. */
+        const int unpack = T > Q8_ROWS && (type == T_Q4_0 || type == T_Q5_0);
+        xq32 *wbuf = unpack ? malloc((size_t)nb * sizeof(xq32)) : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < nrows; r++) {
             const uint8_t *row = W + r * row_bytes;
+            if (wbuf) unpack_row_32(type, row, nb, wbuf);
             for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
                 const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
                 float acc[Q8_ROWS] = {0};
                 const xq32 *x32 = (const xq32 *)XQ + t0 * nb;
                 const xq256 *x256 = (const xq256 *)XQ + t0 * nb;
+                if (wbuf) {
+                    row_unpacked_i8((const uint8_t *)wbuf, nb, x32, nb, n, acc);
+                    for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = acc[t];
+                    continue;
+                }
                 switch (type) {
                 case T_Q8_0: row_q8_0_i8(row, nb, x32, nb, n, acc); break;
                 case T_Q4_0: row_q4_0_i8(row, nb, x32, nb, n, acc); break;
@@ -759,6 +784,7 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
                 for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = acc[t];
             }
         }
+        free(wbuf);
     }
     free(XQ);
     return 0;
