@@ -203,3 +203,19 @@ def test_delta_rule_in_c_equals_the_recurrent_twin(T):
     assert_close_rel(o, o_ref, rel=1e-5)
     assert_close_rel(s, s_ref, rel=1e-5)
     assert torch.equal(state, before)  # a rewind keeps the old state: it is not written
+
+
+def test_rms_norm_and_one_position_attention_in_c_equal_torch():
+    from lemonslice.models.qwen35_layers import attend_one, attend_ref
+
+    gen = torch.Generator().manual_seed(8)
+    x, w = torch.randn(3, 5, 640, generator=gen), torch.randn(640, generator=gen)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    assert_close_rel(kernels.rms_norm(x, w, 1e-6), want, rel=1e-6)
+    for S in (1, 37, 5000):  # 5000 keys: the scores no longer fit the kernel's stack buffer
+        q = torch.randn(1, 8, 64, generator=gen)
+        cache = torch.randn(S + 3, 2, 2, 64, generator=gen)  # [S, K/V, Hkv, D]: strided rows, as a cache
+        k, v = cache[:S, 0], cache[:S, 1]
+        got = attend_one(q, k, v, 64**-0.5)
+        assert torch.equal(got, kernels.attend_one(q, k, v, 64**-0.5))  # the C kernel took it
+        assert_close_rel(got, attend_ref(q, k, v, S - 1), rel=1e-5)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType
 from ..gguf.constants import Tensors as TN
-from ..ops import QuantWeight, dequantize, linear, swiglu_experts
+from ..ops import QuantWeight, dequantize, kernels, linear, swiglu_experts
 from .caches import AttentionCache, DeltaNetCache, spans
 from .gated_delta import causal_conv, l2_normalize, pick_rule
 from .protocol import Experts
@@ -53,8 +53,9 @@ def as_float(w: Weights, template: str, bid: int) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim (torch's fused op)."""
-    return F.rms_norm(x, weight.shape, weight, eps)
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim (a C kernel, else torch's fused op)."""
+    out = kernels.rms_norm(x, weight, eps)
+    return out if out is not None else F.rms_norm(x, weight.shape, weight, eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -133,6 +134,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     """One query position q [1, H, D] over keys and values k, v [S, Hkv, D] (no mask: every
     key is in the past) -> [1, H, D]. Query heads of a KV head are rows of one matmul, so K/V
     are never repeated."""
+    out = kernels.attend_one(q, k, v, scale)
+    if out is not None:
+        return out
     H, D = q.shape[1], q.shape[2]
     Hkv = k.shape[1]
     qh = q.reshape(Hkv, H // Hkv, D)  # [Hkv, rep, D]

@@ -522,8 +522,13 @@ static inline __m256i codes_q5_0(const uint8_t *b) {
     memcpy(&qh, b + 2, 4);
     const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6));
     const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    /* code = nibble + 16 * bit - 16: subtract 16 where the fifth bit is clear */
+    return _mm256_mask_sub_epi8(nib, (__mmask32)~qh, nib, _mm256_set1_epi8(0x10));
+#else
     const __m256i hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
     return _mm256_sub_epi8(_mm256_or_si256(nib, hi), _mm256_set1_epi8(0x10));
+#endif
 }
 
 /* One weight row of a 32-value type (its scale at byte 0, read by SCALE) against T <= Q8_ROWS rows. */
@@ -932,4 +937,76 @@ int ls_delta_rule(int64_t T, int64_t H, int64_t Dk, int64_t Dv, const float *q, 
         }
     }
     return 0;
+}
+
+/* ---- small float ops of decode: RMSNorm and one-position attention ---- */
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float v[8], r = 0.f;
+    _mm256_storeu_ps(v, _mm256_add_ps(s0, s1));
+    for (int j = 0; j < 8; j++) r += v[j];
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+#else
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float r = 0.f;
+    for (int64_t i = 0; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+#endif
+
+/* rows of n floats: out = x / sqrt(mean(x^2) + eps) * w (w: n floats). */
+int ls_rms_norm(int64_t rows, int64_t n, const float *x, const float *w, float eps, float *out) {
+    if (rows < 0 || n < 1) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        const float scale = 1.0f / sqrtf(dot_f32(xr, xr, n) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) o[i] = xr[i] * scale * w[i];
+    }
+    return 0;
+}
+
+/* One query position against S cached positions, grouped heads: q [H, D]; k, v rows of the
+ * cache ([S, Hkv, D], row stride ld floats); query head h reads KV head h / (H / Hkv).
+ * out [H, D] = softmax(scale * q k^T) v, every cached position attended. */
+int ls_attend_one(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *q, const float *k, const float *v,
+                  int64_t ld, float scale, float *out, int nthreads) {
+    if (H < 1 || Hkv < 1 || H % Hkv || D < 1 || S < 1) return -1;
+    const int64_t rep = H / Hkv;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(S * H * D >= (1 << 18) ? nthreads : 1)
+    for (int64_t h = 0; h < H; h++) {
+        float stack[4096];
+        float *p = S <= 4096 ? stack : malloc(sizeof(float) * (size_t)S);
+        if (!p) { bad = 1; continue; }
+        const float *qh = q + h * D;
+        const int64_t g = (h / rep) * D;
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+            p[s] = dot_f32(qh, k + s * ld + g, D) * scale;
+            m = p[s] > m ? p[s] : m;
+        }
+        for (int64_t s = 0; s < S; s++) {
+            p[s] = expf(p[s] - m);
+            sum += p[s];
+        }
+        float *o = out + h * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+            const float ps = p[s] / sum;
+            const float *vs = v + s * ld + g;
+            for (int64_t d = 0; d < D; d++) o[d] += ps * vs[d];
+        }
+        if (p != stack) free(p);
+    }
+    return bad ? -2 : 0;
 }

@@ -89,6 +89,8 @@ def library() -> ctypes.CDLL | None:
     lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_swiglu_experts_q8.argtypes = [i64, ptr, i64, i64, ctypes.c_int]
     lib.ls_delta_rule.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
+    lib.ls_attend_one.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     return lib
 
 
@@ -213,3 +215,37 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     if rc:
         raise ValueError(f"ls_delta_rule rejected T={T}, H={H}, Dk={Dk}, Dv={Dv}")
     return out, new
+
+
+def _f32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x [..., n] / sqrt(mean(x^2) + eps) * weight [n] in C; None when the tensors do not fit
+    the kernel (the caller uses torch)."""
+    lib = library()
+    n = x.shape[-1]
+    if lib is None or not (_f32(x) and _f32(weight)) or weight.shape != (n,):
+        return None
+    out = torch.empty_like(x)
+    lib.ls_rms_norm(x.numel() // n, n, x.data_ptr(), weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """One query position q [1, H, D] over k, v [S, Hkv, D] (every position attended) in C ->
+    [1, H, D]; None when the tensors do not fit the kernel."""
+    lib = library()
+    S, Hkv, D = k.shape
+    H = q.shape[1]
+    if (lib is None or q.shape != (1, H, D) or v.shape != k.shape or H % Hkv or not _f32(q)
+            or k.dtype != torch.float32 or v.dtype != torch.float32 or k.stride() != v.stride()
+            or k.stride()[1:] != (D, 1) or k.device.type != "cpu" or v.device.type != "cpu"):
+        return None
+    out = torch.empty((1, H, D), dtype=torch.float32)
+    rc = lib.ls_attend_one(H, Hkv, D, S, q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), scale,
+                           out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise MemoryError("ls_attend_one could not allocate its scores")
+    return out
