@@ -219,3 +219,13 @@ def test_rms_norm_and_one_position_attention_in_c_equal_torch():
         got = attend_one(q, k, v, 64**-0.5)
         assert torch.equal(got, kernels.attend_one(q, k, v, 64**-0.5))  # the C kernel took it
         assert_close_rel(got, attend_ref(q, k, v, S - 1), rel=1e-5)
+
+
+def test_f32_rows_do_not_depend_on_the_batch():
+    raw = torch.from_numpy(blocks(T.F32, 300, 640, seed=2))
+    w = QuantWeight(raw, T.F32, (640, 300))
+    x = torch.randn(5, 640, generator=torch.Generator().manual_seed(1))
+    together = linear(x, w)
+    for i in range(5):
+        assert torch.equal(linear(x[i : i + 1], w)[0], together[i])
+    assert_close_rel(together, linear_ref(x, w), rel=2e-6)

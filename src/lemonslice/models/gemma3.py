@@ -27,7 +27,7 @@ from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
 from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
-from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, attend_one, rms_norm
+from .qwen35_layers import ONE_BY_ONE, AttentionCache, Weights, as_float, as_matrix, attend_each, attend_rows, rms_norm
 
 ARCH = "gemma3"
 _REQUIRED = object()
@@ -143,11 +143,11 @@ def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int
     q [T, H, D] at positions q_pos0.. ; k, v [S, Hkv, D] at 0..S-1. Returns [T, H, D].
     """
     T = q.shape[0]
+    if T <= ONE_BY_ONE:
+        return attend_rows(q, k, v, q_pos0, scale, window)
     k0 = max(0, q_pos0 - window + 1) if window > 0 else 0
     # Keys before k0 are out of every query's window; skip them rather than mask them.
     k, v = k[k0:], v[k0:]
-    if T == 1:
-        return attend_one(q, k, v, scale)
     mask = None
     if T > 1:
         qpos = torch.arange(T, device=q.device)[:, None] + q_pos0  # [T, 1]

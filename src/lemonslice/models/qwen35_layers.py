@@ -161,12 +161,29 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -
     return (probs @ vh).transpose(0, 1)
 
 
+# Up to this many query positions (decode, an MTP verify pass) attend one at a time, so each
+# gets the arithmetic of a one-token step: verified tokens match plain decoding bit for bit.
+ONE_BY_ONE = 16
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float,
+                window: int = 0) -> torch.Tensor:
+    """Causal attention of a few positions q [T, H, D] (at q_pos0..) over k, v [S, Hkv, D],
+    each by `attend_one` over the keys it may see (the last `window` of them when > 0)."""
+    outs = []
+    for i in range(q.shape[0]):
+        end = q_pos0 + i + 1
+        start = max(0, end - window) if window > 0 else 0
+        outs.append(attend_one(q[i : i + 1], k[start:end], v[start:end], scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
-    """Fast twin of `attend_ref`: one decode position by `attend_one`, more by torch SDPA with
-    grouped KV heads."""
+    """Fast twin of `attend_ref`: a few positions one by one (`attend_rows`), more by torch
+    SDPA with grouped KV heads."""
     T, S = q.shape[0], k.shape[0]
-    if T == 1:
-        return attend_one(q, k, v, q.shape[-1] ** -0.5)
+    if T <= ONE_BY_ONE:
+        return attend_rows(q, k, v, q_pos0, q.shape[-1] ** -0.5)
     mask = None
     if T > 1:
         qpos = torch.arange(T, device=q.device)[:, None] + q_pos0
@@ -319,6 +336,8 @@ class MoE:
         self.experts: Experts | None = (
             StackedExperts(tuple(as_matrix(w, t, bid) for t in templates)) if all(present) else None)
         self.shexp_gate = as_float(w, TN.FFN_GATE_INP_SHEXP, bid).reshape(-1)  # [E]
+        # The same bytes as a one-row weight, multiplied through `linear` like the router.
+        self.shexp_gate_w = QuantWeight(self.shexp_gate, GGMLType.F32, (self.shexp_gate.shape[0], 1))
         self.shexp = DenseFFN.from_templates(w, bid, TN.FFN_GATE_SHEXP, TN.FFN_UP_SHEXP, TN.FFN_DOWN_SHEXP)
         # Told the routed expert ids [T, k] of every call (the engine counts the experts' bytes).
         self.observe: Callable[[torch.Tensor], None] | None = None
@@ -348,13 +367,16 @@ class MoE:
         experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
         experts_l, counts_l = experts.tolist(), counts.tolist()
         arriving = self.experts.fetch(experts_l, counts_l)
-        # The shared expert first: an expert cache reads the missing experts meanwhile.
-        shared = torch.sigmoid(x @ self.shexp_gate).unsqueeze(-1) * self.shexp(x)
         xs = x[order // k]  # [T*k, E] each slot's input, grouped by expert
+        gate = torch.sigmoid(linear(x, self.shexp_gate_w))  # [T, 1]
         if self.experts.resident:
-            got = dict(arriving)  # every expert at once: one kernel call for all of them
-            ys = swiglu_experts(xs, counts_l, [got[e] for e in experts_l])
+            # Every expert at once, the shared one as one more: one kernel call for all of them.
+            got = dict(arriving)
+            both = swiglu_experts(torch.cat((xs, x)), [*counts_l, T], [*(got[e] for e in experts_l), self.shexp.parts])
+            ys, shared = both[: T * k], gate * both[T * k :]
         else:
+            # The shared expert first: an expert cache reads the missing experts meanwhile.
+            shared = gate * self.shexp(x)
             # Experts arrive in any order (cache hits first); each fills only its own rows.
             ys = torch.empty_like(xs)
             rows = dict(zip(experts_l, spans(counts_l)))
@@ -372,10 +394,12 @@ class DenseFFN:
 
     def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight):
         self.gate, self.up, self.down = gate, up, down
+        self.parts = (gate, up, down)
 
     @classmethod
     def from_templates(cls, w: Weights, bid: int, gate: str, up: str, down: str) -> "DenseFFN":
         return cls(as_matrix(w, gate, bid), as_matrix(w, up, bid), as_matrix(w, down, bid))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        """x [T, E] -> [T, E], as a one-expert `swiglu_experts` (one C call on the 8-bit path)."""
+        return swiglu_experts(x, [x.shape[0]], [self.parts])

@@ -1010,3 +1010,14 @@ int ls_attend_one(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *q, 
     }
     return bad ? -2 : 0;
 }
+
+/* Y [T, nrows] = X [T, ncols] @ W.T for float32 rows of W (stride row_floats): each output
+ * one dot product with a fixed summation order, whatever T is (batch-invariant). */
+int ls_matmul_f32(const float *W, int64_t row_floats, int64_t nrows, int64_t ncols, const float *X, int64_t T,
+                  float *Y, int nthreads) {
+    if (nrows < 1 || ncols < 1 || T < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(nrows * ncols >= (1 << 15) ? nthreads : 1)
+    for (int64_t r = 0; r < nrows; r++)
+        for (int64_t t = 0; t < T; t++) Y[t * nrows + r] = dot_f32(W + r * row_floats, X + t * ncols, ncols);
+    return 0;
+}

@@ -90,6 +90,7 @@ def library() -> ctypes.CDLL | None:
     lib.ls_swiglu_experts_q8.argtypes = [i64, ptr, i64, i64, ctypes.c_int]
     lib.ls_delta_rule.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
+    lib.ls_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_attend_one.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     return lib
 
@@ -248,4 +249,16 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
                            out.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("ls_attend_one could not allocate its scores")
+    return out
+
+
+def matmul_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ w.T for float32 w [rows, in] (rows contiguous): each output one C dot product
+    in a fixed order, so a row's result does not depend on N (BLAS picks kernels by shape)."""
+    if not (_f32(x) and w.dtype == torch.float32 and w.dim() == 2 and w.stride(1) == 1 and x.dim() == 2
+            and x.shape[1] == w.shape[1] and w.device.type == "cpu"):
+        raise ValueError("matmul_f32 takes float32 x [N, in] and w [rows, in] on the CPU")
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+    library().ls_matmul_f32(w.data_ptr(), w.stride(0), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0],
+                            out.data_ptr(), torch.get_num_threads())
     return out

@@ -134,7 +134,9 @@ def _fast_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: i
     if xf.device.type != "cpu" or not kernels.supported(ggml_type):
         return _matmul_rows(xf, raw, ggml_type, n_in)
     if ggml_type == GGMLType.F32 and raw.data_ptr() % 4 == 0 and raw.stride(-1) == 1:
-        return xf @ raw.view(torch.float32).T  # already float: no copy at all
+        w = raw.view(torch.float32)  # already float: no copy at all
+        # BLAS when exact (as before); else a C dot per output, the same for any batch size
+        return xf @ w.T if _exact else kernels.matmul_f32(xf.contiguous(), w)
     if BLOCK_SIZES[ggml_type][0] == 1:
         return _matmul_rows(xf, raw, ggml_type, n_in)
     if not _exact and kernels.q8_supported(ggml_type):
@@ -307,15 +309,16 @@ def _expert_jobs(x: torch.Tensor, parts: Sequence[tuple[QuantWeight, ...]]) -> l
     """The fused kernel's job rows (weights only), or None where it does not apply."""
     if _exact or kernels.library() is None or not parts or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    first = parts[0]
-    gate_t, down_t = first[0].ggml_type, first[-1].ggml_type
-    if not (kernels.q8_supported(gate_t) and kernels.q8_supported(down_t)):
-        return None
+    # Any types with an 8-bit kernel, as long as every gate/up (and every down) shares one
+    # activation block size: the kernel rounds each expert's input (and hidden) once.
+    gate_b, down_b = Q8_BLOCK.get(parts[0][0].ggml_type), Q8_BLOCK.get(parts[0][-1].ggml_type)
     jobs = []
     for p in parts:
         up = p[1] if len(p) == 3 else None
-        if (len(p) != len(first) or p[0].ggml_type != gate_t or p[-1].ggml_type != down_t
-                or (up is not None and up.ggml_type != gate_t)):
+        gate_t, down_t = p[0].ggml_type, p[-1].ggml_type
+        if (gate_b is None or down_b is None or Q8_BLOCK.get(gate_t) != gate_b or Q8_BLOCK.get(down_t) != down_b
+                or not kernels.q8_supported(gate_t) or not kernels.q8_supported(down_t)
+                or (up is not None and up.ggml_type != gate_t) or p[0].raw.device.type != "cpu"):
             return None
         jobs.append([int(gate_t), p[0].raw.data_ptr(), p[0].raw.stride(0),
                      up.raw.data_ptr() if up is not None else 0, up.raw.stride(0) if up is not None else 0,
