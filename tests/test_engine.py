@@ -242,3 +242,18 @@ def test_streaming_pins_what_the_budget_holds(tmp_path):
     assert eng.generate([1, 2, 3], 6) == want
     assert eng.store.peak_resident_bytes <= budget
     assert Engine(path, plan=Streamed(shared + largest)).pinned == 0
+
+
+def test_a_few_tokens_at_once_equal_one_at_a_time_bit_for_bit(model):
+    # An MTP verify pass feeds K+1 tokens at once; speculative decoding is lossless only if
+    # that gives each token the bits of a one-token step (8-bit activations magnify any
+    # difference: a value that moves across a rounding boundary moves by a whole step).
+    e = Engine(model)
+    c = e.compute
+    together, alone = c.new_state(), c.new_state()
+    c.forward([together], [PROMPT])
+    c.forward([alone], [PROMPT])
+    nxt = [5, 77, 300, 12, 9]
+    got = c.forward([together], [nxt], logits="all")[0]
+    want = torch.cat([c.forward([alone], [[t]], logits="all")[0] for t in nxt])
+    assert torch.equal(got, want)

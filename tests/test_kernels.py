@@ -229,3 +229,12 @@ def test_f32_rows_do_not_depend_on_the_batch():
     for i in range(5):
         assert torch.equal(linear(x[i : i + 1], w)[0], together[i])
     assert_close_rel(together, linear_ref(x, w), rel=2e-6)
+
+
+def test_deltanet_gates_in_c_equal_torch():
+    gen = torch.Generator().manual_seed(4)
+    alpha, b = torch.randn(3, 32, generator=gen) * 8, torch.randn(3, 32, generator=gen) * 4
+    a, dt_bias = -torch.rand(32, generator=gen) * 4, torch.randn(32, generator=gen)
+    g, beta = kernels.deltanet_gates(alpha, b, a, dt_bias)
+    assert_close_rel(g, a * torch.nn.functional.softplus(alpha + dt_bias), rel=1e-6)
+    assert_close_rel(beta, torch.sigmoid(b), rel=1e-6)

@@ -258,8 +258,10 @@ class GatedDeltaNet:
         a = self.args
         N, Hv, Dv = x.shape[0], a.ssm_dt_rank, a.ssm_head_v_dim
         qkv = linear(x, self.w_qkv)  # [N, conv_dim]
-        beta = torch.sigmoid(linear(x, self.w_beta))  # [N, Hv]
-        g = self.a * F.softplus(linear(x, self.w_alpha) + self.dt_bias)  # [N, Hv] log decay, <= 0
+        b, alpha = linear(x, self.w_beta), linear(x, self.w_alpha)  # [N, Hv] each
+        gates = kernels.deltanet_gates(alpha, b, self.a, self.dt_bias)
+        # g [N, Hv]: log decay, <= 0; beta [N, Hv]
+        g, beta = gates if gates is not None else (self.a * F.softplus(alpha + self.dt_bias), torch.sigmoid(b))
         outs = [self._recur(qkv[s:e], g[s:e], beta[s:e], c, rule) for (s, e), c in zip(spans(lengths), caches)]
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [N, Hv, Dv]
         z = linear(x, self.w_z).view(N, Hv, Dv)

@@ -1021,3 +1021,17 @@ int ls_matmul_f32(const float *W, int64_t row_floats, int64_t nrows, int64_t nco
         for (int64_t t = 0; t < T; t++) Y[t * nrows + r] = dot_f32(W + r * row_floats, X + t * ncols, ncols);
     return 0;
 }
+
+/* Gated DeltaNet gates, element by element (the same arithmetic for any number of tokens):
+ * g = a * softplus(alpha + dt_bias) (softplus(x) = x above 20, as torch), beta = sigmoid(b);
+ * alpha, b [T, H]; a, dt_bias [H]. */
+int ls_deltanet_gates(int64_t T, int64_t H, const float *alpha, const float *b, const float *a,
+                      const float *dt_bias, float *g, float *beta) {
+    if (T < 1 || H < 1) return -1;
+    for (int64_t i = 0; i < T * H; i++) {
+        const float x = alpha[i] + dt_bias[i % H];
+        g[i] = a[i % H] * (x > 20.f ? x : log1pf(expf(x)));
+        beta[i] = 1.f / (1.f + expf(-b[i]));
+    }
+    return 0;
+}

@@ -91,6 +91,7 @@ def library() -> ctypes.CDLL | None:
     lib.ls_delta_rule.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
     lib.ls_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_deltanet_gates.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.ls_attend_one.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
     return lib
 
@@ -262,3 +263,20 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     library().ls_matmul_f32(w.data_ptr(), w.stride(0), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0],
                             out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def deltanet_gates(alpha: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a * softplus(alpha + dt_bias), sigmoid(b)) for alpha, b [T, H] in C, element by element;
+    None when the tensors do not fit (the caller uses torch). torch's vector and scalar paths
+    round differently, and which one a small tensor takes depends on T."""
+    lib = library()
+    if lib is None or not all(_f32(t) for t in (alpha, b, a, dt_bias)) or alpha.shape != b.shape or alpha.dim() != 2:
+        return None
+    T, H = alpha.shape
+    if a.shape != (H,) or dt_bias.shape != (H,):
+        return None
+    g, beta = torch.empty_like(alpha), torch.empty_like(b)
+    lib.ls_deltanet_gates(T, H, alpha.data_ptr(), b.data_ptr(), a.data_ptr(), dt_bias.data_ptr(), g.data_ptr(),
+                          beta.data_ptr())
+    return g, beta
