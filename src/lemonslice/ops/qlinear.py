@@ -157,7 +157,9 @@ def round_activations(xf: torch.Tensor, block: int) -> torch.Tensor:
     round_half_even(x * 127 / amax) times amax / 127, returned in float64 (exact)."""
     xb = xf.reshape(xf.shape[0], -1, block)
     amax = xb.abs().amax(-1, keepdim=True)  # [N, in/block, 1]
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # A tensor divided by a tensor: `127.0 / amax` would be computed as reciprocal(amax) * 127,
+    # rounded twice, and differ from the kernel's 127.0f / amax by an ulp now and then.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     codes = torch.round(xb * inv)  # float32 product, rounded half to even as the C kernel does
     return (codes.double() * (amax / 127.0).double()).reshape(xf.shape)
 
