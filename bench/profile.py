@@ -64,10 +64,11 @@ def instrument(timer: OpTimer) -> None:
 
     def linear_label(prefix: str) -> Callable[..., str]:
         def label(x: Any, w: Any) -> str:
-            kind = "expert linear" if timer.in_moe and prefix == "linear" else prefix
+            kind = "linear in MoE" if timer.in_moe and prefix == "linear" else prefix
             return f"{kind} {w.ggml_type.name}"
         return label
 
+    # Names looked up with hasattr: the script also profiles older trees (before/after tables).
     for mod in (qwen35_layers, gemma3, qwen35):
         mod.linear = timer.wrap(mod.linear, linear_label("linear"))
     common.linear = timer.wrap(common.linear, linear_label("lm head"))
@@ -75,9 +76,14 @@ def instrument(timer: OpTimer) -> None:
         mod.rms_norm = timer.wrap(mod.rms_norm, "rms norm")
     for mod in (qwen35_layers, gemma3):
         mod.attend_each = timer.wrap(mod.attend_each, "attention (rope, cache, sdpa)")
-    qwen35_layers.swiglu_experts = timer.wrap(qwen35_layers.swiglu_experts, "routed experts (swiglu)")
+    if hasattr(qwen35_layers, "swiglu_experts"):
+        qwen35_layers.swiglu_experts = timer.wrap(qwen35_layers.swiglu_experts, "experts (swiglu, one call)")
     qwen35_layers.GatedDeltaNet._recur = timer.wrap(qwen35_layers.GatedDeltaNet._recur, "deltanet conv, norms")
-    qwen35_layers.pick_rule = lambda T, pick=qwen35_layers.pick_rule: timer.wrap(pick(T), "deltanet rule")
+    if hasattr(qwen35_layers, "pick_rule"):
+        qwen35_layers.pick_rule = lambda T, pick=qwen35_layers.pick_rule: timer.wrap(pick(T), "deltanet rule")
+    else:
+        for name in ("delta_rule_recurrent", "delta_rule_chunked"):
+            setattr(qwen35_layers, name, timer.wrap(getattr(qwen35_layers, name), "deltanet rule"))
     common.SharedWeights.embed = timer.wrap(common.SharedWeights.embed, "embedding")
     moe_call = qwen35_layers.MoE.__call__
 
@@ -96,7 +102,10 @@ def profile(model: str, prompt: list[int], n: int, threads: int, exact: bool) ->
     from lemonslice.engine.sampling import Sampler, SamplingParams
 
     engine = Engine(model)
-    runtime.setup(threads=threads, exact=exact)
+    if exact:
+        runtime.setup(threads=threads, exact=True)
+    else:
+        runtime.setup(threads=threads)
     timer = OpTimer()
     instrument(timer)
     sampler = Sampler(SamplingParams(temperature=0.0))

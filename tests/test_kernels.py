@@ -60,8 +60,7 @@ def test_linear_exact_equals_reference_twin(t, n, exact):
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n", [1, 2, 8, 9, 21, 40])
 def test_linear_8bit_equals_its_twin(t, n):
-    # 8 activation rows share one pass over a weight row: 9 and more take several passes, and past
-    # 16 rows (prompts) the 32-value types sum 8 rows' blocks side by side.
+    # 8 activation rows share one pass over a weight row: 9 and more take several passes.
     raw = blocks(t, 37, 768, seed=n)
     w = QuantWeight(torch.from_numpy(raw), t, (768, 37))
     x = torch.randn(n, 768, generator=torch.Generator().manual_seed(n)) * 3

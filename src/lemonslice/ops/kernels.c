@@ -589,46 +589,6 @@ ROW_I8_32(row_q5_0_i8, 22, codes_q5_0, scale_f16)
 /* A row unpacked by unpack_row_32 (as xq32 blocks): the same arithmetic, codes by plain loads. */
 ROW_I8_32(row_unpacked_i8, (int64_t)sizeof(xq32), codes_unpacked, scale_f32)
 
-/* Prefill (more than MANY_ROWS activation rows): an unpacked 32-value row against 8 activation
- * rows at a time, the 8 integer block sums reduced into one vector (lane t: row t) before a
- * single conversion and multiply-add per block, with dxt[i][t] the activation scales of block
- * i laid out by row. Fewer float operations per row than ROW_I8_32, and a different rounding
- * order, so it is kept to prompts, never to decode or verify passes. */
-#define MANY_ROWS 16
-
-static inline __m256i sum_lanes8(const __m256i p[8]) {
-    const __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    const __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
-}
-
-static void rows8_unpacked_i8(const xq32 *w, int64_t nb, const xq32 *X, int64_t ldx, int n, const float *dxt,
-                              float *acc) {
-    __m256 A = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const __m256i c = _mm256_loadu_si256((const __m256i *)w[i].q);
-        const __m256i ac = _mm256_sign_epi8(c, c);
-        __m256i p[8];
-        for (int t = 0; t < 8; t++)
-            p[t] = t < n ? dot_u8s8(ac, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)X[t * ldx + i].q), c))
-                         : _mm256_setzero_si256();
-        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(w[i].d), _mm256_loadu_ps(dxt + 8 * i));
-        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(p)), scale, A);
-    }
-    _mm256_storeu_ps(acc, A);
-}
-
-/* Any 32-value row (Q4_0, Q5_0, Q8_0) as signed codes and float scales. */
-static void unpack_any_32(int type, const uint8_t *row, int64_t nb, xq32 *out) {
-    const int bytes = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * bytes;
-        const __m256i c = type == T_Q4_0 ? codes_q4_0(b) : type == T_Q5_0 ? codes_q5_0(b) : codes_q8_0(b);
-        _mm256_storeu_si256((__m256i *)out[i].q, c);
-        out[i].d = f16_to_f32(rd16(b));
-    }
-}
-
 /* A Q4_0/Q5_0 row as signed codes and float scales, decoded once for many activation rows. */
 static void unpack_row_32(int type, const uint8_t *row, int64_t nb, xq32 *out) {
     const int bytes = type == T_Q4_0 ? 18 : 22;
@@ -791,35 +751,21 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
     const size_t xsize = xb == 32 ? sizeof(xq32) : sizeof(xq256);
     void *XQ = malloc((size_t)(T * nb) * xsize);
     if (!XQ) return -2;
-    const int many = T > MANY_ROWS && xb == 32;
-    float *dxt = many ? calloc((size_t)((T + 7) / 8 * nb * 8), sizeof(float)) : NULL;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             if (xb == 32) quant_x32(X + t * ncols, ncols, (xq32 *)XQ + t * nb);
             else quant_x256(X + t * ncols, ncols, (xq256 *)XQ + t * nb);
-            if (dxt)  /* activation scales by block, 8 rows side by side (zeros past T) */
-                for (int64_t i = 0; i < nb; i++) dxt[((t / 8) * nb + i) * 8 + t % 8] = ((xq32 *)XQ)[t * nb + i].d;
         }
         /* Static halves: each thread streams one contiguous range, which the hardware
            prefetcher follows (2x dynamic chunks' bandwidth on a 178 MB LM head). */
         /* With several passes over a Q4_0/Q5_0 row, its codes are unpacked once per row. */
-        const int unpack = T > Q8_ROWS && (type == T_Q4_0 || type == T_Q5_0 || (many && type == T_Q8_0));
+        const int unpack = T > Q8_ROWS && (type == T_Q4_0 || type == T_Q5_0);
         xq32 *wbuf = unpack ? malloc((size_t)nb * sizeof(xq32)) : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < nrows; r++) {
             const uint8_t *row = W + r * row_bytes;
-            if (wbuf && many && dxt) {
-                unpack_any_32(type, row, nb, wbuf);
-                for (int64_t t0 = 0; t0 < T; t0 += 8) {
-                    const int n = (int)(T - t0 < 8 ? T - t0 : 8);
-                    float acc[8];
-                    rows8_unpacked_i8(wbuf, nb, (const xq32 *)XQ + t0 * nb, nb, n, dxt + (t0 / 8) * nb * 8, acc);
-                    for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = acc[t];
-                }
-                continue;
-            }
             if (wbuf) unpack_row_32(type, row, nb, wbuf);
             for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
                 const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
@@ -846,7 +792,6 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
         free(wbuf);
     }
     free(XQ);
-    free(dxt);
     return 0;
 }
 
