@@ -619,6 +619,25 @@ static inline void k_scales(const uint8_t *scales, __m256i *scv, __m256i *mv) {
         scv[j] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
 }
 
+/* One Q4_K/Q5_K block, its codes q (sub-block j: 32 unsigned codes), scales and mins
+   decoded, against block i of every activation row (X already at block i): each row adds
+   d*dx*sum_j(sc_j q_j.x_j) - dmin*dx*sum_j(m_j sum(x_j)) to its accumulator. */
+static inline void k_block_dot(const __m256i q[8], const __m256i scv[8], __m256i mv, float d, float dmin,
+                               const xq256 *X, int64_t ldx, int T, __m256 *A) {
+    for (int t = 0; t < T; t++) {
+        const xq256 *x = X + t * ldx;
+        __m256i s = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
+        }
+        /* lane j: m_j * (sum of the activation codes of sub-block j) */
+        const __m256i mins = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
+        A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
+        A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
+    }
+}
+
 /* Q4_K: per 64 values one 32-byte load of nibbles; low nibbles are sub-block 2k, high 2k+1.
    Value = d*sc*q - dmin*m, so a block adds d*dx*sum(sc*q.x) - dmin*dx*sum(m*sum(x)). */
 static void row_q4_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
@@ -636,18 +655,7 @@ static void row_q4_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
             q[2 * k] = _mm256_and_si256(v, low4);
             q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         }
-        for (int t = 0; t < T; t++) {
-            const xq256 *x = X + t * ldx + i;
-            __m256i s = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++) {
-                const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
-            }
-            /* lane j: m_j * (sum of the activation codes of sub-block j) */
-            const __m256i mins = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
-            A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
-        }
+        k_block_dot(q, scv, mv, d, dmin, X + i, ldx, T, A);
     }
     hsum_acc(A, T, acc);
 }
@@ -671,18 +679,7 @@ static void row_q5_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
             q[2 * k] = _mm256_or_si256(_mm256_and_si256(v, low4), h0);
             q[2 * k + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), h1);
         }
-        for (int t = 0; t < T; t++) {
-            const xq256 *x = X + t * ldx + i;
-            __m256i s = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++) {
-                const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
-            }
-            /* lane j: m_j * (sum of the activation codes of sub-block j) */
-            const __m256i mins = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
-            A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
-        }
+        k_block_dot(q, scv, mv, d, dmin, X + i, ldx, T, A);
     }
     hsum_acc(A, T, acc);
 }
