@@ -249,3 +249,14 @@ def test_earliest_stop_wins_and_self_overlapping_stops() -> None:
 def test_no_stop_strings_pass_text_through() -> None:
     m = StopMatcher([])
     assert feed_all(m, ["a", "b<"]) == [("a", False), ("b<", False)]
+
+
+def test_argmax_is_torchs_first_index_on_ties():
+    from lemonslice.engine.sampling import argmax
+
+    for values in ([1.0, 3.0, 3.0, 2.0], [float("nan"), 1.0, float("nan")], [-1.0, float("inf"), 5.0, float("inf")]):
+        x = torch.tensor(values)
+        assert argmax(x) == int(torch.argmax(x))
+    x = torch.randn(262144, generator=torch.Generator().manual_seed(0))
+    assert argmax(x) == int(torch.argmax(x))
+    assert argmax(x[::2]) == int(torch.argmax(x[::2]))  # a strided view

@@ -35,7 +35,7 @@ from ..models.qwen35_mtp import MTPHead
 from .engine import Engine
 from .generation import GenStats
 from .state import SequenceState
-from .sampling import Sampler, SamplingParams, filter_logits
+from .sampling import Sampler, SamplingParams, argmax, filter_logits
 
 MAX_DRAFT = 16
 
@@ -91,7 +91,7 @@ class _Chooser:
         return logits if self.params is None else filter_logits(logits, history, self.params)
 
     def greedy_pick(self, logits: torch.Tensor, history: Sequence[int]) -> int:
-        return int(torch.argmax(self._filtered(logits, history)))
+        return argmax(self._filtered(logits, history))
 
     def probs(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """[V] float64 probabilities after the filters and temperature."""
