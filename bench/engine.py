@@ -21,7 +21,8 @@ Each engine runs in its own subprocess (this script with --worker), measured by
   faster of the two for each rate. A build whose extra buffers crash (the AMX path on some
   Xeons) is reported and left out. `--llama-build avx2` first builds llama-cpp-python from
   the same sdist for AVX2 without AMX (once, into ~/.cache/lemonslice/llama-avx2, about 9
-  minutes on 2 cores) and runs that build instead.
+  minutes on 2 cores) and runs that build instead; `--llama-build both` races all four
+  configurations and divides by the fastest.
 
 Prefill is one P-token prompt; decode is N more tokens, one forward each (greedy). Load time
 is reported apart and is in neither rate.
@@ -242,8 +243,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["full", "streaming", "llama"], action="append",
                     help="run only these engines (repeatable)")
     ap.add_argument("--seed", type=int, default=0, help="of the prompt's token ids")
-    ap.add_argument("--llama-build", choices=["installed", "avx2"], default="installed",
-                    help="llama.cpp to race: the installed wheel, or one built for AVX2 without AMX")
+    ap.add_argument("--llama-build", choices=["installed", "avx2", "both"], default="installed",
+                    help="llama.cpp to race: the installed wheel, one built for AVX2 without AMX, or both")
     ap.add_argument("--exact", action="store_true", help="lemonslice with float activations")
     # worker mode
     ap.add_argument("--worker", choices=["lemonslice", "llama"], help=argparse.SUPPRESS)
@@ -278,26 +279,27 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {args.threads} threads, prompt {args.prompt} tokens, decode {args.n} tokens, "
           f"streaming budget {budget / 1e6:.0f} MB", flush=True)
 
-    pythonpath = llama_build(args.llama_build)
+    builds = ["installed", "avx2"] if args.llama_build == "both" else [args.llama_build]
+    paths = {b: llama_build(b) for b in builds}
     exact = ["--exact"] if args.exact else []
+    # key: (worker, model, budget, extra args, PYTHONPATH, label); llama.cpp's repacked run may crash
     runs = {
-        "full": ("lemonslice", model, None, exact),
-        "streaming": ("lemonslice", split, budget, exact),
-        "llama": ("llama", model, None, []),
-        "llama-repacked": ("llama", model, None, ["--extra-bufts"]),
+        "full": ("lemonslice", model, None, exact, None, "lemonslice full load"),
+        "streaming": ("lemonslice", split, budget, exact, None, "lemonslice streaming"),
     }
-    tag = " avx2" if args.llama_build == "avx2" else ""
-    labels = {"full": "lemonslice full load", "streaming": "lemonslice streaming",
-              "llama": f"llama.cpp{tag} (mmap)", "llama-repacked": f"llama.cpp{tag} repacked"}
+    for b in builds:
+        tag = " avx2" if b == "avx2" else ""
+        runs[f"llama-{b}"] = ("llama", model, None, [], paths[b], f"llama.cpp{tag} (mmap)")
+        runs[f"llama-{b}-repacked"] = ("llama", model, None, ["--extra-bufts"], paths[b], f"llama.cpp{tag} repacked")
+    labels = {k: v[5] for k, v in runs.items()}
     results: dict[str, dict] = {}
     head = (f"{'engine':24} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12} "
             f"{'wall s':>7}  first tokens")
     print(head)
-    for key, (kind, path, mem, extra) in runs.items():
+    for key, (kind, path, mem, extra, pythonpath, _) in runs.items():
         if args.only and key.split("-")[0] not in args.only:
             continue
-        r = run_worker(kind, path, args, prompt, mem, extra, pythonpath if kind == "llama" else None,
-                       fatal=key != "llama-repacked")
+        r = run_worker(kind, path, args, prompt, mem, extra, pythonpath, fatal=not key.endswith("-repacked"))
         if r is None:
             continue
         results[key] = r
@@ -308,12 +310,12 @@ def main() -> None:
         print(f"{labels[key]:24} {r['load_s']:>7.2f} {r['prefill_tps']:>14.2f} {r['decode_tps']:>13.3f} "
               f"{r['peak_rss'] / 1e6:>12.0f} {r['wall_s']:>7.1f}  {' '.join(map(str, r['ids'][:6]))}", flush=True)
 
-    llamas = [results[k] for k in ("llama", "llama-repacked") if k in results]
+    llamas = [r for k, r in results.items() if k.startswith("llama")]
     if llamas:
-        # The anchor: the faster llama.cpp configuration for each rate.
+        # The anchor: the fastest llama.cpp configuration for each rate.
         best_prefill = max(r["prefill_tps"] for r in llamas)
         best_decode = max(r["decode_tps"] for r in llamas)
-        ll = results["llama"]
+        ll = results[f"llama-{builds[0]}"]
         for key in ("full", "streaming"):
             if key not in results:
                 continue
