@@ -220,6 +220,17 @@ def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[in
     return {**json.loads(lines[-1][len(RESULT):]), "peak_rss": m.peak_rss, "wall_s": m.wall_s}
 
 
+def add_model_args(ap: argparse.ArgumentParser, layers: int, vocab: int) -> None:
+    """The options that pick the model `build` makes or re-uses (shared with bench/profile.py)."""
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lemonslice-bench-engine"))
+    ap.add_argument("--gguf", default=None,
+                    help="this GGUF file instead of a synthetic qwen35moe ('gemma': the bundled Gemma 3 270M)")
+    ap.add_argument("--layers", type=int, default=layers, help="trunk layers (~0.55 GB each)")
+    ap.add_argument("--vocab", type=int, default=vocab)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--dense", action="store_true", help="the dense Qwen3.5-4B-like shapes instead of the MoE")
+
+
 def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     num = text.rstrip("KMGiBkmgib ")
@@ -228,13 +239,7 @@ def parse_size(text: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lemonslice-bench-engine"))
-    ap.add_argument("--gguf", default=None,
-                    help="bench this GGUF file instead of a synthetic qwen35moe ('gemma': the bundled Gemma 3 270M)")
-    ap.add_argument("--layers", type=int, default=4, help="trunk layers (~0.55 GB each)")
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--dense", action="store_true", help="the dense Qwen3.5-4B-like shapes instead of the MoE")
+    add_model_args(ap, layers=4, vocab=32000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens P")
     ap.add_argument("-n", type=int, default=8, help="decode tokens N")

@@ -147,12 +147,7 @@ def main() -> None:
     import engine as bench_engine  # bench/engine.py: the bench models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lemonslice-bench-engine"))
-    ap.add_argument("--gguf", default=None, help="profile this GGUF ('gemma': the bundled Gemma 3 270M)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=248320)
-    ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--dense", action="store_true", help="the dense Qwen3.5-4B-like shapes")
+    bench_engine.add_model_args(ap, layers=8, vocab=248320)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128, help="prefill chunk length")
     ap.add_argument("-n", type=int, default=16, help="decode tokens")

@@ -238,3 +238,13 @@ def test_deltanet_gates_in_c_equal_torch():
     g, beta = kernels.deltanet_gates(alpha, b, a, dt_bias)
     assert_close_rel(g, a * torch.nn.functional.softplus(alpha + dt_bias), rel=1e-6)
     assert_close_rel(beta, torch.sigmoid(b), rel=1e-6)
+
+
+@pytest.mark.parametrize("D, rope", [(256, 64), (256, 256)])
+def test_rope_tables_equal_apply_rope(D, rope):
+    from lemonslice.models.qwen35_layers import _inv_freq, apply_rope, rope_tables, rotate
+
+    inv = _inv_freq(1e4, rope)
+    x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(D + rope))
+    cos, sin = rope_tables(inv, 17, 3, D)
+    assert_close_rel(rotate(x, cos, sin, rope // 2), apply_rope(x, torch.arange(17, 20), inv), rel=1e-6)

@@ -39,7 +39,7 @@ _PRESENCE_HELP = "Subtract this from the logit of every token among the last 64 
 _REPEAT_HELP = "Divide positive logits of tokens among the last 64 by this, multiply negative ones (1 = off)."
 _SEED_HELP = "Sampling seed; -1 (the default) picks a random one. The seed used is printed on stderr."
 _EXACT_HELP = ("Multiply with float activations (slower; the default rounds them to 8 bits per block for the "
-               "integer kernels, as llama.cpp does).")
+               "integer kernels, as llama.cpp does). Also LEMONSLICE_EXACT=1.")
 _STOP_HELP = "Stop when the text contains this string, which is not printed (repeatable)."
 
 
@@ -52,6 +52,7 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
 
     if threads is not None and threads < 1:
         raise LemonsliceError(f"--threads must be >= 1, got {threads}")
+    runtime.setup(exact=True if exact else None)  # before any weight is read: a bad LEMONSLICE_EXACT fails here
     _check_model(model, verify)
     budget, origin = (_parse_size(max_memory), "--max-memory") if max_memory else _default_budget()
     playlist = None
@@ -68,7 +69,7 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
             err.print(f"warning: {w}", highlight=False)
     tok = Tokenizer.from_gguf(store.metadata) if text else None
     engine = Engine(store, max_memory=budget, playlist=playlist)
-    runtime.setup(threads=threads, compact_heap=engine.streaming, exact=exact)  # process-wide: once, here
+    runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here
     tp = engine.residency.tensor_plan
     if tp is not None:
         mode = (f"streaming, budget {_human(tp.budget)} ({origin}): {_human(tp.shared_bytes + tp.resident_bytes)} resident, "

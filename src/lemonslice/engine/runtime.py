@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ..errors import LemonsliceError
-from ..ops import set_exact
+from ..ops import is_exact, set_exact
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ _M_MMAP_THRESHOLD = -3
 def setup(threads: int | None = None, compact_heap: bool = False, exact: bool | None = None) -> None:
     """Set torch's intra-op threads (None: leave torch's choice), the activations' precision
     (exact: float activations in every product; False: 8-bit ones where the kernels have
-    them, as llama.cpp does; None: leave it), and, for streaming runs, have glibc serve
+    them, as llama.cpp does; None: leave it, or read LEMONSLICE_EXACT), and, for streaming runs, have glibc serve
     allocations over 1 MiB by mmap so that freed layer scratch leaves the process.
 
     glibc otherwise raises its mmap threshold after each large free and keeps later scratch
@@ -32,6 +32,8 @@ def setup(threads: int | None = None, compact_heap: bool = False, exact: bool | 
         torch.set_num_threads(threads)
     if exact is not None:
         set_exact(exact)
+    else:
+        is_exact()  # a bad LEMONSLICE_EXACT fails here, with its one-line error
     if compact_heap:
         try:
             ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)

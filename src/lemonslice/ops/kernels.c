@@ -638,50 +638,44 @@ static inline void k_block_dot(const __m256i q[8], const __m256i scv[8], __m256i
     }
 }
 
-/* Q4_K: per 64 values one 32-byte load of nibbles; low nibbles are sub-block 2k, high 2k+1.
-   Value = d*sc*q - dmin*m, so a block adds d*dx*sum(sc*q.x) - dmin*dx*sum(m*sum(x)). */
-static void row_q4_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+/* Q4_K (five = 0, 144-byte blocks) and Q5_K (five = 1, 176 bytes): per 64 values one 32-byte
+   load of nibbles, low nibbles sub-block 2k and high ones 2k+1; Q5_K adds a fifth bit per value
+   from qh (bit 2k for sub-block 2k, 2k+1 for 2k+1). Value = d*sc*q - dmin*m. */
+static inline void row_k45_i8(int five, const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T,
+                              float *acc) {
     __m256 A[Q8_ROWS];
     zero_acc(A, T);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const int bytes = five ? 176 : 144, qs = five ? 48 : 16;
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 144;
+        const uint8_t *b = row + i * bytes;
         const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
         __m256i scv[8], mv;
         k_scales(b + 4, scv, &mv);
         __m256i q[8];
         for (int k = 0; k < 4; k++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + qs + 32 * k));
             q[2 * k] = _mm256_and_si256(v, low4);
             q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if (five) {
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+                q[2 * k] = _mm256_or_si256(q[2 * k],
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4));
+                q[2 * k + 1] = _mm256_or_si256(
+                    q[2 * k + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4));
+            }
         }
         k_block_dot(q, scv, mv, d, dmin, X + i, ldx, T, A);
     }
     hsum_acc(A, T, acc);
 }
 
-/* Q5_K: Q4_K's layout plus a fifth bit per value (qh bit 2k for sub-block 2k, 2k+1 for 2k+1). */
+static void row_q4_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    row_k45_i8(0, row, nb, X, ldx, T, acc);
+}
+
 static void row_q5_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    __m256 A[Q8_ROWS];
-    zero_acc(A, T);
-    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 176;
-        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
-        __m256i scv[8], mv;
-        k_scales(b + 4, scv, &mv);
-        const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
-        __m256i q[8];
-        for (int k = 0; k < 4; k++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * k));
-            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4);
-            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4);
-            q[2 * k] = _mm256_or_si256(_mm256_and_si256(v, low4), h0);
-            q[2 * k + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), h1);
-        }
-        k_block_dot(q, scv, mv, d, dmin, X + i, ldx, T, A);
-    }
-    hsum_acc(A, T, acc);
+    row_k45_i8(1, row, nb, X, ldx, T, acc);
 }
 
 /* Q6_K: unsigned 6-bit codes c (value = d*sc*(c-32)), one int8 scale per 16 values; the

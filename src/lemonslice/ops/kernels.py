@@ -149,18 +149,7 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -> to
 def qmatmul_q8(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -> torch.Tensor:
     """round8(x) [N, in] @ W.T -> [N, rows] float32, for any N: the activations are rounded to
     int8 per block (32 values, or 256 for K-quants) and multiplied in integers, as llama.cpp does."""
-    _check(raw, ggml_type, n_in)
-    x = x.contiguous()
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in or x.shape[0] < 1:
-        raise ValueError(f"x must be float32 [N, {n_in}] with N >= 1")
-    out = torch.empty((x.shape[0], raw.shape[0]), dtype=torch.float32)
-    rc = library().ls_qmatmul_q8(
-        int(ggml_type), raw.data_ptr(), raw.stride(0), raw.shape[0], n_in, x.data_ptr(), x.shape[0],
-        out.data_ptr(), torch.get_num_threads(),
-    )
-    if rc:
-        raise ValueError(f"ls_qmatmul_q8 rejected type {ggml_type}, {x.shape[0]} rows, {n_in} columns (rc {rc})")
-    return out
+    return bind_q8(raw, ggml_type, n_in)(x)
 
 
 def bind_q8(raw: torch.Tensor, ggml_type: int, n_in: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -228,8 +217,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     the kernel (the caller uses torch)."""
     lib = library()
     n = x.shape[-1]
-    if lib is None or not (_f32(x) and _f32(weight)) or weight.shape != (n,):
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _f32(weight) or weight.shape != (n,):
         return None
+    x = x.contiguous()  # strided rows (a slice of heads) copied, so every row takes this kernel
     out = torch.empty_like(x)
     lib.ls_rms_norm(x.numel() // n, n, x.data_ptr(), weight.data_ptr(), eps, out.data_ptr())
     return out

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import LemonsliceError
 from ..gguf.constants import BLOCK_SIZES, GGMLType
 from . import kernels
 from .dequant import RawData, as_uint8, dequantize
@@ -34,14 +35,9 @@ Q8_BLOCK = {GGMLType.Q4_0: 32, GGMLType.Q5_0: 32, GGMLType.Q8_0: 32,
             GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256}
 
 
-def _exact_from_env() -> bool:
-    value = os.environ.get("LEMONSLICE_EXACT", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"LEMONSLICE_EXACT must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-_exact = _exact_from_env()
+# None until first asked: LEMONSLICE_EXACT is read then, so a bad value is a one-line error
+# where the program asks (runtime.setup), not an exception while importing.
+_exact: bool | None = None
 
 
 def set_exact(exact: bool) -> None:
@@ -51,6 +47,13 @@ def set_exact(exact: bool) -> None:
 
 
 def is_exact() -> bool:
+    """The process-wide setting; until `set_exact`, LEMONSLICE_EXACT (0 or 1, default 0)."""
+    global _exact
+    if _exact is None:
+        value = os.environ.get("LEMONSLICE_EXACT", "0")
+        if value not in ("0", "1"):
+            raise LemonsliceError(f"LEMONSLICE_EXACT must be 0 or 1, got {value!r}")
+        _exact = value == "1"
     return _exact
 
 
@@ -136,10 +139,10 @@ def _fast_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: i
     if ggml_type == GGMLType.F32 and raw.data_ptr() % 4 == 0 and raw.stride(-1) == 1:
         w = raw.view(torch.float32)  # already float: no copy at all
         # BLAS when exact (as before); else a C dot per output, the same for any batch size
-        return xf @ w.T if _exact else kernels.matmul_f32(xf.contiguous(), w)
+        return xf @ w.T if is_exact() else kernels.matmul_f32(xf.contiguous(), w)
     if BLOCK_SIZES[ggml_type][0] == 1:
         return _matmul_rows(xf, raw, ggml_type, n_in)
-    if not _exact and kernels.q8_supported(ggml_type):
+    if not is_exact() and kernels.q8_supported(ggml_type):
         return kernels.qmatmul_q8(xf, raw, ggml_type, n_in)
     if xf.shape[0] <= kernels.MAX_ROWS:
         return kernels.qmatmul(xf, raw, ggml_type, n_in)
@@ -203,7 +206,7 @@ def _bound_q8(w: QuantWeight):  # noqa: ANN202
         ok = w.n_expert is None and w.raw.device.type == "cpu" and kernels.q8_supported(w.ggml_type)
         run = kernels.bind_q8(w.raw, w.ggml_type, w.in_features) if ok else False
         object.__setattr__(w, "_q8", run)
-    return None if _exact or not run else run
+    return None if is_exact() or not run else run
 
 
 def linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -309,7 +312,7 @@ def swiglu_experts_q8_ref(x: torch.Tensor, counts: Sequence[int], parts: Sequenc
 
 def _expert_jobs(x: torch.Tensor, parts: Sequence[tuple[QuantWeight, ...]]) -> list[list[int]] | None:
     """The fused kernel's job rows (weights only), or None where it does not apply."""
-    if _exact or kernels.library() is None or not parts or x.dtype != torch.float32 or x.device.type != "cpu":
+    if is_exact() or kernels.library() is None or not parts or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     # Any types with an 8-bit kernel, as long as every gate/up (and every down) shares one
     # activation block size: the kernel rounds each expert's input (and hidden) once.
@@ -340,9 +343,11 @@ def swiglu_experts(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple
     if len(counts) != len(parts) or sum(counts) != x.shape[0] or x.dim() != 2 or x.shape[1] != E:
         raise ValueError(f"{len(counts)} experts with {sum(counts)} rows for {len(parts)} weights and x "
                          f"{tuple(x.shape)}")
+    if min(counts) < 1:
+        raise ValueError(f"every expert needs at least one row, got counts {list(counts)}")
     for p in parts:
         gate_rows = p[0].out_features if len(p) == 3 else p[0].out_features // 2
-        if p[0].in_features != E or gate_rows != Fe or p[-1].shape[:2] != (Fe, E) or min(counts) < 1:
+        if p[0].in_features != E or gate_rows != Fe or p[-1].shape[:2] != (Fe, E):
             raise ValueError(f"expert shapes do not match inputs [n, {E}] and width {Fe}")
     x = x.contiguous()
     y = torch.empty((x.shape[0], E), dtype=torch.float32)

@@ -171,15 +171,21 @@ def tiny_qwen35(**overrides: Any) -> SyntheticConfig:
     return SyntheticConfig(**{**base, **overrides})
 
 
+# What the released Qwen3.5 checkpoints share: the hybrid layout, attention and DeltaNet
+# head shapes, RoPE and the vocabulary.
+_QWEN35_COMMON: dict[str, Any] = dict(
+    full_attention_interval=4, context_length=262144, n_head=16, head_dim=256, rope_dim=64,
+    rope_sections=(11, 11, 10, 0), rope_freq_base=10_000_000.0, rms_eps=1e-6, ssm_d_state=128, ssm_n_group=16,
+    ssm_dt_rank=32, ssm_conv_kernel=4, n_vocab=248320,
+)
+
+
 def qwen35_4b(n_layer: int = 32, **overrides: Any) -> SyntheticConfig:
     """Dense Qwen3.5-4B-like shapes (hidden 2560, SwiGLU 9216, 16 query and 4 KV heads of 256,
     DeltaNet with 16 key and 32 value heads of 128, vocab 248320): a dense bench model."""
     base: dict[str, Any] = dict(
-        arch="qwen35", name="Qwen3.5-4B (random)", n_layer=n_layer, full_attention_interval=4,
-        context_length=262144, n_embd=2560, n_head=16, n_head_kv=4, head_dim=256, rope_dim=64,
-        rope_sections=(11, 11, 10, 0), rope_freq_base=10_000_000.0, rms_eps=1e-6, ssm_d_state=128,
-        ssm_n_group=16, ssm_dt_rank=32, ssm_conv_kernel=4, n_expert=0, n_expert_used=0, n_ff_exp=0,
-        n_ff_shexp=0, n_ff=9216, n_vocab=248320,
+        _QWEN35_COMMON, arch="qwen35", name="Qwen3.5-4B (random)", n_layer=n_layer, n_embd=2560, n_head_kv=4,
+        n_expert=0, n_expert_used=0, n_ff_exp=0, n_ff_shexp=0, n_ff=9216,
     )
     return SyntheticConfig(**{**base, **overrides})
 
@@ -187,10 +193,7 @@ def qwen35_4b(n_layer: int = 32, **overrides: Any) -> SyntheticConfig:
 def qwen35moe_35b_a3b(n_layer: int = 40, **overrides: Any) -> SyntheticConfig:
     """The real Qwen3.5-35B-A3B shapes (40 layers, 256 experts top-8, vocab 248320)."""
     base: dict[str, Any] = dict(
-        arch="qwen35moe", name="Qwen3.5-35B-A3B (random)", n_layer=n_layer, full_attention_interval=4,
-        context_length=262144, n_embd=2048, n_head=16, n_head_kv=2, head_dim=256, rope_dim=64,
-        rope_sections=(11, 11, 10, 0), rope_freq_base=10_000_000.0, rms_eps=1e-6, ssm_d_state=128,
-        ssm_n_group=16, ssm_dt_rank=32, ssm_conv_kernel=4, n_expert=256, n_expert_used=8, n_ff_exp=512,
-        n_ff_shexp=512, n_ff=512, n_vocab=248320,
+        _QWEN35_COMMON, arch="qwen35moe", name="Qwen3.5-35B-A3B (random)", n_layer=n_layer, n_embd=2048,
+        n_head_kv=2, n_expert=256, n_expert_used=8, n_ff_exp=512, n_ff_shexp=512, n_ff=512,
     )
     return SyntheticConfig(**{**base, **overrides})
