@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -166,8 +167,10 @@ def main() -> None:
     for phase in ("prefill", "decode"):
         show(phase, result[phase])
     if args.json:
-        args.json.write_text(json.dumps({"model": str(model), "threads": args.threads, "exact": args.exact,
-                                         **result}, indent=1))
+        tmp = args.json.with_name(args.json.name + ".tmp")  # renamed into place: never half-written
+        tmp.write_text(json.dumps({"model": str(model), "threads": args.threads, "exact": args.exact, **result},
+                                  indent=1))
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":
