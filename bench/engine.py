@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -64,18 +65,25 @@ def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_m
     }
 
 
-def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_bufts: bool) -> dict:
+LLAMA_KV = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml type ids
+
+
+def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_bufts: bool,
+                 cache_type: str | None = None) -> dict:
+    """llama.cpp on `prompt` then n greedy tokens. cache_type None: F32 KV cache, flash attention
+    off and the prompt in one batch (the engine comparison); a type name: that KV type and
+    llama.cpp's own defaults for the rest (2048-token batches of 512-token micro-batches)."""
     import ctypes
 
     import llama_cpp
     import numpy as np
 
     log: list[str] = []
+    info: list[str] = []
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level in (3, 4):  # WARN, ERROR
-            log.append(text.decode("utf-8", "replace"))
+        (log if level in (3, 4) else info).append(text.decode("utf-8", "replace"))  # 3, 4: WARN, ERROR
 
     global _keep_log_callback
     _keep_log_callback = on_log  # llama.cpp may log until the process exits
@@ -91,28 +99,36 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_buft
         raise SystemExit(f"llama.cpp could not load {model}: {''.join(log)}")
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx = len(prompt) + n + 1
-    cp.n_batch = cp.n_ubatch = len(prompt)
     cp.n_seq_max = 1
     cp.n_threads = cp.n_threads_batch = threads
-    cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32
-    cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.no_perf = True
+    if cache_type is None:
+        cp.n_batch = cp.n_ubatch = len(prompt)
+        cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    else:
+        cp.n_batch, cp.n_ubatch = 2048, 512
+        cp.type_k = cp.type_v = LLAMA_KV[cache_type]
     ctx = llama_cpp.llama_init_from_model(m, cp)
     if not ctx:
         raise SystemExit(f"llama.cpp could not create a context: {''.join(log)}")
     load_s = time.perf_counter() - t0
+    # e.g. "llama_kv_cache:        CPU KV buffer size =   144.00 MiB" (one line per cache)
+    kv = sum(float(x) for x in re.findall(r"KV buffer size\s*=\s*([\d.]+) MiB", "".join(info))) * 2**20
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))
-    batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
+    batch = llama_cpp.llama_batch_init(cp.n_batch, 0, 1)
 
     def decode(tokens: list[int], pos0: int) -> int:
-        batch.n_tokens = len(tokens)
-        for i, t in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(tokens) - 1
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise SystemExit(f"llama_decode failed at position {pos0}: {''.join(log)}")
-        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, len(tokens) - 1), shape=(n_vocab,))
+        for s in range(0, len(tokens), cp.n_batch):
+            part = tokens[s : s + cp.n_batch]
+            batch.n_tokens = len(part)
+            for i, t in enumerate(part):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + s + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = s + i == len(tokens) - 1
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise SystemExit(f"llama_decode failed at position {pos0 + s}: {''.join(log)}")
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, len(part) - 1), shape=(n_vocab,))
         return int(np.argmax(row))
 
     t0 = time.perf_counter()
@@ -127,7 +143,7 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_buft
     llama_cpp.llama_model_free(m)
     return {
         "mode": "mmap", "load_s": load_s, "prefill_tokens": len(prompt), "prefill_s": prefill_s,
-        "decode_tokens": n, "decode_s": decode_s, "ids": ids,
+        "decode_tokens": n, "decode_s": decode_s, "ids": ids, "kv_bytes": kv,
     }
 
 

@@ -157,9 +157,11 @@ def test_cli_run(gemma_path, hf_ref):
 
 
 def test_cli_run_streams_text(gemma_path, hf_ref):
-    """`run -p` tokenizes as llama.cpp does and prints transformers' greedy text; stats go to stderr."""
+    """`run -p` tokenizes as llama.cpp does and prints transformers' greedy text; stats go to stderr.
+    With --exact: on the 8-bit path the 12th token is a near tie (0.009 logits between two)."""
     r = subprocess.run(
-        [LEMONSLICE, "run", str(gemma_path), "-p", PROMPTS[0], "-n", "12", "--threads", "1", "--max-memory", "180MiB"],
+        [LEMONSLICE, "run", str(gemma_path), "-p", PROMPTS[0], "-n", "12", "--threads", "1", "--max-memory", "180MiB",
+         "--exact"],
         capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr

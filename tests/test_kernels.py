@@ -206,6 +206,7 @@ def test_delta_rule_in_c_equals_the_recurrent_twin(T):
 
 
 def test_rms_norm_and_one_position_attention_in_c_equal_torch():
+    from lemonslice.models.caches import KVRows
     from lemonslice.models.qwen35_layers import attend_one, attend_ref
 
     gen = torch.Generator().manual_seed(8)
@@ -216,8 +217,8 @@ def test_rms_norm_and_one_position_attention_in_c_equal_torch():
         q = torch.randn(1, 8, 64, generator=gen)
         cache = torch.randn(S + 3, 2, 2, 64, generator=gen)  # [S, K/V, Hkv, D]: strided rows, as a cache
         k, v = cache[:S, 0], cache[:S, 1]
-        got = attend_one(q, k, v, 64**-0.5)
-        assert torch.equal(got, kernels.attend_one(q, k, v, 64**-0.5))  # the C kernel took it
+        got = attend_one(q, KVRows(k, v, 0, ("f32", "f32"), 2, 64), 0, S, 64**-0.5)
+        assert torch.equal(got, kernels.attend_one(q, k, v, 64**-0.5, 2))  # the C kernel took it
         assert_close_rel(got, attend_ref(q, k, v, S - 1), rel=1e-5)
 
 

@@ -27,7 +27,8 @@ from ..slicing.atomic import write_text
 from ..text.prompt import special_kwargs
 from ._app import _VERIFY_HELP, app, err
 from .run import (
-    _EXACT_HELP, _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _SEED_HELP, _TEMP_HELP, _TEMPLATE_HELP, _THREADS_HELP,
+    _CTK_HELP, _CTV_HELP, _EXACT_HELP, _LAYERS_HELP, _MEMORY_HELP, _MODEL_HELP, _PRESET_HELP, _SEED_HELP, _TEMP_HELP,
+    _TEMPLATE_HELP, _THREADS_HELP,
     _open_engine, _sampling,
     _write_out,
 )
@@ -243,6 +244,8 @@ def chat(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
+    cache_type_k: str = typer.Option("f32", "--cache-type-k", "-ctk", help=_CTK_HELP),
+    cache_type_v: str = typer.Option("f32", "--cache-type-v", "-ctv", help=_CTV_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Interactive multi-turn chat with line editing and history; /help lists the commands.
@@ -252,7 +255,8 @@ def chat(
     if n < 0:
         raise LemonsliceError(f"-n must be >= 0, got {n}")
     params = _sampling(preset, seed, temperature=temperature)
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify, exact=exact)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify, exact=exact,
+                               kv_types=(cache_type_k, cache_type_v))
     from ..text.prompt import chat_template_for, stop_ids
 
     template = chat_template_for(engine.store.metadata, str(chat_template) if chat_template else None)

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..errors import LemonsliceError
 from ._app import _VERIFY_HELP, _human, _parse_size, _progress, app, err, out
 
 
@@ -98,21 +99,37 @@ def inspect(
     budget: Optional[str] = typer.Option(
         None, "--budget", metavar="SIZE", help="Also show what `run --max-memory SIZE` would keep resident, read "
         "per token and give the expert cache (reads no weight)."),
+    ctx: int = typer.Option(4096, "-c", "--ctx-size", help="Context length for the KV cache sizes shown."),
 ) -> None:
     """Show hyperparameters, a layer table and totals; with --budget, the residency plan for it."""
     from ..slicing import inspect_path
 
     # The plan first: a budget too small fails with its one line before anything is printed.
     plan = _budget_plan(path, _parse_size(budget)) if budget is not None else None
+    if ctx < 1:
+        raise LemonsliceError(f"-c/--ctx-size must be >= 1, got {ctx}")
     s = inspect_path(path)
+    s["kv_cache"] = {"ctx": ctx, "bytes": _kv_sizes(path, ctx)}
     if as_json:
         if plan is not None:
             s["budget_plan"] = {k: getattr(plan, k) for k in _PLAN_FIELDS} | {"resident_tensors": len(plan.resident)}
         out.print_json(json.dumps(s, default=str))
         return
     _print_summary(s)
+    sizes = ", ".join(f"{t} {_human(b)}" for t, b in s["kv_cache"]["bytes"].items())
+    out.print(f"KV cache of one sequence at {ctx} tokens (keys and values of one type): {sizes}")
     if plan is not None:
         out.print("\n".join(plan.lines(_human)))
+
+
+def _kv_sizes(path: Path, ctx: int) -> dict[str, int]:
+    """KV-cache bytes at `ctx` positions per cache type, from the hyper-parameters alone."""
+    from ..engine import WeightStore
+    from ..engine.state import kv_cache_bytes
+    from ..ops.kv import KV_TYPES
+
+    with WeightStore(path) as store:
+        return {t: kv_cache_bytes(store.family, store.args, ctx, (t, t)) for t in KV_TYPES}
 
 
 # TensorPlan's byte counts, as `inspect --budget --json` shows them.

@@ -40,11 +40,15 @@ _REPEAT_HELP = "Divide positive logits of tokens among the last 64 by this, mult
 _SEED_HELP = "Sampling seed; -1 (the default) picks a random one. The seed used is printed on stderr."
 _EXACT_HELP = ("Multiply with float activations (slower; the default rounds them to 8 bits per block for the "
                "integer kernels, as llama.cpp does). Also LEMONSLICE_EXACT=1.")
+_CTK_HELP = ("Storage type of the KV cache's keys: f32 (the default), f16 (llama.cpp's default: half the memory), "
+             "bf16 or q8_0.")
+_CTV_HELP = "Storage type of the KV cache's values: f32 (the default), f16, bf16 or q8_0."
 _STOP_HELP = "Stop when the text contains this string, which is not printed (repeatable)."
 
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
-                 text: bool = False, verify: bool = False, exact: bool = False):  # noqa: ANN202
+                 text: bool = False, verify: bool = False, exact: bool = False,
+                 kv_types: tuple[str, str] = ("f32", "f32")):  # noqa: ANN202
     """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
     scratch of building a 250k-token vocabulary does not stack on top of the weights."""
     from ..engine import Engine, WeightStore, runtime
@@ -52,7 +56,8 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
 
     if threads is not None and threads < 1:
         raise LemonsliceError(f"--threads must be >= 1, got {threads}")
-    runtime.setup(exact=True if exact else None)  # before any weight is read: a bad LEMONSLICE_EXACT fails here
+    # Before any weight is read: a bad LEMONSLICE_EXACT or cache type fails here.
+    runtime.setup(exact=True if exact else None, kv_types=kv_types)
     _check_model(model, verify)
     budget, origin = (_parse_size(max_memory), "--max-memory") if max_memory else _default_budget()
     playlist = None
@@ -186,6 +191,8 @@ def run(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
+    cache_type_k: str = typer.Option("f32", "--cache-type-k", "-ctk", help=_CTK_HELP),
+    cache_type_v: str = typer.Option("f32", "--cache-type-v", "-ctv", help=_CTV_HELP),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
     expert_stats: Optional[Path] = typer.Option(
         None, "--expert-stats", metavar="FILE", help="Write each layer's routed-expert uses and cache hits to FILE "
@@ -209,7 +216,7 @@ def run(
 
         heatmap_path(expert_stats)  # a bad name fails before any weight is read
     engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify,
-                               exact=exact)
+                               exact=exact, kv_types=(cache_type_k, cache_type_v))
     if expert_stats is not None:
         expert_cache_of(engine)  # no cache, no statistics: say so before generating
     speculator = None
@@ -344,6 +351,8 @@ def perplexity(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
+    cache_type_k: str = typer.Option("f32", "--cache-type-k", "-ctk", help=_CTK_HELP),
+    cache_type_v: str = typer.Option("f32", "--cache-type-v", "-ctv", help=_CTV_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
 ) -> None:
@@ -362,7 +371,8 @@ def perplexity(
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LemonsliceError(f"{text_file} is not UTF-8 text") from None
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify, exact=exact)
+    engine, tok = _open_engine(model, max_memory, threads, layers, text=True, verify=verify, exact=exact,
+                               kv_types=(cache_type_k, cache_type_v))
     tokens = tok.encode(text, add_special=True, parse_special=False)
     err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

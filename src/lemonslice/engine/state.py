@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import LemonsliceError
-from ..models import Family
+from ..models import AttentionCache, Family
 from ..models.protocol import Args, LayerCache
+from ..ops import kv
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,17 @@ class SequenceState:
                 c.truncate(n)
             else:
                 c.commit()
+
+
+def kv_cache_bytes(family: Family, args: Args, n_positions: int, types: tuple[str, str]) -> int:
+    """Bytes the attention caches of one sequence of `n_positions` hold with these key and value
+    types: every position for a global layer, its window for a sliding-window one (a windowed
+    cache may hold up to about twice that plus a prefill chunk between clean-ups); recurrent
+    state is apart."""
+    total = 0
+    for layer in range(args.n_layer):
+        c = family.new_cache(args, layer)
+        if isinstance(c, AttentionCache):
+            n = min(n_positions, c.window) if c.window else n_positions
+            total += n * sum(kv.bytes_per_position(t, c.n_head_kv, c.head_dim) for t in types)
+    return total

@@ -3,7 +3,8 @@
 A cache is created from hyper-parameters alone (no weights) and can be copied, and cut back
 to an earlier length, without the layer's weights:
 
-* `AttentionCache`: post-RoPE keys and values; cutting back just forgets the tail.
+* `AttentionCache`: post-RoPE keys and values in a KV type (f16 by default, see ops.kv);
+  cutting back forgets the tail; a sliding-window layer keeps only its window.
 * `DeltaNetCache`: the conv inputs and the delta-rule state. A recurrent state cannot be
   rewound by itself, so `mark()` keeps the state of that moment plus what every later token
   fed the delta rule; `truncate(n)` then rebuilds the state at any length since the mark
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LemonsliceError
+from ..ops import kv
 from .gated_delta import pick_rule
 
 
@@ -30,44 +32,118 @@ def spans(lengths: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-@dataclass
-class AttentionCache:
-    """Post-RoPE keys and values of every position so far, float32 [capacity, Hkv, D]."""
+_kv_types: list[str] = [kv.DEFAULT_KV_TYPE, kv.DEFAULT_KV_TYPE]
+
+
+def set_kv_types(k_type: str, v_type: str) -> None:
+    """Storage types of the keys and values of attention caches made from now on (ops.kv)."""
+    _kv_types[:] = [kv.check_kv_type(k_type), kv.check_kv_type(v_type)]
+
+
+def kv_types() -> tuple[str, str]:
+    return _kv_types[0], _kv_types[1]
+
+
+@dataclass(frozen=True)
+class KVRows:
+    """Stored keys and values of consecutive positions from `start`, one row each (ops.kv)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    start: int
+    types: tuple[str, str]
+    n_head_kv: int
+    head_dim: int
+
+    def float(self, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions max(lo, start).. as float32 [S, Hkv, D]."""
+        i = max(0, lo - self.start)
+        return (kv.decode(self.k[i:], self.types[0], self.n_head_kv, self.head_dim),
+                kv.decode(self.v[i:], self.types[1], self.n_head_kv, self.head_dim))
+
+
+@dataclass
+class AttentionCache:
+    """Post-RoPE keys and values, one row per position from `start`, stored as `types`.
+
+    A sliding-window layer (window > 0) keeps only what later queries can see: when its buffer
+    is full, positions older than the window (and than the window before a mark, for a rewind)
+    are dropped and the rest moved down, so it holds at most about twice the window plus a chunk.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    n_head_kv: int
+    head_dim: int
+    types: tuple[str, str]
+    window: int = 0
     length: int = 0
+    start: int = 0
+    _mark: int | None = field(default=None, repr=False)
 
     @classmethod
-    def empty(cls, n_head_kv: int, head_dim: int) -> "AttentionCache":
-        empty = torch.zeros(0, n_head_kv, head_dim)
-        return cls(empty, empty.clone())
+    def empty(cls, n_head_kv: int, head_dim: int, window: int = 0,
+              types: tuple[str, str] | None = None) -> "AttentionCache":
+        types = types or kv_types()
+        return cls(kv.empty_rows(types[0], 0, n_head_kv, head_dim), kv.empty_rows(types[1], 0, n_head_kv, head_dim),
+                   n_head_kv, head_dim, types, window)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add k, v [T, Hkv, D]; return all keys and values [length, Hkv, D]."""
-        end = self.length + k.shape[0]
+    @property
+    def rows(self) -> int:
+        return self.length - self.start
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows (not of spare capacity)."""
+        return self.rows * sum(kv.bytes_per_position(t, self.n_head_kv, self.head_dim) for t in self.types)
+
+    def _oldest_needed(self) -> int:
+        """The oldest position a later query, or a query after a rewind to the mark, can see."""
+        if not self.window:
+            return 0
+        oldest = self.length if self._mark is None else min(self.length, self._mark)
+        return max(0, oldest - self.window + 1)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> KVRows:
+        """Add k, v [T, Hkv, D] float32 at positions length..; return the stored rows the new
+        positions' queries may need (from `start`, which may be older than their window)."""
+        T, used = k.shape[0], self.rows
+        drop = self._oldest_needed() - self.start
+        if used + T > self.k.shape[0] and drop > 0:
+            self.k[: used - drop] = self.k[drop:used].clone()
+            self.v[: used - drop] = self.v[drop:used].clone()
+            self.start += drop
+            used -= drop
+        end = used + T
         if end > self.k.shape[0]:
             cap = max(end, 2 * self.k.shape[0])
-            grow = lambda t: torch.cat((t[: self.length], t.new_empty((cap - self.length, *t.shape[1:]))))  # noqa: E731
-            self.k, self.v = grow(self.k), grow(self.v)
-        self.k[self.length : end] = k
-        self.v[self.length : end] = v
-        self.length = end
-        return self.k[:end], self.v[:end]
+            grow = lambda t, name: torch.cat((t[:used], kv.empty_rows(name, cap - used, self.n_head_kv,  # noqa: E731
+                                                                       self.head_dim)))
+            self.k, self.v = grow(self.k, self.types[0]), grow(self.v, self.types[1])
+        self.k[used:end] = kv.encode(k, self.types[0])
+        self.v[used:end] = kv.encode(v, self.types[1])
+        self.length += T
+        return KVRows(self.k[:end], self.v[:end], self.start, self.types, self.n_head_kv, self.head_dim)
 
     def copy(self) -> "AttentionCache":
-        return AttentionCache(self.k[: self.length].clone(), self.v[: self.length].clone(), self.length)
+        return AttentionCache(self.k[: self.rows].clone(), self.v[: self.rows].clone(), self.n_head_kv,
+                              self.head_dim, self.types, self.window, self.length, self.start, self._mark)
 
     def mark(self) -> None:
-        """Nothing to keep: any earlier length can be cut back to."""
+        """Keep what a rewind to this length needs until `commit`."""
+        self._mark = self.length
 
     def commit(self) -> None:
-        pass
+        self._mark = None
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.length:
             raise LemonsliceError(f"cannot cut an attention cache of {self.length} positions back to {n}")
+        if self.window and max(0, n - self.window + 1) < self.start:
+            raise LemonsliceError(f"a sliding-window cache at {self.length} keeps positions from {self.start} "
+                                  f"only: it cannot go back to {n}")
         self.length = n
+        self._mark = None
 
 
 @dataclass

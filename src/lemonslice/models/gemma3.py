@@ -27,7 +27,8 @@ from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
 from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
-from .qwen35_layers import ONE_BY_ONE, AttentionCache, Weights, as_float, as_matrix, attend_each, attend_rows, rms_norm
+from .caches import KVRows
+from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, attend_kv, rms_norm
 
 ARCH = "gemma3"
 _REQUIRED = object()
@@ -138,27 +139,10 @@ def inv_freq(base: float, dim: int) -> torch.Tensor:
 
 def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float,
                   window: int) -> torch.Tensor:
-    """Causal GQA attention; with window > 0 a query at p sees keys at p-window+1..p.
-
-    q [T, H, D] at positions q_pos0.. ; k, v [S, Hkv, D] at 0..S-1. Returns [T, H, D].
-    """
-    T = q.shape[0]
-    if T <= ONE_BY_ONE:
-        return attend_rows(q, k, v, q_pos0, scale, window)
-    k0 = max(0, q_pos0 - window + 1) if window > 0 else 0
-    # Keys before k0 are out of every query's window; skip them rather than mask them.
-    k, v = k[k0:], v[k0:]
-    mask = None
-    if T > 1:
-        qpos = torch.arange(T, device=q.device)[:, None] + q_pos0  # [T, 1]
-        kpos = torch.arange(k.shape[0], device=q.device)[None, :] + k0  # [1, S']
-        mask = kpos <= qpos  # [T, S'], True = may attend
-        if window > 0:
-            mask &= kpos > qpos - window
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return o.transpose(0, 1)
+    """Causal GQA attention on float32 keys; with window > 0 a query at p sees keys at
+    p-window+1..p. q [T, H, D] at positions q_pos0.. ; k, v [S, Hkv, D] at 0..S-1 -> [T, H, D]."""
+    rows = KVRows(k, v, 0, ("f32", "f32"), k.shape[1], k.shape[2])
+    return attend_kv(q, rows, q_pos0, scale, window)
 
 
 class Attention:
@@ -180,7 +164,7 @@ class Attention:
             raise LemonsliceError(f"block {bid}: attn_q/attn_k widths do not match the head counts")
 
     def new_cache(self) -> AttentionCache:
-        return AttentionCache.empty(self.args.n_head_kv, self.args.head_dim)
+        return AttentionCache.empty(self.args.n_head_kv, self.args.head_dim, self.window)
 
     def __call__(self, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         """x [T, E] at positions cache.length.. -> [T, E]."""
@@ -194,8 +178,7 @@ class Attention:
         q = rms_norm(linear(x, self.wq).view(N, H, D), self.q_norm, a.rms_eps)  # [N, H, D]
         k = rms_norm(linear(x, self.wk).view(N, Hkv, D), self.k_norm, a.rms_eps)  # [N, Hkv, D]
         v = linear(x, self.wv).view(N, Hkv, D)
-        o = attend_each(q, k, v, caches, lengths, self.inv_freq,
-                        lambda qi, ki, vi, pos0: attend_window(qi, ki, vi, pos0, a.attn_scale, self.window))
+        o = attend_each(q, k, v, caches, lengths, self.inv_freq, a.attn_scale, self.window)
         return linear(o, self.wo)  # o [N, H * D]
 
 
@@ -245,9 +228,9 @@ class Block:
 
 
 def new_cache(args: ModelArgs, layer: int) -> AttentionCache:
-    """Fresh state for a position running block `layer`: every Gemma 3 block keeps its KV
-    (a sliding-window block only reads the last `sliding_window` of them)."""
-    return AttentionCache.empty(args.n_head_kv, args.head_dim)
+    """Fresh state for a position running block `layer`: a global block keeps every position's
+    KV, a sliding-window block only the last `sliding_window` (and what a rewind needs)."""
+    return AttentionCache.empty(args.n_head_kv, args.head_dim, args.sliding_window if args.swa[layer] else 0)
 
 
 class Shared(SharedWeights):

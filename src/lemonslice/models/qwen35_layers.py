@@ -19,7 +19,8 @@ from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType
 from ..gguf.constants import Tensors as TN
 from ..ops import QuantWeight, dequantize, kernels, linear, swiglu_experts
-from .caches import AttentionCache, DeltaNetCache, spans
+from ..ops.kv import KV_TYPES
+from .caches import AttentionCache, DeltaNetCache, KVRows, spans
 from .gated_delta import causal_conv, l2_normalize, pick_rule
 from .protocol import Experts
 from .qwen35_args import ModelArgs
@@ -114,31 +115,85 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> 
     return torch.addcmul(x * cos, swapped, sin)
 
 
+# Up to this many query positions (decode, an MTP verify pass) attend one at a time, so each
+# gets the arithmetic of a one-token step: verified tokens match plain decoding bit for bit.
+ONE_BY_ONE = 16
+
+
 def attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: Sequence[AttentionCache],
-                lengths: Sequence[int], inv_freq: torch.Tensor,
-                attend_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+                lengths: Sequence[int], inv_freq: torch.Tensor, scale: float, window: int = 0,
+                attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                ) -> torch.Tensor:
     """Sequences laid end to end, q [N, H, D], k/v [N, Hkv, D]: each is rotated at its own
-    positions, appended to its own cache and attended over it -> [N, H * D]."""
+    positions, appended to its own cache and attended over it (`attend_kv`; or, given `attn`,
+    a float attention such as `attend_ref` over the decoded cache) -> [N, H * D]."""
     outs = []
     D, half = q.shape[-1], inv_freq.shape[0]
     for (s, e), cache in zip(spans(lengths), caches):
         pos0 = cache.length
         cos, sin = rope_tables(inv_freq, pos0, e - s, D)
         qi, ki = rotate(q[s:e], cos, sin, half), rotate(k[s:e], cos, sin, half)
-        k_all, v_all = cache.append(ki, v[s:e])  # [S, Hkv, D]
-        outs.append(attend_fn(qi, k_all, v_all, pos0).reshape(e - s, -1))
+        rows = cache.append(ki, v[s:e])
+        if attn is None:
+            o = attend_kv(qi, rows, pos0, scale, window)
+        else:
+            k_all, v_all = rows.float()  # [S, Hkv, D] from rows.start
+            o = attn(qi, k_all, v_all, pos0 - rows.start)
+        outs.append(o.reshape(e - s, -1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query position q [1, H, D] over keys and values k, v [S, Hkv, D] (no mask: every
-    key is in the past) -> [1, H, D]. Query heads of a KV head are rows of one matmul, so K/V
-    are never repeated."""
-    out = kernels.attend_one(q, k, v, scale)
-    if out is not None:
-        return out
-    H, D = q.shape[1], q.shape[2]
-    Hkv = k.shape[1]
+def attend_kv(q: torch.Tensor, rows: KVRows, q_pos0: int, scale: float, window: int = 0) -> torch.Tensor:
+    """Causal GQA attention of q [T, H, D] at positions q_pos0.. over cached rows; with
+    window > 0 a query at p sees keys at p-window+1..p. A few positions read the stored rows
+    one by one in C (cost follows the attended length); more decode what they need and use SDPA."""
+    T = q.shape[0]
+    if T <= ONE_BY_ONE:
+        outs = []
+        for i in range(T):
+            end = q_pos0 + i + 1
+            lo = max(0, end - window) if window > 0 else 0
+            outs.append(attend_one(q[i : i + 1], rows, lo, end, scale))
+        return outs[0] if T == 1 else torch.cat(outs)
+    lo = max(0, q_pos0 - window + 1) if window > 0 else 0
+    k, v = rows.float(lo)  # positions max(lo, start)..
+    k0 = max(lo, rows.start)
+    qpos = torch.arange(T)[:, None] + q_pos0  # [T, 1]
+    kpos = torch.arange(k.shape[0])[None, :] + k0  # [1, S]
+    mask = kpos <= qpos  # [T, S], True = may attend
+    if window > 0:
+        mask &= kpos > qpos - window
+    return sdpa_gqa(q, k, v, mask, scale)
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, H, D] over k, v [S, Hkv, D] with mask [T, S] -> [T, H, D]. As 4-D [Hkv, rep, ., D]
+    with K/V expanded (views), torch takes its fused CPU kernel, whose scratch does not grow
+    with T x S (a 512 x 8192 chunk: 18 MB, against 235 MB for 3-D inputs with enable_gqa)."""
+    T, H, D = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    rep = H // Hkv
+    qg = q.transpose(0, 1).reshape(Hkv, rep, T, D)
+    kg = k.transpose(0, 1)[:, None].expand(Hkv, rep, S, D)
+    vg = v.transpose(0, 1)[:, None].expand(Hkv, rep, S, D)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # [Hkv, rep, T, D]
+    return o.reshape(H, T, D).transpose(0, 1)
+
+
+def attend_one(q: torch.Tensor, rows: KVRows, lo: int, hi: int, scale: float) -> torch.Tensor:
+    """One query position q [1, H, D] over the cached positions [lo, hi) (no mask: every one is
+    in the past) -> [1, H, D], reading the stored rows in place; `attend_one_ref` is its twin."""
+    i, j = lo - rows.start, hi - rows.start
+    types = (KV_TYPES[rows.types[0]], KV_TYPES[rows.types[1]])
+    out = kernels.attend_one(q, rows.k[i:j], rows.v[i:j], scale, rows.n_head_kv, types)
+    return out if out is not None else attend_one_ref(q, rows, lo, hi, scale)
+
+
+def attend_one_ref(q: torch.Tensor, rows: KVRows, lo: int, hi: int, scale: float) -> torch.Tensor:
+    """Twin of `attend_one`: decode, then query heads of a KV head as rows of one matmul."""
+    k, v = rows.float(lo)
+    k, v = k[: hi - max(lo, rows.start)], v[: hi - max(lo, rows.start)]  # [S, Hkv, D]
+    H, D, Hkv = q.shape[1], q.shape[2], k.shape[1]
     qh = q.reshape(Hkv, H // Hkv, D)  # [Hkv, rep, D]
     scores = torch.matmul(qh, k.permute(1, 2, 0)) * scale  # [Hkv, rep, S]
     o = torch.matmul(scores.softmax(-1), v.transpose(0, 1))  # [Hkv, rep, D]
@@ -161,37 +216,10 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -
     return (probs @ vh).transpose(0, 1)
 
 
-# Up to this many query positions (decode, an MTP verify pass) attend one at a time, so each
-# gets the arithmetic of a one-token step: verified tokens match plain decoding bit for bit.
-ONE_BY_ONE = 16
-
-
-def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float,
-                window: int = 0) -> torch.Tensor:
-    """Causal attention of a few positions q [T, H, D] (at q_pos0..) over k, v [S, Hkv, D],
-    each by `attend_one` over the keys it may see (the last `window` of them when > 0)."""
-    outs = []
-    for i in range(q.shape[0]):
-        end = q_pos0 + i + 1
-        start = max(0, end - window) if window > 0 else 0
-        outs.append(attend_one(q[i : i + 1], k[start:end], v[start:end], scale))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
-    """Fast twin of `attend_ref`: a few positions one by one (`attend_rows`), more by torch
-    SDPA with grouped KV heads."""
-    T, S = q.shape[0], k.shape[0]
-    if T <= ONE_BY_ONE:
-        return attend_rows(q, k, v, q_pos0, q.shape[-1] ** -0.5)
-    mask = None
-    if T > 1:
-        qpos = torch.arange(T, device=q.device)[:, None] + q_pos0
-        mask = torch.arange(S, device=q.device)[None, :] <= qpos  # [T, S], True = may attend
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
-    )
-    return o.transpose(0, 1)
+    """Fast twin of `attend_ref` on float32 keys and values at 0..S-1 (`attend_kv` over f32 rows)."""
+    f32 = ("f32", "f32")
+    return attend_kv(q, KVRows(k, v, 0, f32, k.shape[1], k.shape[2]), q_pos0, q.shape[-1] ** -0.5)
 
 
 class Attention:
@@ -210,12 +238,12 @@ class Attention:
     def new_cache(self) -> AttentionCache:
         return AttentionCache.empty(self.args.n_head_kv, self.args.head_dim)
 
-    def __call__(self, x: torch.Tensor, cache: AttentionCache, attn=attend) -> torch.Tensor:
-        """x [T, E] at positions cache.length.. -> [T, E]. `attn`: `attend` or its twin `attend_ref`."""
+    def __call__(self, x: torch.Tensor, cache: AttentionCache, attn=None) -> torch.Tensor:
+        """x [T, E] at positions cache.length.. -> [T, E]. `attn`: None (the cached rows in place) or a float twin such as `attend_ref`."""
         return self.run(x, [cache], [x.shape[0]], attn)
 
     def run(self, x: torch.Tensor, caches: Sequence[AttentionCache], lengths: Sequence[int],
-            attn=attend) -> torch.Tensor:
+            attn=None) -> torch.Tensor:
         """Sequences laid end to end, x [N, E] (lengths[i] rows for caches[i], each at its own
         positions) -> [N, E]; the projections run once over all rows."""
         a = self.args
@@ -225,7 +253,7 @@ class Attention:
         q = rms_norm(q, self.q_norm, a.rms_eps)
         k = rms_norm(linear(x, self.wk).view(N, Hkv, D), self.k_norm, a.rms_eps)
         v = linear(x, self.wv).view(N, Hkv, D)
-        o = attend_each(q, k, v, caches, lengths, self.inv_freq, attn)  # [N, H * D]
+        o = attend_each(q, k, v, caches, lengths, self.inv_freq, D**-0.5, attn=attn)  # [N, H * D]
         return linear(o * torch.sigmoid(gate.reshape(N, H * D)), self.wo)
 
 

@@ -954,6 +954,130 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
 }
 #endif
 
+/* KV cache rows by type (ggml ids: F32, F16, BF16, Q8_0). A head's D values start `off`
+   values into a row; for Q8_0 both are multiples of 32. */
+static inline const uint8_t *kv_at(int type, const uint8_t *row, int64_t off) {
+    switch (type) {
+    case T_F32: return row + 4 * off;
+    case T_F16: case T_BF16: return row + 2 * off;
+    default: return row + off / 32 * 34;
+    }
+}
+
+/* n values of a cache row at p, as float32, into out (n a multiple of 32 for Q8_0). */
+static inline void kv_load(int type, const uint8_t *p, int64_t n, float *out) {
+#if defined(__AVX2__) && defined(__F16C__)
+    if (n % 32 == 0) {  /* the same values, 8 at a time */
+        for (int64_t i = 0; i < n; i += 8) {
+            __m256 x;
+            if (type == T_F32) x = _mm256_loadu_ps((const float *)p + i);
+            else if (type == T_F16) x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i)));
+            else if (type == T_BF16)
+                x = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 2 * i))), 16));
+            else {
+                const uint8_t *b = p + i / 32 * 34;
+                const __m128i c = _mm_loadl_epi64((const __m128i *)(b + 2 + i % 32));
+                x = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(rd16(b))), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+            }
+            _mm256_storeu_ps(out + i, x);
+        }
+        return;
+    }
+#endif
+    switch (type) {
+    case T_F32: memcpy(out, p, 4 * (size_t)n); break;
+    case T_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(rd16(p + 2 * i)); break;
+    case T_BF16: for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(rd16(p + 2 * i)); break;
+    default:
+        for (int64_t b = 0; b < n / 32; b++) {
+            const float d = f16_to_f32(rd16(p + 34 * b));
+            for (int i = 0; i < 32; i++) out[32 * b + i] = d * (float)(int8_t)p[34 * b + 2 + i];
+        }
+    }
+}
+
+/* Positions [s0, s1) of one query over cached K/V rows, for every query head: each K and V row
+   of a KV head is decoded once for the query heads that read it. Leaves per head h the
+   running max m[h], the sum of exp(score - m[h]) l[h], and o[h*D..] = sum exp(score - m) V. */
+static int attend_part(int64_t H, int64_t Hkv, int64_t D, int64_t s0, int64_t s1, const float *q,
+                       const uint8_t *k, const uint8_t *v, int64_t ldk, int64_t ldv, int ktype, int vtype,
+                       float scale, float *m, float *l, float *o) {
+    const int64_t rep = H / Hkv, n = s1 - s0;
+    float row[512];
+    float *p = malloc(sizeof(float) * (size_t)(n * rep));  /* [rep, n] scores of one KV head */
+    if (!p) return -2;
+    for (int64_t g = 0; g < Hkv; g++) {
+        for (int64_t s = 0; s < n; s++) {
+            const uint8_t *ks = kv_at(ktype, k + (s0 + s) * ldk, g * D);
+            const float *kr = (const float *)ks;
+            if (ktype != T_F32) { kv_load(ktype, ks, D, row); kr = row; }
+            for (int64_t r = 0; r < rep; r++) p[r * n + s] = dot_f32(q + (g * rep + r) * D, kr, D) * scale;
+        }
+        for (int64_t r = 0; r < rep; r++) {
+            const int64_t h = g * rep + r;
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t s = 0; s < n; s++) mx = p[r * n + s] > mx ? p[r * n + s] : mx;
+            for (int64_t s = 0; s < n; s++) {
+                p[r * n + s] = expf(p[r * n + s] - mx);
+                sum += p[r * n + s];
+            }
+            m[h] = mx;
+            l[h] = sum;
+            for (int64_t d = 0; d < D; d++) o[h * D + d] = 0.f;
+        }
+        for (int64_t s = 0; s < n; s++) {
+            const uint8_t *vs = kv_at(vtype, v + (s0 + s) * ldv, g * D);
+            const float *vr = (const float *)vs;
+            if (vtype != T_F32) { kv_load(vtype, vs, D, row); vr = row; }
+            for (int64_t r = 0; r < rep; r++) {
+                const float ps = p[r * n + s];
+                float *oh = o + (g * rep + r) * D;
+                for (int64_t d = 0; d < D; d++) oh[d] += ps * vr[d];
+            }
+        }
+    }
+    free(p);
+    return 0;
+}
+
+/* One query position over S cached positions whose K and V rows are stored as ktype/vtype,
+   ldk/ldv bytes apart: out [H, D] = softmax(q K^T * scale) V per query head, query head h
+   reading KV head h / (H / Hkv). Long spans are split between threads by position and the
+   parts merged by their maxima; the split depends on S and the thread count only. */
+int ls_attend_one_kv(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *q, const uint8_t *k,
+                     const uint8_t *v, int64_t ldk, int64_t ldv, int ktype, int vtype, float scale, float *out,
+                     int nthreads) {
+    if (H < 1 || Hkv < 1 || H % Hkv || D < 1 || D > 512 || S < 1) return -1;
+    if ((ktype == T_Q8_0 || vtype == T_Q8_0) && D % 32) return -1;
+    const int64_t parts = S * H * D >= (1 << 18) ? (nthreads < S ? nthreads : S) : 1;
+    float *m = malloc(sizeof(float) * (size_t)(parts * H * (D + 2)));
+    if (!m) return -2;
+    float *l = m + parts * H, *o = l + parts * H;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(parts)
+    for (int64_t i = 0; i < parts; i++) {
+        if (attend_part(H, Hkv, D, S * i / parts, S * (i + 1) / parts, q, k, v, ldk, ldv, ktype, vtype, scale,
+                        m + i * H, l + i * H, o + i * H * D))
+            bad = 1;
+    }
+    for (int64_t h = 0; h < H && !bad; h++) {
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < parts; i++) mx = m[i * H + h] > mx ? m[i * H + h] : mx;
+        float *oh = out + h * D;
+        for (int64_t d = 0; d < D; d++) oh[d] = 0.f;
+        for (int64_t i = 0; i < parts; i++) {
+            const float w = expf(m[i * H + h] - mx);
+            sum += w * l[i * H + h];
+            const float *op = o + (i * H + h) * D;
+            for (int64_t d = 0; d < D; d++) oh[d] += w * op[d];
+        }
+        for (int64_t d = 0; d < D; d++) oh[d] /= sum;
+    }
+    free(m);
+    return bad ? -2 : 0;
+}
+
 /* rows of n floats: out = x / sqrt(mean(x^2) + eps) * w (w: n floats). */
 int ls_rms_norm(int64_t rows, int64_t n, const float *x, const float *w, float eps, float *out) {
     if (rows < 0 || n < 1) return -1;
@@ -969,38 +1093,6 @@ int ls_rms_norm(int64_t rows, int64_t n, const float *x, const float *w, float e
 /* One query position against S cached positions, grouped heads: q [H, D]; k, v rows of the
  * cache ([S, Hkv, D], row stride ld floats); query head h reads KV head h / (H / Hkv).
  * out [H, D] = softmax(scale * q k^T) v, every cached position attended. */
-int ls_attend_one(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *q, const float *k, const float *v,
-                  int64_t ld, float scale, float *out, int nthreads) {
-    if (H < 1 || Hkv < 1 || H % Hkv || D < 1 || S < 1) return -1;
-    const int64_t rep = H / Hkv;
-    int bad = 0;
-#pragma omp parallel for schedule(static) num_threads(S * H * D >= (1 << 18) ? nthreads : 1)
-    for (int64_t h = 0; h < H; h++) {
-        float stack[4096];
-        float *p = S <= 4096 ? stack : malloc(sizeof(float) * (size_t)S);
-        if (!p) { bad = 1; continue; }
-        const float *qh = q + h * D;
-        const int64_t g = (h / rep) * D;
-        float m = -INFINITY, sum = 0.f;
-        for (int64_t s = 0; s < S; s++) {
-            p[s] = dot_f32(qh, k + s * ld + g, D) * scale;
-            m = p[s] > m ? p[s] : m;
-        }
-        for (int64_t s = 0; s < S; s++) {
-            p[s] = expf(p[s] - m);
-            sum += p[s];
-        }
-        float *o = out + h * D;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-        for (int64_t s = 0; s < S; s++) {
-            const float ps = p[s] / sum;
-            const float *vs = v + s * ld + g;
-            for (int64_t d = 0; d < D; d++) o[d] += ps * vs[d];
-        }
-        if (p != stack) free(p);
-    }
-    return bad ? -2 : 0;
-}
 
 /* Y [T, nrows] = X [T, ncols] @ W.T for float32 rows of W (stride row_floats): each output
  * one dot product with a fixed summation order, whatever T is (batch-invariant). */

@@ -92,7 +92,8 @@ def library() -> ctypes.CDLL | None:
     lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
     lib.ls_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_deltanet_gates.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.ls_attend_one.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.ls_attend_one_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_float, ptr, ctypes.c_int]
     return lib
 
 
@@ -225,22 +226,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """One query position q [1, H, D] over k, v [S, Hkv, D] (every position attended) in C ->
-    [1, H, D]; None when the tensors do not fit the kernel."""
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, n_head_kv: int,
+               types: tuple[int, int] = (0, 0)) -> torch.Tensor | None:
+    """One query position q [1, H, D] over S cached positions (every one attended) in C ->
+    [1, H, D]. k, v hold one position per row, stored as ggml types (F32, F16, BF16 or Q8_0,
+    see ops.kv); None when the tensors do not fit the kernel."""
     lib = library()
-    S, Hkv, D = k.shape
-    H = q.shape[1]
-    if (lib is None or q.shape != (1, H, D) or v.shape != k.shape or H % Hkv or not _f32(q)
-            or k.dtype != torch.float32 or v.dtype != torch.float32 or k.stride() != v.stride()
-            or k.stride()[1:] != (D, 1) or k.device.type != "cpu" or v.device.type != "cpu"):
+    H, D = q.shape[1], q.shape[-1]
+    S = k.shape[0]
+    if (lib is None or q.shape != (1, H, D) or not _f32(q) or H % n_head_kv or S != v.shape[0] or S < 1
+            or k.device.type != "cpu" or v.device.type != "cpu" or not _rows_packed(k) or not _rows_packed(v)):
         return None
     out = torch.empty((1, H, D), dtype=torch.float32)
-    rc = lib.ls_attend_one(H, Hkv, D, S, q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), scale,
-                           out.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise MemoryError("ls_attend_one could not allocate its scores")
-    return out
+    rc = lib.ls_attend_one_kv(H, n_head_kv, D, S, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                              k.stride(0) * k.element_size(), v.stride(0) * v.element_size(), types[0], types[1],
+                              scale, out.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("ls_attend_one_kv could not allocate its scores")
+    return None if rc else out
+
+
+def _rows_packed(t: torch.Tensor) -> bool:
+    """Each row (dim 0) contiguous, rows any distance apart."""
+    return t.dim() >= 2 and t[0].is_contiguous()
 
 
 def matmul_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
