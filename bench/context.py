@@ -74,7 +74,8 @@ def plot(results: dict, path: Path, title: str) -> None:
     for ax, rate in zip(fig.subplots(1, 2), ("decode_tps", "prefill_tps")):
         for engine, by_depth in results.items():
             depths = sorted(by_depth, key=int)
-            ax.plot([int(d) for d in depths], [by_depth[d][rate] for d in depths], marker="o", label=engine)
+            ax.plot([int(d) for d in depths], [by_depth[d][rate] for d in depths], marker="o",
+                    label="llama.cpp" if engine == "llama" else engine)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context depth (tokens)")
         ax.set_ylabel(rate.replace("_tps", " tok/s"))

@@ -49,11 +49,12 @@ class Score:
         return {"ppl": math.exp(self.nll / self.n), "mean_kl": self.kl / self.n, "tokens": self.n}
 
 
-def lemonslice_scores(model: Path, windows: list[list[int]], types: list[str], threads: int) -> dict:
+def lemonslice_scores(model: Path, windows: list[list[int]], types: list[str], threads: int,
+                      exact: bool = False) -> dict:
     from lemonslice.engine import Engine, runtime
     from lemonslice.models.caches import set_kv_types
 
-    runtime.setup(threads=threads)
+    runtime.setup(threads=threads, exact=exact)
     engine = Engine(model)
     scores = {t: Score() for t in ["f32", *types]}
     for ids in windows:
@@ -147,6 +148,8 @@ def main() -> None:
     ap.add_argument("--llama-types", default="q8_0", help="llama.cpp's cache types besides f32")
     ap.add_argument("--text", type=Path, nargs="*", default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--exact", action="store_true", help="lemonslice with float activations")
+    ap.add_argument("--only-lemonslice", action="store_true")
     args = ap.parse_args()
 
     from lemonslice.text.tokenizer import Tokenizer
@@ -163,9 +166,9 @@ def main() -> None:
     windows = [tokens[w * args.ctx : (w + 1) * args.ctx] for w in range(n)]
     print(f"{model.name}: {len(tokens)} tokens of text, {n} window(s) of {args.ctx}, {args.threads} threads")
     t0 = time.perf_counter()
-    ours = lemonslice_scores(model, windows, args.types.split(","), args.threads)
+    ours = lemonslice_scores(model, windows, args.types.split(","), args.threads, args.exact)
     t1 = time.perf_counter()
-    theirs = llama_scores(model, windows, args.llama_types.split(","), args.threads)
+    theirs = {} if args.only_lemonslice else llama_scores(model, windows, args.llama_types.split(","), args.threads)
     print(f"(lemonslice {t1 - t0:.0f} s, llama.cpp {time.perf_counter() - t1:.0f} s)")
     print(f"{'engine':11} {'KV type':8} {'perplexity':>11} {'mean KL vs f32':>15}")
     for name, res in (("lemonslice", ours), ("llama.cpp", theirs)):

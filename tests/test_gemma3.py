@@ -91,9 +91,20 @@ def test_args_from_gguf(engine):
     assert engine.n_vocab == 262144
 
 
+@pytest.fixture(params=["f32", "f16"])
+def kv_type(request):
+    """The KV cache's storage type for the engine's next sequences (f32 is the default)."""
+    from lemonslice.models.caches import set_kv_types
+
+    set_kv_types(request.param, request.param)
+    yield request.param
+    set_kv_types("f32", "f32")
+
+
 @pytest.mark.parametrize("k", range(len(PROMPTS)))
-def test_matches_transformers(engine, hf_ref, k, exact):
-    """--exact (float activations): transformers' logits to 1e-3 and its greedy text."""
+def test_matches_transformers(engine, hf_ref, k, exact, kv_type):
+    """--exact (float activations), with an f32 and an f16 KV cache: transformers' logits to 1e-3
+    and its greedy text."""
     prompt, cont = hf_ref["ids"][k], hf_ref["greedy"][k]
     got = engine.logits(prompt + cont[:-1])  # [T + N - 1, V]
     ref = hf_ref["logits"][k]
@@ -101,7 +112,7 @@ def test_matches_transformers(engine, hf_ref, k, exact):
     assert rel < REL_TOL, f"prompt {k}: max |diff| / max |logit| = {rel:.2e}"
     greedy = got[len(prompt) - 1 :].argmax(-1).tolist()
     first = next((i for i, (a, b) in enumerate(zip(greedy, cont)) if a != b), None)
-    print(f"FIGURE gemma3 --exact vs transformers prompt {k}: max|diff|/max|logit| {rel:.2e}, "
+    print(f"FIGURE gemma3 --exact, KV {kv_type}, vs transformers prompt {k}: max|diff|/max|logit| {rel:.2e}, "
           f"greedy {sum(a == b for a, b in zip(greedy, cont))}/{len(cont)} tokens equal")
     assert greedy == cont, f"prompt {k}: greedy tokens differ from step {first}"
     # And by real incremental decoding (one token per forward), now that decode is fast.
