@@ -55,7 +55,9 @@ class Repl:
     def __init__(self, model: Path, history: Path, *args: str):
         env = os.environ | {"TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.child = pexpect.spawn(
-            LEMONSLICE, ["chat", str(model), "--threads", "1", "--history-file", str(history), *args],
+            # -ctk/-ctv f32: the in-process replies compared with run with the library's f32 cache
+            LEMONSLICE, ["chat", str(model), "--threads", "1", "--history-file", str(history), "-ctk", "f32", "-ctv",
+                         "f32", *args],
             env=env, encoding="utf-8", timeout=60, dimensions=(24, 400))
         self.banner = self.wait_prompt()
 

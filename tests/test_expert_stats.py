@@ -97,6 +97,10 @@ def check_stats(path: Path, uses: np.ndarray) -> dict:
     return d
 
 
+# The in-process reference (`routing`) runs with the library's f32 cache; the CLI's default is f16.
+F32_KV = ("-ctk", "f32", "-ctv", "f32")
+
+
 def test_run_expert_stats_count_every_routed_expert(moe, routing, tmp_path):
     """At the smallest budget the expert cache gets 0 bytes: every lookup misses."""
     with WeightStore(moe) as store:
@@ -104,7 +108,7 @@ def test_run_expert_stats_count_every_routed_expert(moe, routing, tmp_path):
     assert least.expert_cache == 0
     stats = tmp_path / "experts.json"
     r = lemonslice("run", moe, "--prompt-ids", ",".join(map(str, PROMPT)), "-n", N, "--max-memory", least.budget,
-                   "--threads", 1, "--expert-stats", stats)
+                   "--threads", 1, "--expert-stats", stats, *F32_KV)
     assert r.returncode == 0, r.stderr
     want_ids, calls = routing
     assert generated(r.stdout) == want_ids
@@ -117,7 +121,7 @@ def test_budgeted_run_reports_what_it_read(moe, routing, tmp_path):
     budget = 680_000  # under the 706 KB of weights: a per-tensor plan with a small expert cache
     stats_json, stats = tmp_path / "run.json", tmp_path / "experts.json"
     r = lemonslice("run", moe, "--prompt-ids", ",".join(map(str, PROMPT)), "-n", N, "--max-memory", budget,
-                   "--threads", 1, "--stats-json", stats_json, "--expert-stats", stats)
+                   "--threads", 1, "--stats-json", stats_json, "--expert-stats", stats, *F32_KV)
     assert r.returncode == 0, r.stderr
     want_ids, calls = routing
     assert generated(r.stdout) == want_ids

@@ -218,7 +218,9 @@ def test_cli_run_equals_run_layers(gemma_path, prompts, reference, tmp_path):
     fields = GGUFPy(out).fields  # gguf-py reads the key as the hand-written layout
     assert fields[KEY].contents() == [k == "s" for k in PLANS[plan][1]]
     assert fields["gemma3.block_count"].contents() == len(PLANS[plan][0])
-    args = ["--prompt-ids", ",".join(map(str, prompts[0])), "-n", str(N_NEW), "--threads", "1"]
+    # the in-process reference runs with the library's f32 cache; the CLI's default is f16
+    args = ["--prompt-ids", ",".join(map(str, prompts[0])), "-n", str(N_NEW), "--threads", "1", "-ctk", "f32",
+            "-ctv", "f32"]
     a = cli("run", gemma_path, "--layers", plan, *args)
     b = cli("run", out, *args)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr

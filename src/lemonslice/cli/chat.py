@@ -244,8 +244,8 @@ def chat(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
-    cache_type_k: str = typer.Option("f32", "--cache-type-k", "-ctk", help=_CTK_HELP),
-    cache_type_v: str = typer.Option("f32", "--cache-type-v", "-ctv", help=_CTV_HELP),
+    cache_type_k: str = typer.Option("f16", "--cache-type-k", "-ctk", help=_CTK_HELP),
+    cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", help=_CTV_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
 ) -> None:
     """Interactive multi-turn chat with line editing and history; /help lists the commands.

@@ -40,15 +40,14 @@ _REPEAT_HELP = "Divide positive logits of tokens among the last 64 by this, mult
 _SEED_HELP = "Sampling seed; -1 (the default) picks a random one. The seed used is printed on stderr."
 _EXACT_HELP = ("Multiply with float activations (slower; the default rounds them to 8 bits per block for the "
                "integer kernels, as llama.cpp does). Also LEMONSLICE_EXACT=1.")
-_CTK_HELP = ("Storage type of the KV cache's keys: f32 (the default), f16 (llama.cpp's default: half the memory), "
-             "bf16 or q8_0.")
-_CTV_HELP = "Storage type of the KV cache's values: f32 (the default), f16, bf16 or q8_0."
+_CTK_HELP = "Storage type of the KV cache's keys: f16 (the default, as llama.cpp's), f32, bf16 or q8_0."
+_CTV_HELP = "Storage type of the KV cache's values: f16 (the default, as llama.cpp's), f32, bf16 or q8_0."
 _STOP_HELP = "Stop when the text contains this string, which is not printed (repeatable)."
 
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
                  text: bool = False, verify: bool = False, exact: bool = False,
-                 kv_types: tuple[str, str] = ("f32", "f32")):  # noqa: ANN202
+                 kv_types: tuple[str, str] = ("f16", "f16")):  # noqa: ANN202
     """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
     scratch of building a 250k-token vocabulary does not stack on top of the weights."""
     from ..engine import Engine, WeightStore, runtime
@@ -191,8 +190,8 @@ def run(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
-    cache_type_k: str = typer.Option("f32", "--cache-type-k", "-ctk", help=_CTK_HELP),
-    cache_type_v: str = typer.Option("f32", "--cache-type-v", "-ctv", help=_CTV_HELP),
+    cache_type_k: str = typer.Option("f16", "--cache-type-k", "-ctk", help=_CTK_HELP),
+    cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", help=_CTV_HELP),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Also write the statistics here."),
     expert_stats: Optional[Path] = typer.Option(
         None, "--expert-stats", metavar="FILE", help="Write each layer's routed-expert uses and cache hits to FILE "
@@ -351,8 +350,8 @@ def perplexity(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
-    cache_type_k: str = typer.Option("f32", "--cache-type-k", "-ctk", help=_CTK_HELP),
-    cache_type_v: str = typer.Option("f32", "--cache-type-v", "-ctv", help=_CTV_HELP),
+    cache_type_k: str = typer.Option("f16", "--cache-type-k", "-ctk", help=_CTK_HELP),
+    cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", help=_CTV_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
 ) -> None:
