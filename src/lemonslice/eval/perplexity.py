@@ -38,6 +38,9 @@ def ppl_uncertainty(nll_sum: float, nll2_sum: float, count: int) -> float:
     return math.exp(m) * math.sqrt(max(m2 - m * m, 0.0) / (count - 1))
 
 
+SCORE_CHUNK = 512  # scored positions per forward
+
+
 def perplexity(
     engine: Engine,
     tokens: Sequence[int],
@@ -63,14 +66,18 @@ def perplexity(
             ids[0] = bos_id
         engine.reset()
         engine.forward(ids[:first])  # the first half only builds state; its logits are not needed
-        logits = engine.forward(ids[first:], all_logits=True)[:-1]  # [ctx - 1 - first, V]
-        targets = torch.tensor(ids[first + 1 :], dtype=torch.long)
-        # log p(target) = logit - logsumexp, per row; the running sum is kept in double.
-        lse = torch.logsumexp(logits, dim=-1)  # [n]
-        tok_nll = (lse - logits.gather(1, targets[:, None])[:, 0]).double()  # [n]
-        nll += float(tok_nll.sum())
-        nll2 += float((tok_nll * tok_nll).sum())
-        count += len(targets)
+        # The rest of the window (all of it is fed, as llama-perplexity does) in pieces: logits
+        # [SCORE_CHUNK, V] at a time, not [ctx / 2, V] (4.3 GB at 8K with a 262k vocabulary).
+        for s in range(first, ctx, SCORE_CHUNK):
+            e = min(s + SCORE_CHUNK, ctx)
+            targets = torch.tensor(ids[s + 1 : e + 1], dtype=torch.long)  # [n], n = e - s or e - s - 1
+            logits = engine.forward(ids[s:e], all_logits=True)[: len(targets)]  # [n, V]
+            # log p(target) = logit - logsumexp, per row; the running sum is kept in double.
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            tok_nll = (lse - logits.gather(1, targets[:, None])[:, 0]).double()  # [n]
+            nll += float(tok_nll.sum())
+            nll2 += float((tok_nll * tok_nll).sum())
+            count += len(targets)
         running.append(math.exp(nll / count))
         if progress is not None:
             progress(w + 1, windows)
