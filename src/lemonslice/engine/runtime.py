@@ -22,9 +22,9 @@ def setup(threads: int | None = None, compact_heap: bool = False, exact: bool | 
     """Set torch's intra-op threads (None: leave torch's choice), the activations' precision
     (exact: float activations in every product; False: 8-bit ones where the kernels have
     them, as llama.cpp does; None: leave it, or read LEMONSLICE_EXACT), the storage types of
-    the keys and values of attention caches made from then on (ops.kv; None: leave them),
-    and, for streaming runs, have glibc serve
-    allocations over 1 MiB by mmap so that freed layer scratch leaves the process.
+    the keys and values of attention caches made from then on (ops.kv; None: leave them), and,
+    for streaming runs, have glibc serve allocations over 1 MiB by mmap so that freed layer
+    scratch leaves the process.
 
     glibc otherwise raises its mmap threshold after each large free and keeps later scratch
     on the heap, which adds tens of MB to a streaming run's peak; a fully loaded run keeps

@@ -3,7 +3,7 @@
 A cache is created from hyper-parameters alone (no weights) and can be copied, and cut back
 to an earlier length, without the layer's weights:
 
-* `AttentionCache`: post-RoPE keys and values in a KV type (f16 by default, see ops.kv);
+* `AttentionCache`: post-RoPE keys and values in a KV type (`set_kv_types`, see ops.kv);
   cutting back forgets the tail; a sliding-window layer keeps only its window.
 * `DeltaNetCache`: the conv inputs and the delta-rule state. A recurrent state cannot be
   rewound by itself, so `mark()` keeps the state of that moment plus what every later token

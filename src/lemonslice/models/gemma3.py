@@ -27,8 +27,7 @@ from ..gguf.constants import Keys, arch_key
 from ..gguf.constants import Tensors as TN
 from ..ops import linear
 from .common import SharedWeights, make_cache  # noqa: F401  (make_cache is part of the family API)
-from .caches import KVRows
-from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, attend_kv, rms_norm
+from .qwen35_layers import AttentionCache, Weights, as_float, as_matrix, attend_each, attend_floats, rms_norm
 
 ARCH = "gemma3"
 _REQUIRED = object()
@@ -141,8 +140,7 @@ def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int
                   window: int) -> torch.Tensor:
     """Causal GQA attention on float32 keys; with window > 0 a query at p sees keys at
     p-window+1..p. q [T, H, D] at positions q_pos0.. ; k, v [S, Hkv, D] at 0..S-1 -> [T, H, D]."""
-    rows = KVRows(k, v, 0, ("f32", "f32"), k.shape[1], k.shape[2])
-    return attend_kv(q, rows, q_pos0, scale, window)
+    return attend_floats(q, k, v, q_pos0, scale, window)
 
 
 class Attention:

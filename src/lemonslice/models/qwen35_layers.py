@@ -216,10 +216,15 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -
     return (probs @ vh).transpose(0, 1)
 
 
+def attend_floats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float,
+                  window: int = 0) -> torch.Tensor:
+    """`attend_kv` on float32 keys and values k, v [S, Hkv, D] at positions 0..S-1."""
+    return attend_kv(q, KVRows(k, v, 0, ("f32", "f32"), k.shape[1], k.shape[2]), q_pos0, scale, window)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int) -> torch.Tensor:
-    """Fast twin of `attend_ref` on float32 keys and values at 0..S-1 (`attend_kv` over f32 rows)."""
-    f32 = ("f32", "f32")
-    return attend_kv(q, KVRows(k, v, 0, f32, k.shape[1], k.shape[2]), q_pos0, q.shape[-1] ** -0.5)
+    """Fast twin of `attend_ref` on float32 keys and values at 0..S-1."""
+    return attend_floats(q, k, v, q_pos0, q.shape[-1] ** -0.5)
 
 
 class Attention:

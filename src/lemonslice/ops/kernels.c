@@ -957,11 +957,10 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
 /* KV cache rows by type (ggml ids: F32, F16, BF16, Q8_0). A head's D values start `off`
    values into a row; for Q8_0 both are multiples of 32. */
 static inline const uint8_t *kv_at(int type, const uint8_t *row, int64_t off) {
-    switch (type) {
-    case T_F32: return row + 4 * off;
-    case T_F16: case T_BF16: return row + 2 * off;
-    default: return row + off / 32 * 34;
-    }
+    int block, bytes;
+    deq_fn fn;
+    type_info(type, &block, &bytes, &fn);
+    return row + off / block * bytes;
 }
 
 /* n values of a cache row at p, as float32, into out (n a multiple of 32 for Q8_0). */
@@ -985,16 +984,10 @@ static inline void kv_load(int type, const uint8_t *p, int64_t n, float *out) {
         return;
     }
 #endif
-    switch (type) {
-    case T_F32: memcpy(out, p, 4 * (size_t)n); break;
-    case T_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(rd16(p + 2 * i)); break;
-    case T_BF16: for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(rd16(p + 2 * i)); break;
-    default:
-        for (int64_t b = 0; b < n / 32; b++) {
-            const float d = f16_to_f32(rd16(p + 34 * b));
-            for (int i = 0; i < 32; i++) out[32 * b + i] = d * (float)(int8_t)p[34 * b + 2 + i];
-        }
-    }
+    int block, bytes;
+    deq_fn fn;
+    type_info(type, &block, &bytes, &fn);
+    for (int64_t b = 0; b < n / block; b++) fn(p + b * bytes, out + b * block);
 }
 
 /* Positions [s0, s1) of one query over cached K/V rows, for every query head: each K and V row
@@ -1049,7 +1042,10 @@ int ls_attend_one_kv(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *
                      const uint8_t *v, int64_t ldk, int64_t ldv, int ktype, int vtype, float scale, float *out,
                      int nthreads) {
     if (H < 1 || Hkv < 1 || H % Hkv || D < 1 || D > 512 || S < 1) return -1;
-    if ((ktype == T_Q8_0 || vtype == T_Q8_0) && D % 32) return -1;
+    for (int i = 0; i < 2; i++) {
+        const int t = i ? vtype : ktype;
+        if ((t != T_F32 && t != T_F16 && t != T_BF16 && t != T_Q8_0) || (t == T_Q8_0 && D % 32)) return -1;
+    }
     const int64_t parts = S * H * D >= (1 << 18) ? (nthreads < S ? nthreads : S) : 1;
     float *m = malloc(sizeof(float) * (size_t)(parts * H * (D + 2)));
     if (!m) return -2;
@@ -1089,10 +1085,6 @@ int ls_rms_norm(int64_t rows, int64_t n, const float *x, const float *w, float e
     }
     return 0;
 }
-
-/* One query position against S cached positions, grouped heads: q [H, D]; k, v rows of the
- * cache ([S, Hkv, D], row stride ld floats); query head h reads KV head h / (H / Hkv).
- * out [H, D] = softmax(scale * q k^T) v, every cached position attended. */
 
 /* Y [T, nrows] = X [T, ncols] @ W.T for float32 rows of W (stride row_floats): each output
  * one dot product with a fixed summation order, whatever T is (batch-invariant). */

@@ -3,14 +3,15 @@
 A cache row holds one position's keys (or values) for all KV heads, [Hkv, D] values, stored as:
 
 * f32, f16, bf16: a torch tensor of that dtype, [Hkv, D] per row, rounded to nearest even;
-* q8_0: uint8 ggml Q8_0 blocks, [Hkv * D / 32 * 34] per row, rounded as ggml's
-  `quantize_row_q8_0_ref` rounds (codes round(x * 127 / amax) half away from zero, f16 scale).
+* q8_0: uint8 ggml Q8_0 blocks, [Hkv * D / 32 * 34] per row, quantized by gguf-py as ggml
+  quantizes them (codes round(x * 127 / amax) half away from zero, f16 scale).
 
 `encode` and `decode` are the reference codec; the C attention kernel reads rows in place.
 """
 
 from __future__ import annotations
 
+import gguf
 import torch
 
 from ..errors import LemonsliceError
@@ -47,23 +48,11 @@ def empty_rows(name: str, rows: int, n_head_kv: int, head_dim: int) -> torch.Ten
     return torch.empty((rows, n_head_kv, head_dim), dtype=_DTYPES[check_kv_type(name)])
 
 
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """x [..., n] float32 (n a multiple of 32) -> ggml Q8_0 blocks uint8 [..., n / 32 * 34]."""
-    xb = x.to(torch.float32).reshape(*x.shape[:-1], -1, 32)  # [..., nb, 32]
-    d = xb.abs().amax(-1, keepdim=True) / 127.0
-    inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
-    v = xb * inv
-    a = v.abs()
-    # roundf (half away from zero) as gguf-py writes it: floor(a + 0.5) can round up in float
-    codes = (torch.sign(v) * (torch.floor(a) + torch.floor(2 * (a - torch.floor(a))))).to(torch.int8)
-    scale = d.to(torch.float16).view(torch.uint8)  # [..., nb, 2]
-    return torch.cat((scale, codes.view(torch.uint8)), -1).reshape(*x.shape[:-1], -1)
-
-
 def encode(x: torch.Tensor, name: str) -> torch.Tensor:
     """Keys or values x [T, Hkv, D] float32 -> storage rows of type `name`."""
-    if name == "q8_0":
-        return quantize_q8_0(x.reshape(x.shape[0], -1))
+    if name == "q8_0":  # gguf-py's quantizer: ggml's rounding, and faster than torch here
+        rows = x.reshape(x.shape[0], -1).to(torch.float32).numpy()
+        return torch.from_numpy(gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0))
     return x.to(_DTYPES[check_kv_type(name)])
 
 
