@@ -82,8 +82,11 @@ def test_session_reuses_state_only_for_an_extended_prompt(tiny):
     fresh = other.generate(follow + [9], 5)
     again = list(s.generate(follow + [9], GREEDY, 5))
     assert s.stats.reused_tokens == len(follow) and again == fresh
-    # A prompt that does not extend the state starts over and still matches fresh decoding.
-    assert list(s.generate([5, 6, 7, 8], GREEDY, 12)) == want and s.stats.reused_tokens == 0
+    # A prompt that does not extend the state goes back to the checkpoint at the end of the
+    # first prompt (the recurrent state as it was there) and still matches fresh decoding.
+    assert list(s.generate([5, 6, 7, 8], GREEDY, 12)) == want and s.stats.reused_tokens == 3
+    # One that shares less than any checkpoint starts over.
+    assert list(s.generate([5, 9], GREEDY, 3)) == other.generate([5, 9], 3) and s.stats.reused_tokens == 0
     # Someone else moving the engine's state is noticed, not built upon.
     engine.generate([1, 2], 2)
     assert list(s.generate([5, 6, 7, 8] + want[:11] + [3], GREEDY, 2)) == other.generate([5, 6, 7, 8] + want[:11] + [3], 2)

@@ -29,6 +29,7 @@ _EXAMPLES = {
     "run": "lemonslice run model.gguf -p 'The capital of France is' -n 32 --temp 0.7 --seed 42\n"
            "echo 'Tell me a story' | lemonslice run model-split/ --chat --max-memory 2GB",
     "chat": "lemonslice chat model.gguf --system 'Answer briefly.' --preset instruct-general",
+    "serve": "lemonslice serve model.gguf --port 8080 --parallel 4 --api-key-file key.txt",
     "perplexity": "lemonslice perplexity model.gguf wiki.test.raw -c 512 --chunks 20",
     "demo": "lemonslice demo -n 32",
     "surgery": "lemonslice surgery 'repeat 4-7' model.gguf -o rys.gguf",

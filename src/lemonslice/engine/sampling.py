@@ -55,6 +55,7 @@ class SamplingParams:
     min_p: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -64,7 +65,7 @@ class SamplingParams:
         # Accept a single string or any iterable of strings; store a tuple so params stay hashable.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty", "frequency_penalty"):
             if not _is_real(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.temperature < 0:
@@ -140,23 +141,26 @@ def apply_penalties(
     history: Sequence[int] | torch.Tensor,
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> torch.Tensor:
-    """Penalise every token id that occurs in `history` (each once, however often it occurs).
+    """Penalise every token id that occurs in `history`.
 
     Repetition: positive logits are divided by the penalty, the rest multiplied (so a penalty
-    > 1 always makes the token less likely). Presence: the constant is then subtracted.
+    > 1 always makes the token less likely). Then the presence constant is subtracted once per
+    token, and the frequency constant once per occurrence (OpenAI's and llama.cpp's meaning).
     """
     _check_logits(logits)
     ids = torch.as_tensor(history, dtype=torch.long).flatten()
-    if ids.numel() == 0 or (repetition_penalty == 1.0 and presence_penalty == 0.0):
+    if ids.numel() == 0 or (repetition_penalty == 1.0 and presence_penalty == 0.0 and frequency_penalty == 0.0):
         return logits
     if int(ids.min()) < 0 or int(ids.max()) >= logits.numel():
         raise ValueError(f"history has token ids outside the vocabulary [0, {logits.numel()})")
-    seen = torch.unique(ids).to(logits.device)  # [U]
+    seen, counts = torch.unique(ids, return_counts=True)  # [U], [U]
+    seen = seen.to(logits.device)
     out = logits.clone()
     picked = out[seen]
     picked = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
-    out[seen] = picked - presence_penalty
+    out[seen] = picked - presence_penalty - frequency_penalty * counts.to(picked.dtype)
     return out
 
 
@@ -220,7 +224,7 @@ def filter_logits(
     x = logits.float()  # [V]; bf16 logits would make the cumulative sums coarse
     x = apply_penalties(
         x, _recent(history, params.penalty_last_n), params.repetition_penalty,
-        params.presence_penalty,
+        params.presence_penalty, params.frequency_penalty,
     )
     x = apply_top_k(x, params.top_k)
     x = apply_top_p(x, params.top_p)
@@ -249,7 +253,8 @@ class Sampler:
         """The next token id for `logits` [V], penalising tokens in `history` (oldest first)."""
         _check_logits(logits)
         p = self.params
-        if p.temperature == 0.0 and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0:
+        if (p.temperature == 0.0 and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                and p.frequency_penalty == 0.0):
             return argmax(logits.detach())  # top-k/p and min-p always keep the largest logit
         x = filter_logits(logits.detach(), history, p)  # [V]
         if p.temperature == 0.0:

@@ -39,6 +39,9 @@ FINISHES = ("eos", "stop string", "length", "context", "stopped")
 class Prompt:
     ids: list[int]
     opened: bool = False  # the prompt leaves a <think> block open, so the reply starts inside it
+    # Offsets where the state is worth a checkpoint: the conversation before the generation
+    # prompt, which the next turn shares even when the template re-renders this reply.
+    cuts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,21 @@ class TextGenerator:
         """A raw text prompt (BOS as the vocabulary asks)."""
         return Prompt(encode_prompt(self._need_tokenizer(), text, templated=False))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], thinking: bool = True) -> Prompt:
-        """The conversation through the chat template, with the generation prompt."""
+    def chat(self, messages: Sequence[Mapping[str, Any]], thinking: bool = True, *, suffix: str = "",
+             **template_kwargs: Any) -> Prompt:
+        """The conversation through the chat template, with the generation prompt and then
+        `suffix` (text the reply is made to start with); `template_kwargs` (tools, ...) reach
+        the template."""
         tok = self._need_tokenizer()
-        text = self.template.render(messages, add_generation_prompt=True, enable_thinking=thinking,
-                                    **special_kwargs(tok))
-        return Prompt(encode_prompt(tok, text, templated=True), opens_think_block(text))
+        kw = special_kwargs(tok) | template_kwargs | {"enable_thinking": thinking}
+        text = self.template.render(messages, add_generation_prompt=True, **kw) + suffix
+        ids = encode_prompt(tok, text, templated=True)
+        try:
+            base = encode_prompt(tok, self.template.render(messages, add_generation_prompt=False, **kw), templated=True)
+        except LemonsliceError:  # a template that renders only with the generation prompt: no cut
+            base = []
+        cuts = (len(base),) if 0 < len(base) < len(ids) and ids[: len(base)] == base else ()
+        return Prompt(ids, opens_think_block(text), cuts)
 
     # ---- replies ----------------------------------------------------------------------------
 
@@ -202,7 +214,8 @@ class Generation:
     def _pieces(self) -> Iterator[Piece]:
         gen = self._gen
         dec = gen.tok.stream(skip_special=gen.skip_special) if gen.tok is not None else None
-        tokens = gen.session.generate(self.prompt.ids, self._sampler, self.max_tokens, gen.stops, self._interrupted)
+        tokens = gen.session.generate(self.prompt.ids, self._sampler, self.max_tokens, gen.stops, self._interrupted,
+                                      self.prompt.cuts)
         tail = ""
         try:
             for t in tokens:

@@ -1,0 +1,1 @@
+"""`lemonslice serve`: an OpenAI-compatible HTTP server over slots that decode together."""
