@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
@@ -48,11 +49,6 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 def create_app(load: Callable[[], ModelService], *, api_key: str | None = None,
                default_thinking: bool = True) -> FastAPI:
     """The app; `load()` builds the model service in a thread once the server runs."""
-    app = FastAPI(title="lemonslice", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service, app.state.load_error = None, None
-    app.state.tasks = set()
-    metrics = Metrics()
-
     def _load() -> None:
         try:
             app.state.service = load()
@@ -60,14 +56,17 @@ def create_app(load: Callable[[], ModelService], *, api_key: str | None = None,
             log.exception("loading the model failed")
             app.state.load_error = str(e) or type(e).__name__
 
-    @app.on_event("startup")
-    async def _start() -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=_load, name="lemonslice-load", daemon=True).start()
-
-    @app.on_event("shutdown")
-    async def _stop() -> None:
+        yield
         if app.state.service is not None:
             app.state.service.close()
+
+    app = FastAPI(title="lemonslice", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.service, app.state.load_error = None, None
+    app.state.tasks = set()
+    metrics = Metrics()
 
     _install_errors(app, metrics, api_key)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..engine.sampling import SamplingParams
 from ..errors import LemonsliceError
+from ..text.chat import ChatTemplate
 from ..text.generate import Prompt
 from ..text.tools import template_messages
 from .protocol import ChatRequest, CompletionRequest, Sampling, message_content
@@ -75,6 +76,8 @@ def build_chat(s: ModelService, body: ChatRequest, default_thinking: bool) -> Jo
     if tools is not None:
         kwargs["tools"] = tools
     messages = _messages(body)
+    if body.chat_template is not None:
+        kwargs["template"] = ChatTemplate(body.chat_template, origin="the request's chat_template")
     prompt = s.text.chat(messages, thinking, **kwargs)
     if forced:
         # The reply is made to start with the call; an open think block is closed first.

@@ -80,6 +80,7 @@ class ChatRequest(Sampling):
     tool_choice: Union[Literal["auto", "none", "required"], NamedChoice, None] = None
     parallel_tool_calls: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template: Optional[str] = Field(None, max_length=1 << 20)  # rendered in the sandbox, as every template
 
 
 class CompletionRequest(Sampling):

@@ -39,8 +39,8 @@ FINISHES = ("eos", "stop string", "length", "context", "stopped")
 class Prompt:
     ids: list[int]
     opened: bool = False  # the prompt leaves a <think> block open, so the reply starts inside it
-    # Offsets where the state is worth a checkpoint: the conversation before the generation
-    # prompt, which the next turn shares even when the template re-renders this reply.
+    # Where each message of the conversation ends: the prefill stops and checkpoints there,
+    # since the next turn shares those prefixes even when the template re-renders this reply.
     cuts: tuple[int, ...] = ()
 
 
@@ -122,20 +122,33 @@ class TextGenerator:
         return Prompt(encode_prompt(self._need_tokenizer(), text, templated=False))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], thinking: bool = True, *, suffix: str = "",
-             **template_kwargs: Any) -> Prompt:
-        """The conversation through the chat template, with the generation prompt and then
-        `suffix` (text the reply is made to start with); `template_kwargs` (tools, ...) reach
-        the template."""
+             template: ChatTemplate | None = None, **template_kwargs: Any) -> Prompt:
+        """The conversation through the chat template (`template`, else this generator's), with
+        the generation prompt and then `suffix` (text the reply is made to start with);
+        `template_kwargs` (tools, ...) reach the template."""
         tok = self._need_tokenizer()
+        template = template or self.template
         kw = special_kwargs(tok) | template_kwargs | {"enable_thinking": thinking}
-        text = self.template.render(messages, add_generation_prompt=True, **kw) + suffix
+        text = template.render(messages, add_generation_prompt=True, **kw) + suffix
         ids = encode_prompt(tok, text, templated=True)
-        try:
-            base = encode_prompt(tok, self.template.render(messages, add_generation_prompt=False, **kw), templated=True)
-        except LemonsliceError:  # a template that renders only with the generation prompt: no cut
-            base = []
-        cuts = (len(base),) if 0 < len(base) < len(ids) and ids[: len(base)] == base else ()
-        return Prompt(ids, opens_think_block(text), cuts)
+        return Prompt(ids, opens_think_block(text), self._message_ends(template, messages, ids, kw))
+
+    def _message_ends(self, template: ChatTemplate, messages: Sequence[Mapping[str, Any]], ids: list[int],
+                      kw: dict[str, Any]) -> tuple[int, ...]:
+        """Where each message ends in `ids`, when the conversation up to it renders as a prefix
+        of the whole. The prefill stops there, so a later turn that re-uses the state up to a
+        message end (its own prompt stops at the same places) computes exactly what a fresh
+        state would: the same chunks from the same states."""
+        cuts = []
+        for i in range(1, len(messages) + 1):
+            try:
+                part = template.render(messages[:i], add_generation_prompt=False, **kw)
+            except LemonsliceError:  # a template that renders only some prefixes: no cut there
+                continue
+            head = encode_prompt(self.tok, part, templated=True) if part else []
+            if 0 < len(head) < len(ids) and ids[: len(head)] == head:
+                cuts.append(len(head))
+        return tuple(sorted(set(cuts)))
 
     # ---- replies ----------------------------------------------------------------------------
 
