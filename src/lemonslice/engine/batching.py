@@ -21,7 +21,11 @@ from ..errors import LemonsliceError
 from .engine import Engine
 from .state import SequenceState
 
-__all__ = ["SlotEngine", "StepBatcher"]
+__all__ = ["MAX_ROWS", "SlotEngine", "StepBatcher"]
+
+# Sequences per decode step: the batch size up to which every kernel gives a row the same bits
+# as a batch of one (the kernels' small-batch path).
+MAX_ROWS = 16
 
 
 @dataclass(eq=False)
@@ -37,7 +41,9 @@ class StepBatcher:
     """Owns the engine's compute: every forward of every slot goes through its worker thread.
 
     A step waits for all slots inside a generation to submit (at most `gather_s` after the
-    first), so slots that finished sampling a moment apart still share the step.
+    first), so slots that finished sampling a moment apart still share the step. Decode steps
+    (one token per sequence, at most MAX_ROWS of them) run together; a prompt runs in a step
+    of its own, so every row meets the kernels in a batch of the shape it would meet alone.
     """
 
     def __init__(self, engine: Engine, gather_s: float = 0.02):
@@ -102,7 +108,12 @@ class StepBatcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch, self._pending = self._pending, []
+            # In arrival order: a prompt that came first runs (alone) before decoding goes on.
+            if len(self._pending[0].ids) > 1:
+                batch = self._pending[:1]
+            else:
+                batch = [j for j in self._pending if len(j.ids) == 1][:MAX_ROWS]
+            self._pending = [j for j in self._pending if j not in batch]
             return batch
 
     def _loop(self) -> None:
