@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean browser
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ $(VENV)/.test: $(VENV)/.created pyproject.toml
 demo: $(VENV)/.demo
 	$(VENV)/bin/lemonslice demo
 
-test: $(VENV)/.test
+# The chat page's test drives Debian's Chromium through its chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: $(VENV)/.test browser
 	$(PY) -m pytest -n 2 -q
 
 clean:

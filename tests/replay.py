@@ -10,6 +10,7 @@ prompt it answers with the ids of `replies[key]`, then end-of-turn, where the pr
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Sequence
@@ -44,7 +45,8 @@ class _Residency:
 
 
 class ReplayEngine:
-    def __init__(self, vocab_gguf: str, replies: dict[str, str], ctx: int = 32768):
+    def __init__(self, vocab_gguf: str, replies: dict[str, str], ctx: int = 32768, delay_s: float = 0.0):
+        self.delay_s = delay_s  # per step, for a reply that streams at a human pace
         with GGUFReader(vocab_gguf) as r:
             meta = {k: r.get(k) for k in r.kv}
         meta["qwen35.context_length"] = ctx
@@ -63,6 +65,7 @@ class ReplayEngine:
     def forward_batch(self, states: Sequence[ReplayState], inputs: Sequence[Sequence[int]], *, logits: str = "last",
                       **_: Any) -> list[torch.Tensor]:
         self.forwards += 1
+        time.sleep(self.delay_s)
         return [self._step(s, [int(t) for t in ids]) for s, ids in zip(states, inputs)]
 
     def _step(self, s: ReplayState, ids: list[int]) -> torch.Tensor:
