@@ -160,3 +160,24 @@ def test_plans_are_residency_not_engine_branches(tiny):
 def _mapped(store: WeightStore, layers: tuple[int, ...]) -> int:
     """Bytes of the expert tensors of these blocks: streaming plans map them instead of reading."""
     return sum(store.info(n).n_bytes for b in layers for n in store.tensor_names(b) if "_exps." in n)
+
+
+@pytest.mark.parametrize("arch", ["qwen35moe", "qwen35"])
+def test_logits_of_a_batched_decode_step_are_each_sequences_own_bit_for_bit(tiny, arch):
+    """A decode step of several sequences (their DeltaNet layers in one delta-rule call) gives
+    each sequence the logits and the state its own step gives, bit for bit."""
+    engine = Engine(tiny[arch])
+    together = [engine.new_state() for _ in PROMPTS]
+    alone = [engine.new_state() for _ in PROMPTS]
+    for s, a, p in zip(together, alone, PROMPTS):
+        engine.forward_batch([s], [p])
+        engine.forward_batch([a], [p])
+    for step in range(3):
+        nxt = [[(7 * i + step) % 500 + 1] for i in range(len(PROMPTS))]
+        batched = engine.forward_batch(together, nxt, logits="last")
+        single = [engine.forward_batch([a], [n], logits="last")[0] for a, n in zip(alone, nxt)]
+        assert all(torch.equal(b, s) for b, s in zip(batched, single)), step
+    for s, a in zip(together, alone):
+        for cs, ca in zip(s.caches, a.caches):
+            if hasattr(cs, "state"):
+                assert torch.equal(cs.state, ca.state) and torch.equal(cs.conv, ca.conv) and cs.length == ca.length

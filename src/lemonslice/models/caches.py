@@ -176,6 +176,10 @@ class DeltaNetCache:
         """Forget the mark and its records."""
         self._mark = self._trace = None
 
+    @property
+    def marked(self) -> bool:
+        return self._mark is not None
+
     def record(self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                beta: torch.Tensor) -> None:
         """Called by the mixer for each forward: kept only while marked."""

@@ -295,8 +295,11 @@ class GatedDeltaNet:
         gates = kernels.deltanet_gates(alpha, b, self.a, self.dt_bias)
         # g [N, Hv]: log decay, <= 0; beta [N, Hv]
         g, beta = gates if gates is not None else (self.a * F.softplus(alpha + self.dt_bias), torch.sigmoid(b))
-        outs = [self._recur(qkv[s:e], g[s:e], beta[s:e], c, rule) for (s, e), c in zip(spans(lengths), caches)]
-        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [N, Hv, Dv]
+        if rule is None and len(caches) > 1 and all(n == 1 for n in lengths) and not any(c.marked for c in caches):
+            o = self._step_many(qkv, g, beta, caches)  # [N, Hv, Dv]
+        else:
+            outs = [self._recur(qkv[s:e], g[s:e], beta[s:e], c, rule) for (s, e), c in zip(spans(lengths), caches)]
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [N, Hv, Dv]
         z = linear(x, self.w_z).view(N, Hv, Dv)
         o = rms_norm(o, self.norm, a.rms_eps) * F.silu(z)
         return linear(o.reshape(N, Hv * Dv), self.w_out)
@@ -321,6 +324,31 @@ class GatedDeltaNet:
         cache.conv = conv
         cache.length += T
         return o
+
+
+    def _step_many(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                   caches: Sequence[DeltaNetCache]) -> torch.Tensor:
+        """One new token of each of B sequences: qkv [B, conv_dim] -> o [B, Hv, Dv]. Row for row
+        the arithmetic of B `_recur` calls (the heads of all sequences side by side in one
+        delta-rule call), without B rounds of small ops."""
+        a = self.args
+        B, G, Hv, Dk, Dv = qkv.shape[0], a.ssm_n_group, a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim
+        xs = torch.cat((torch.stack([c.conv for c in caches]), qkv[:, None]), dim=1)  # [B, K, C]
+        y = xs[:, 0] * self.conv_w[:, 0]
+        for j in range(1, xs.shape[1]):
+            y = y + xs[:, j] * self.conv_w[:, j]
+        y = F.silu(y)  # [B, conv_dim]
+        q, k, v = y.split((G * Dk, G * Dk, Hv * Dv), dim=-1)
+        q = l2_normalize(q.reshape(B, G, Dk), a.rms_eps).repeat(1, Hv // G, 1) * Dk**-0.5  # [B, Hv, Dk]
+        k = l2_normalize(k.reshape(B, G, Dk), a.rms_eps).repeat(1, Hv // G, 1)
+        state = torch.cat([c.state for c in caches])  # [B * Hv, Dk, Dv]
+        o, new = pick_rule(1)(q.reshape(1, B * Hv, Dk), k.reshape(1, B * Hv, Dk), v.reshape(1, B * Hv, Dv),
+                              g.reshape(1, B * Hv), beta.reshape(1, B * Hv), state)
+        for i, c in enumerate(caches):
+            c.conv = xs[i, 1:].clone()
+            c.state = new[i * Hv : (i + 1) * Hv]
+            c.length += 1
+        return o.reshape(B, Hv, Dv)
 
 
 def new_deltanet_cache(args: ModelArgs) -> DeltaNetCache:
