@@ -370,3 +370,70 @@ def test_gemma_completions_endpoint(gemma_server, gemma_path):
     c = OpenAI(base_url=gemma_server + "/v1", api_key="unused", max_retries=0, timeout=300)
     r = c.completions.create(model="gemma", prompt="The capital of France is", temperature=0, max_tokens=12)
     assert r.choices[0].text == cli.stdout[:-1]
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([LEMONSLICE, "serve", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_refuses_bad_options_in_one_line_before_loading(gemma_path, tmp_path):
+    import socket
+
+    cases = [
+        (["/nope.gguf"], "error: no such file or directory: /nope.gguf"),
+        ([str(gemma_path), "--parallel", "0"], "error: --parallel must be >= 1, got 0"),
+        ([str(gemma_path), "--port", "70000"], "error: --port must be in 1..65535, got 70000"),
+        ([str(gemma_path), "--ctx", "0"], "error: --ctx must be >= 1, got 0"),
+        ([str(gemma_path), "--api-key", "a", "--api-key-file", str(tmp_path / "k")],
+         "error: give one of --api-key and --api-key-file"),
+        ([str(gemma_path), "-ctk", "q4_0"], "error: unknown KV cache type 'q4_0'; choose one of f32, f16, bf16, q8_0"),
+    ]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    cases.append(([str(gemma_path), "--api-key-file", str(empty)], "error: the API key is empty"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases.append(([str(gemma_path), "--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: "))
+        for args, want in cases:
+            r = _serve(*args)
+            assert r.returncode == 1 and r.stderr.strip().startswith(want) and len(r.stderr.strip().splitlines()) == 1, \
+                (args, r.stderr)
+
+
+def test_serve_command_listens_on_loopback_and_answers(gemma_path, tmp_path):
+    from serve_util import free_port
+
+    port = free_port()
+    key = tmp_path / "key.txt"
+    key.write_text("k3y\n")
+    proc = subprocess.Popen([LEMONSLICE, "serve", str(gemma_path), "--port", str(port), "--api-key-file", str(key),
+                             "--alias", "gemma-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        import time
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        conns = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        listening = [c.split()[1] for c in conns if c.split()[3] == "0A"]  # state LISTEN
+        assert f"0100007F:{port:04X}" in listening  # 127.0.0.1, not 0.0.0.0
+        c = OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=120)
+        assert c.models.list().data[0].id == "gemma-test"
+        r = c.chat.completions.create(model="gemma-test", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                      temperature=0)
+        assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        assert proc.wait(30) is not None
