@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from urllib.parse import unquote
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,7 @@ from ..errors import LemonsliceError
 from .build import build_chat, build_completion
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body, new_id, now
-from .service import Busy, Event, Job, ModelService
+from .service import Busy, Event, Job, ModelService, Slot
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +138,46 @@ def _built(build: Callable[..., Job], *args: Any) -> Job:
         raise ApiError(400, str(e)) from None
 
 
+class _Guard:
+    """The API key on every path but /health, and the request counter: plain ASGI, so that a
+    handler still sees its client disconnect (Starlette's BaseHTTPMiddleware hides it)."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics):
+        self.app, self.key, self.metrics = app, api_key, metrics
+
+    def _allowed(self, scope: dict[str, Any]) -> bool:
+        if self.key is None or scope["path"] in _OPEN:
+            return True
+        given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if scope["path"] == "/" and not token:  # a browser opening the page
+            query = dict(p.partition("=")[::2] for p in scope.get("query_string", b"").decode().split("&"))
+            token = unquote(query.get("key", ""))
+        return secrets.compare_digest(token.encode(), self.key.encode())
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in _KNOWN else "other"
+        if not self._allowed(scope):
+            self.metrics.requests.labels(path, "401").inc()
+            response = _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+            return await response(scope, receive, send)
+        status = {"code": 500}
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.requests.labels(path, str(status["code"])).inc()
+
+
 def _install_errors(app: FastAPI, metrics: Metrics, api_key: str | None) -> None:
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        path = request.url.path
-        if api_key is not None and path not in _OPEN:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if path == "/" and not token:
-                token = request.query_params.get("key", "")  # a browser opening the page
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
-                metrics.requests.labels(path, "401").inc()
-                return _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
-        response = await call_next(request)
-        metrics.requests.labels(path if path in _KNOWN else "other", str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -180,9 +206,11 @@ async def _answer(app: FastAPI, s: ModelService, job: Job, body: Any, request: R
     queue: asyncio.Queue[Event] = asyncio.Queue()
     job.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
     try:
-        slot = await s.acquire(job.prompt.ids)
+        slot = await _slot(s, job, request)
     except Busy as e:
         return _error(503, str(e), "server_error", "busy")
+    if slot is None:  # the client left while it waited in the queue
+        return Response(status_code=499)
     task = asyncio.create_task(s.run(job, slot))
     app.state.tasks.add(task)
     task.add_done_callback(app.state.tasks.discard)
@@ -211,6 +239,24 @@ async def _answer(app: FastAPI, s: ModelService, job: Job, body: Any, request: R
         return _error(500, ev.text, "server_error")
     _count(metrics, ev)
     return JSONResponse(reply.whole(events))
+
+
+async def _slot(s: ModelService, job: Job, request: Request) -> Slot | None:
+    """A slot for `job`, or None when the client disconnects while it waits (its queue place
+    is given back at once)."""
+    wait = asyncio.ensure_future(s.acquire(job.prompt.ids))
+    while True:
+        done, _ = await asyncio.wait({wait}, timeout=0.25)
+        if done:
+            return wait.result()
+        if await request.is_disconnected():
+            wait.cancel()
+            try:
+                slot = await wait
+            except asyncio.CancelledError:
+                return None
+            await s.release(slot)  # it got one just before the cancel
+            return None
 
 
 async def _stream(job: Job, queue: asyncio.Queue[Event], reply: "_Reply", usage: bool,
@@ -242,7 +288,8 @@ def _count(metrics: Metrics, ev: Event) -> None:
 
 
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    # ASCII escapes: U+2028 and friends would break clients that split lines like str.splitlines.
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 class _Reply:

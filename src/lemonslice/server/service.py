@@ -174,6 +174,10 @@ class ModelService:
                 self._waiting += 1
                 try:
                     await self._cond.wait_for(lambda: bool(self._free))
+                except asyncio.CancelledError:
+                    if self._free:  # a wake-up meant for this waiter goes to the next one
+                        self._cond.notify()
+                    raise
                 finally:
                     self._waiting -= 1
             slot = max(self._free, key=lambda s: (s.text.session.reusable(ids), -s.last_used))
