@@ -95,3 +95,28 @@ def test_four_slots_decode_together_and_each_gives_what_it_gives_alone(tiny):
         rows = _metric(url, "lemonslice_batched_sequences") - rows0
     assert together == alone
     assert rows / steps > 2.0, (rows, steps)  # most steps carried several sequences
+
+
+def test_openai_client_greedy_equals_lemonslice_run(tiny):
+    """The official client, streamed and not, on a tiny Qwen3.5 with Qwen3.5's own template:
+    the reply is `lemonslice run --chat`'s for the same prompt."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from openai import OpenAI
+
+    prompt = "Tell me about lemons and layers."
+    cli = subprocess.run([str(Path(sys.executable).with_name("lemonslice")), "run", str(tiny), "--chat", "--no-thinking",
+                          "--chat-template", str(TEMPLATE), "-p", prompt, "-n", "20", "--temp", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    want = cli.stdout[:-1]
+    with serving(_load(tiny)) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        args = dict(model="tiny", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=20,
+                    extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        whole = client.chat.completions.create(**args)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **args)
+                           if c.choices)
+    assert whole.choices[0].message.content == want == streamed
