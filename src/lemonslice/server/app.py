@@ -92,6 +92,26 @@ def create_app(load: Callable[[], ModelService], *, api_key: str | None = None,
     async def page() -> HTMLResponse:
         return HTMLResponse((files("lemonslice.server") / "static" / "chat.html").read_text(encoding="utf-8"))
 
+    _model_routes(app, service, metrics)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        s = service()
+        job = await asyncio.to_thread(_built, build_chat, s, body, default_thinking)
+        return await _answer(app, s, job, body, request, metrics, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        s = service()
+        job = await asyncio.to_thread(_built, build_completion, s, body)
+        return await _answer(app, s, job, body, request, metrics, chat=False)
+
+    return app
+
+
+def _model_routes(app: FastAPI, service: Callable[[], ModelService], metrics: Metrics) -> None:
+    """What describes the model rather than running it: its id, metrics, its tokenizer."""
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         s = service()
@@ -115,20 +135,6 @@ def create_app(load: Callable[[], ModelService], *, api_key: str | None = None,
         if any(not 0 <= t < tok.n_vocab for t in body.tokens):
             raise ApiError(400, f"token ids must be in [0, {tok.n_vocab})")
         return {"content": tok.decode(body.tokens)}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request) -> Response:
-        s = service()
-        job = await asyncio.to_thread(_built, build_chat, s, body, default_thinking)
-        return await _answer(app, s, job, body, request, metrics, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        s = service()
-        job = await asyncio.to_thread(_built, build_completion, s, body)
-        return await _answer(app, s, job, body, request, metrics, chat=False)
-
-    return app
 
 
 def _built(build: Callable[..., Job], *args: Any) -> Job:
