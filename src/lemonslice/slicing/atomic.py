@@ -30,6 +30,10 @@ from .manifest import load_manifest
 _STAGE_TAG = ".lemonslice-tmp-"
 # Written by `verify` beside a split's manifest: each file's stat when its hash was last checked.
 STAMP_NAME = ".lemonslice-verified.json"
+# Where `pull` stages what it downloads into a split directory (removed when a pull completes).
+PULL_DIR = ".pull"
+# Where `sync` stages files inside a split directory, with its journal (see journal.py).
+SYNC_DIR = ".lemonslice-sync"
 # A JSON file larger than this is not one of lemonslice's records (checked before parsing).
 _MAX_RECORD_BYTES = 64 << 20
 _SHOWN_NAMES = 4
@@ -141,7 +145,8 @@ def _not_ours_dir(target: Path) -> str | None:
     for n in names:
         st = os.lstat(target / n)
         if stat.S_ISDIR(st.st_mode):
-            foreign.append(n + "/")
+            if n not in (PULL_DIR, SYNC_DIR):
+                foreign.append(n + "/")
         elif n not in ours and not n.startswith(f".{STAMP_NAME}{_STAGE_TAG}"):
             foreign.append(n)
     if foreign:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import LemonsliceError
 from ..gguf.constants import MANIFEST_NAME
 from .atomic import STAMP_NAME
+from .journal import pending
 from .manifest import MAX_MANIFEST_BYTES, Manifest, load_manifest
 from .verify import Problem, check_file, file_fingerprints, manifest_sha256, sha256_file, verify_split
 
@@ -92,6 +93,8 @@ def check_split(directory: str | os.PathLike[str], full: bool = False, hash_chan
     A file the stamp shows unchanged since its hash was checked skips the header parse (with a
     250k-token vocabulary in every header, ~0.1 s a file)."""
     directory = Path(directory)
+    if (why := pending(directory)) is not None:
+        raise LemonsliceError(f"{directory}: {why}")
     if full:
         problems = verify_split(directory)
         if problems:
@@ -119,3 +122,16 @@ def check_split(directory: str | os.PathLike[str], full: bool = False, hash_chan
     if hash_changed and changed and not manifest_changed:
         changed = _hash_changed(directory, m, changed)
     return unreadable + (_warnings(directory, manifest_changed, changed) if stamp is not None else [])
+
+
+def vouched(directory: Path, manifest: Manifest) -> set[str]:
+    """The files whose size, mtime and inode are what the verify stamp recorded when it last
+    hashed them against this very manifest: their hash need not be read again."""
+    try:
+        stamp = _read_stamp(directory)
+    except ValueError:
+        return set()
+    if stamp is None or manifest_sha256(directory) != stamp["manifest_sha256"]:
+        return set()
+    changed = _changes(stamp, file_fingerprints(directory, manifest), manifest)
+    return {f.name for f in manifest.files} - set(changed)

@@ -9,8 +9,10 @@ from ..gguf.manifest import (
     TensorEntry,
     check_file_name,
     load_manifest,
+    parse_manifest,
 )
 
 __all__ = [
     "FileEntry", "MAX_MANIFEST_BYTES", "Manifest", "SourceInfo", "TensorEntry", "check_file_name", "load_manifest",
+    "parse_manifest",
 ]

@@ -16,7 +16,8 @@ from ..errors import LemonsliceError
 from ..gguf.constants import MANIFEST_NAME, WRITE_VERSION, Keys
 from ..gguf.errors import GGUFError
 from ..gguf.reader import open_gguf
-from .atomic import _STAGE_TAG, STAMP_NAME, write_text
+from .atomic import _STAGE_TAG, PULL_DIR, STAMP_NAME, SYNC_DIR, write_text
+from .journal import pending
 from .manifest import FileEntry, Manifest, load_manifest
 
 Progress = Callable[[int, int], None]
@@ -27,7 +28,7 @@ _CHUNK = 8 << 20
 @dataclass(frozen=True)
 class Problem:
     file: str
-    kind: str  # missing, extra, truncated, oversized, altered, invalid, unsafe
+    kind: str  # missing, extra, truncated, oversized, altered, invalid, unsafe, interrupted
     detail: str
 
     def __str__(self) -> str:
@@ -124,8 +125,9 @@ def manifest_sha256(directory: Path) -> str:
 
 
 def is_split_aside(name: str) -> bool:
-    """The verify stamp, or what a killed write of it left: not part of the split, never an extra file."""
-    return name == STAMP_NAME or name.startswith(f".{STAMP_NAME}{_STAGE_TAG}")
+    """The verify stamp, what a killed write of it left, or an unfinished pull's or sync's staging
+    directory: not part of the split, never an extra file (a sync's mix of files is reported apart)."""
+    return name in (STAMP_NAME, PULL_DIR, SYNC_DIR) or name.startswith(f".{STAMP_NAME}{_STAGE_TAG}")
 
 
 def _stamp(directory: Path, m: Manifest | None, before: dict[str, dict[str, int]], manifest_hash: str) -> None:
@@ -156,6 +158,8 @@ def verify_split(directory: str | os.PathLike[str], progress: Progress | None = 
     before = file_fingerprints(directory, m)
     root = directory.resolve()
     problems: list[Problem] = []
+    if (why := pending(directory)) is not None:
+        problems.append(Problem(SYNC_DIR + "/", "interrupted", why))
     to_hash: list[tuple[Path, FileEntry]] = []
     for f in m.files:
         found = check_file(directory, root, f)
