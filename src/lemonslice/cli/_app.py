@@ -39,6 +39,10 @@ _EXAMPLES = {
     "mtp": "lemonslice mtp strip with-mtp.gguf base.gguf",
     "inject": "lemonslice mtp inject model.gguf with-mtp.gguf --from Qwen3.5-35B-A3B/ --type q8_0",
     "strip": "lemonslice mtp strip with-mtp.gguf base.gguf",
+    "diff": "lemonslice diff model-split/ finetuned-split/\nlemonslice diff model.gguf finetuned.gguf --json",
+    "sync": "lemonslice sync finetuned-split/ /srv/models/model-split/",
+    "serve-layers": "lemonslice serve-layers model-split/ --host 0.0.0.0 --port 8090",
+    "pull": "lemonslice pull http://peer-a:8090 http://peer-b:8090 model-split/",
 }
 # Typer's own type labels, shown as upper-case metavariables like the arguments'.
 _METAVARS = {"<int>": "N", "<float>": "N", "<str>": "TEXT", "<path>": "PATH", "<list[str]>": "TEXT"}
@@ -160,7 +164,9 @@ def _progress(label: str) -> Iterator:
         TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal,
     ) as bar:
         task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        # An optional third argument replaces the label (e.g. "pull 3/9 files").
+        yield lambda done, total, label=None: bar.update(task, completed=done, total=total,
+                                                          **({"description": label} if label else {}))
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

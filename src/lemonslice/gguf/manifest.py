@@ -229,8 +229,16 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise LemonsliceError(f"{path}: missing; is {directory} a lemonslice split directory?")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise LemonsliceError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """A manifest's bytes (read from a file, or received from a peer) with every check of
+    `load_manifest`; `where` names the origin in errors."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise LemonsliceError(f"{where}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LemonsliceError(f"{path}: not valid JSON ({e})") from None
+        raise LemonsliceError(f"{where}: not valid JSON ({e})") from None
     return _parse(d)
