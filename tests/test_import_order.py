@@ -1,7 +1,7 @@
 """Packages import only downwards: an AST scan of every module in src/lemonslice.
 
 Order, bottom to top: gguf, ops, models, engine, then slicing / convert / text / surgery
-(one level), eval and server, cli. Top-level modules (errors.py, paths.py) sit below everything and
+(one level), eval, server and pipeline, cli. Top-level modules (errors.py, paths.py) sit below everything and
 import no package; `testing` (test support) and `__main__` (the entry point) sit above
 everything, and no library package may import them. Imports inside functions count too.
 """
@@ -17,7 +17,7 @@ import lemonslice
 SRC = Path(lemonslice.__file__).parent
 LEVELS = {
     "gguf": 0, "ops": 1, "models": 2, "engine": 3, "slicing": 4, "convert": 4, "text": 4, "surgery": 4, "eval": 5,
-    "server": 5,
+    "server": 5, "pipeline": 5,
     "cli": 6, "testing": 7, "__main__": 7,
 }
 BOTTOM = -1  # errors.py, paths.py, the package's own __init__

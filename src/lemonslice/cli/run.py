@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ _EXACT_HELP = ("Multiply with float activations (slower; the default rounds them
 _CTK_HELP = "Storage type of the KV cache's keys: f16 (the default, as llama.cpp's), f32, bf16 or q8_0."
 _CTV_HELP = "Storage type of the KV cache's values: f16 (the default, as llama.cpp's), f32, bf16 or q8_0."
 _STOP_HELP = "Stop when the text contains this string, which is not printed (repeatable)."
+_STAGES_HELP = ("Run as a pipeline of Ray actors: playlist position ranges such as 0-19,20-39 (in order, each "
+                "position once), or N stages balanced by weight bytes; each stage opens only its own layers.")
+_RAY_HELP = "With --stages: the Ray cluster ('auto' or HOST:PORT). Default: start a local Ray for this run."
 
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
@@ -86,6 +90,52 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
     err.print(f"{engine.args.arch}: {len(engine.playlist)} layers, {_human(engine.weight_bytes)} of weights, {mode}",
               highlight=False)
     return engine, tok
+
+
+def _open_pipeline(ctx: typer.Context, model: Path, stages: str, address: Optional[str], max_memory: Optional[str],
+                   threads: Optional[int], text: bool = False, verify: bool = False, exact: bool = False,
+                   kv_types: tuple[str, str] = ("f16", "f16")):  # noqa: ANN202
+    """(pipeline, tokenizer or None) for --stages; the stages end with the command (`ctx`), error or
+    not. Each stage checks (with `verify`, hashes) its own files: this host may hold only some of them."""
+    from ..engine import runtime
+    from ..pipeline.driver import Pipeline
+    from ..text.tokenizer import Tokenizer
+
+    if threads is not None and threads < 1:
+        raise LemonsliceError(f"--threads must be >= 1, got {threads}")
+    runtime.setup(exact=True if exact else None, kv_types=kv_types)  # bad settings fail before Ray starts
+    budget = _parse_size(max_memory) if max_memory else None
+    on_term = signal.getsignal(signal.SIGTERM)
+    pipe = Pipeline(model, stages, address=address, max_memory=budget, threads=threads, exact=exact,
+                    kv_types=kv_types, verify=verify)
+    ctx.call_on_close(pipe.close)
+    signal.signal(signal.SIGTERM, on_term)  # ray.init installs its own; a SIGTERM ends `run` as without Ray
+    tok = Tokenizer.from_gguf(pipe.store.metadata) if text else None
+    err.print(f"{pipe.args.arch}: {len(pipe.playlist)} layers in {len(pipe.ranges)} stages, "
+              f"{_human(pipe.weight_bytes)} of weights", highlight=False)
+    for r in pipe.opened:
+        a, b = r["positions"]
+        err.print(f"stage {r['index'] + 1}: positions {a}-{b - 1} on {r['host']} ({r['ip']}, pid {r['pid']}), "
+                  f"{_human(r['weight_bytes'])} of weights, {'streaming' if r['streaming'] else 'full load'}",
+                  highlight=False)
+    return pipe, tok
+
+
+def _report_stages(pipe) -> None:  # noqa: ANN001
+    """Each stage's peak RSS and resident weights, measured in its own process."""
+    for r in pipe.reports():
+        err.print(f"stage {r['index'] + 1} peak RSS: {_human(r['peak_rss'])} ({r['host']}, pid {r['pid']}), "
+                  f"{_human(r['resident_bytes'])} of weights resident", highlight=False)
+
+
+def _check_stages(stages: str, layers: Optional[str], mtp: bool, expert_stats: Optional[Path]) -> None:
+    """--stages: its syntax, and the options a pipeline does not take, before anything is read."""
+    from ..pipeline.stages import parse_stages
+
+    parse_stages(stages)
+    for flag, given in (("--layers", layers), ("--mtp", mtp), ("--expert-stats", expert_stats)):
+        if given:
+            raise LemonsliceError(f"--stages does not take {flag}")
 
 
 def _sampling(preset: Optional[str], seed: Optional[int], **overrides: Any):
@@ -160,6 +210,7 @@ def _report(stats, stats_json: Optional[Path] = None, engine=None, **extra: Any)
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help=_MODEL_HELP),
     prompt: Optional[str] = typer.Option(
         None, "-p", "--prompt", help="Prompt text; '-' reads it from stdin, as does a piped stdin without -p."),
@@ -197,6 +248,8 @@ def run(
         None, "--expert-stats", metavar="FILE", help="Write each layer's routed-expert uses and cache hits to FILE "
         "(JSON) and a heatmap of use by layer and expert to FILE with .png; needs a streamed MoE model."),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
+    stages: Optional[str] = typer.Option(None, "--stages", metavar="SPEC", help=_STAGES_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDR", help=_RAY_HELP),
 ) -> None:
     """Generate from a prompt: text streams to stdout; the stop reason, seed and statistics go to stderr."""
     from ..engine.sampling import Sampler
@@ -210,12 +263,20 @@ def run(
                        presence_penalty=presence_penalty, repetition_penalty=repeat_penalty, stop=tuple(stop))
     if mtp_compare and not mtp:
         raise LemonsliceError("--mtp-compare needs --mtp")
+    if ray_address is not None and stages is None:
+        raise LemonsliceError("--ray-address needs --stages")
+    if stages is not None:
+        _check_stages(stages, layers, mtp, expert_stats)
     if expert_stats is not None:
         from ..eval.expert_stats import expert_cache_of, heatmap_path, write_expert_stats
 
         heatmap_path(expert_stats)  # a bad name fails before any weight is read
-    engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify,
-                               exact=exact, kv_types=(cache_type_k, cache_type_v))
+    if stages is not None:
+        engine, tok = _open_pipeline(ctx, model, stages, ray_address, max_memory, threads, text=prompt is not None,
+                                     verify=verify, exact=exact, kv_types=(cache_type_k, cache_type_v))
+    else:
+        engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify,
+                                   exact=exact, kv_types=(cache_type_k, cache_type_v))
     if expert_stats is not None:
         expert_cache_of(engine)  # no cache, no statistics: say so before generating
     speculator = None
@@ -238,6 +299,8 @@ def run(
         return
     _report(gen.stats, stats_json, engine=engine, streaming=engine.streaming, weight_bytes=engine.weight_bytes,
             peak_weight_bytes=engine.store.peak_resident_bytes, seed=sampler.seed)
+    if stages is not None:
+        _report_stages(engine)
 
 
 def _print_reply(gen) -> None:  # noqa: ANN001

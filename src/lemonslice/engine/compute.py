@@ -5,7 +5,8 @@ earlier stage), of any length and at any position. Rows of all sequences are lai
 end, so every block is fetched from residency once per step and each weight, and each
 routed expert, is read once for the whole batch; attention and the recurrent mixers run per
 sequence on its own caches. The embedding and the head are optional ends: a stage given
-hidden states that asks for no logits never loads them.
+hidden states that asks for no logits never loads them. A residency limited to positions
+[a, b) (a pipeline stage) runs only those; start and stop default to them.
 
 Prefill is layer-major: a step takes the next chunk (at most `prefill_chunk` rows) of every
 sequence that has one through all positions, so each layer is read once per chunk.
@@ -49,21 +50,28 @@ class Compute:
         self.prefill_chunk = prefill_chunk
 
     def new_state(self) -> SequenceState:
-        """A fresh state for the current playlist (made from hyper-parameters: no weight is read)."""
-        return SequenceState.new(self.residency.family, self.residency.cache_specs())
+        """A fresh state for the current playlist (made from hyper-parameters: no weight is read);
+        positions outside the residency's range hold no cache."""
+        return SequenceState.new(self.residency.family, self.residency.cache_specs(), self.residency.positions)
 
     @torch.inference_mode()
-    def forward(self, states: Sequence[SequenceState], inputs: Sequence[Input], *, start: int = 0,
+    def forward(self, states: Sequence[SequenceState], inputs: Sequence[Input], *, start: int | None = None,
                 stop: int | None = None, logits: Logits | None = None) -> list[torch.Tensor]:
-        """Append inputs[i] to states[i] at positions [start, stop) of the playlist.
+        """Append inputs[i] to states[i] at positions [start, stop) of the playlist (default: the
+        residency's range, the whole playlist unless it was limited).
 
         Returns per sequence the output [T_i, E] of position stop-1 (before the final norm), or
         with `logits` the head's [T_i, V] ("all") or [1, V] of the last row ("last").
         """
         n_pos = len(self.residency.playlist)
-        stop = n_pos if stop is None else stop
+        a, b = self.residency.positions
+        start, stop = a if start is None else start, b if stop is None else stop
         if not 0 <= start < stop <= n_pos:
             raise LemonsliceError(f"positions [{start}, {stop}) are not a part of a {n_pos}-position playlist")
+        if not a <= start < stop <= b:
+            raise LemonsliceError(f"positions [{start}, {stop}) lie outside this engine's positions [{a}, {b})")
+        if logits is not None and not self.residency.heads:
+            raise LemonsliceError(f"positions [{a}, {b}) do not end the playlist: they make no logits")
         if len(states) != len(inputs) or not states:
             raise LemonsliceError(f"{len(states)} states for {len(inputs)} inputs")
         if len({id(s) for s in states}) != len(states):
@@ -73,6 +81,9 @@ class Compute:
         xs = [_rows(x) for x in inputs]
         if any(x.shape[0] == 0 for x in xs):
             raise LemonsliceError("no token ids given")
+        if not self.residency.embeds and any(not x.is_floating_point() for x in xs):
+            raise LemonsliceError(f"positions [{a}, {b}) do not start the playlist: give hidden states [T, E], "
+                                  "not token ids")
         C = self.prefill_chunk
         outs: list[list[torch.Tensor]] = [[] for _ in xs]
         for step in range(0, max(x.shape[0] for x in xs), C):

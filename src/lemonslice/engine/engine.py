@@ -13,6 +13,12 @@ block once), state is kept per playlist position, so a block that appears twice 
 independent caches. A playlist entry may also be `(donor, block)`: block `block` of another
 model (a path or WeightStore) with the same block hyper-parameters.
 
+`Engine(model, positions=(a, b))` is one stage of a pipeline: it opens and plans only the
+entries at playlist positions [a, b) (their layer files, within `max_memory`), the embedding
+only when a == 0 and the final norm and head only when b ends the playlist; its states keep
+caches for [a, b) alone. `forward_batch` then takes token ids (first stage) or hidden states
+[T, E] and returns hidden states, or logits on the last stage.
+
 Process-wide settings (threads, allocator) belong to `runtime.setup`, called by the program.
 """
 
@@ -66,6 +72,7 @@ class Engine:
         playlist: Sequence[PlaylistEntry] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         plan: Plan | None = None,
+        positions: tuple[int, int] | None = None,
     ):
         if threads is not None:
             # Kept for old callers; process-wide, so it belongs to the program's runtime.setup.
@@ -76,12 +83,13 @@ class Engine:
         self.family: Family = self.store.family
         self.args: Args = self.store.args
         self.max_memory = max_memory
-        self.residency = Residency(self.store, playlist, plan=plan, max_memory=max_memory)
+        self.residency = Residency(self.store, playlist, plan=plan, max_memory=max_memory, positions=positions)
         self.compute = Compute(self.residency, prefill_chunk)
         self.weight_bytes = self.residency.weight_bytes
         log.info("%s mode: %d weight bytes, budget %s", "streaming" if self.streaming else "full-load",
                  self.weight_bytes, max_memory)
-        self.residency.shared  # noqa: B018  (this engine embeds and decodes: load the shared weights now)
+        if self.residency.embeds or self.residency.heads:
+            self.residency.shared  # noqa: B018  (this engine embeds or decodes: load what it uses now)
         self.stats = RunStats()
         self.reset()
 
@@ -118,6 +126,11 @@ class Engine:
         return self.residency.playlist
 
     @property
+    def positions(self) -> tuple[int, int]:
+        """The playlist positions [a, b) this engine runs (the whole playlist unless it is a stage)."""
+        return self.residency.positions
+
+    @property
     def prefill_chunk(self) -> int:
         return self.compute.prefill_chunk
 
@@ -145,9 +158,10 @@ class Engine:
     def n_past(self) -> int:
         return self.state.n_past
 
-    def forward_batch(self, states: Sequence[SequenceState], inputs: Sequence[Input], *, start: int = 0,
+    def forward_batch(self, states: Sequence[SequenceState], inputs: Sequence[Input], *, start: int | None = None,
                       stop: int | None = None, logits: Logits | None = None) -> list[torch.Tensor]:
-        """`Compute.forward`: a batch of sequences through playlist positions [start, stop)."""
+        """`Compute.forward`: a batch of sequences through playlist positions [start, stop) (default:
+        this engine's positions)."""
         return self.compute.forward(states, inputs, start=start, stop=stop, logits=logits)
 
     # ---- the default sequence -----------------------------------------------------------

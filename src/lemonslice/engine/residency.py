@@ -16,6 +16,10 @@ read now that compute drops after use. The plan says which blocks stay resident:
 picks are read. Residency counts the bytes resident and the bytes read (preads, plus the routed
 experts' bytes of mapped tensors, per call and once per expert for a whole batch). The
 shared weights (embedding, final norm, head) load on first use.
+
+`positions=(a, b)` limits a residency to playlist positions [a, b) (a pipeline stage): only
+those entries' files are opened and planned, and of the shared weights only what the range
+uses: the embedding when a == 0, the final norm and head when b is the playlist's end.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Protocol, Sequence, Union
 import torch
 
 from ..errors import LemonsliceError
+from ..gguf.constants import Tensors as TN
 from ..models import Family
 from ..models.protocol import Args, Block, Head
 from .budget import EntryTensors, TensorPlan, env_int, plan_tensors
@@ -152,7 +157,7 @@ class Residency:
     """The weights of one loaded model under a plan, for the playlist it runs."""
 
     def __init__(self, store: WeightStore, playlist: Sequence[PlaylistEntry] | None = None, *,
-                 plan: Plan | None = None, max_memory: int | None = None):
+                 plan: Plan | None = None, max_memory: int | None = None, positions: tuple[int, int] | None = None):
         self.store = store
         self.family: Family = store.family
         self.args: Args = store.args
@@ -167,9 +172,11 @@ class Residency:
         self.experts: ExpertCache | None = None
         self._split: dict[Any, tuple[list[str], list[str]]] = {}
         self._layouts: dict[Any, ExpertLayout] = {}
+        self._positions = positions
         self.playlist = self.entries(playlist if playlist is not None else range(self.args.n_layer))
-        unique = dict.fromkeys(self.playlist)
-        self.weight_bytes = store.nbytes(None) + sum(self.nbytes(e) for e in unique)
+        self.positions = self._check_positions()
+        self.shared_bytes = 0  # shared tensor bytes read so far (mapped ones not included)
+        self.weight_bytes = self._shared_use_bytes() + sum(self.nbytes(e) for e in self.active())
         self.plan: Plan = plan if plan is not None else plan_for(self.weight_bytes, max_memory)
         log.info("%s: %d weight bytes, budget %s", type(self.plan).__name__, self.weight_bytes, max_memory)
         self._pin()
@@ -186,6 +193,7 @@ class Residency:
     def set_playlist(self, playlist: Sequence[PlaylistEntry]) -> None:
         """Run another order of blocks: pins are planned again (full load keeps what it read)."""
         self.playlist = self.entries(playlist)
+        self.positions = self._check_positions()
         self._pin()
 
     def entries(self, playlist: Sequence[PlaylistEntry]) -> list[Any]:
@@ -207,6 +215,28 @@ class Residency:
             raise LemonsliceError(f"playlist needs trunk block indices in [0, {self.args.n_layer}) "
                                   f"(or a donor's), got {got}")
         return out
+
+    def _check_positions(self) -> tuple[int, int]:
+        n = len(self.playlist)
+        a, b = self._positions if self._positions is not None else (0, n)
+        if not 0 <= a < b <= n:
+            raise LemonsliceError(f"positions [{a}, {b}) are not a part of a {n}-position playlist")
+        return a, b
+
+    @property
+    def embeds(self) -> bool:
+        """The range starts the playlist: token ids come in through the embedding."""
+        return self.positions[0] == 0
+
+    @property
+    def heads(self) -> bool:
+        """The range ends the playlist: the final norm and head make logits."""
+        return self.positions[1] == len(self.playlist)
+
+    def active(self) -> list[Any]:
+        """The distinct entries of positions [a, b), in playlist order: the only ones read."""
+        a, b = self.positions
+        return list(dict.fromkeys(self.playlist[a:b]))
 
     def _donor(self, src: Any) -> Any:
         """Open a donor model once; its blocks must compute as this model's would (same family and sizes)."""
@@ -249,8 +279,8 @@ class Residency:
         if isinstance(self.plan, Budget):
             self._plan_tensors(self.plan)
             return
-        sizes = {e: self.nbytes(e) for e in dict.fromkeys(self.playlist)}
-        keep = self.plan.pins(sizes, self.store.nbytes(None))
+        sizes = {e: self.nbytes(e) for e in self.active()}
+        keep = self.plan.pins(sizes, self._shared_use_bytes())
         kept = {} if self.plan.streaming else dict(self._blocks)
         self._blocks = {**kept, **{e: self._blocks.get(e) or self._build(e) for e in keep}}
         if self.plan.streaming:
@@ -271,7 +301,8 @@ class Residency:
     def tensor_plan_for(self, plan: Budget) -> TensorPlan:
         """The per-tensor plan of `plan` for this playlist, from tensor sizes alone (reads nothing)."""
         counts: dict[Any, int] = {}
-        for e in self.playlist:
+        a, b = self.positions
+        for e in self.playlist[a:b]:
             counts[e] = counts.get(e, 0) + 1
         entries = []
         for e, count in counts.items():
@@ -281,14 +312,14 @@ class Residency:
             tensors = {n: store.info(n).n_bytes for n in others}
             entries.append(EntryTensors(e, tensors, count, per_expert,
                                         getattr(self.args_of(e), "n_expert_used", 0) if exps else 0))
-        shared_bytes = sum(self.store.info(n).n_bytes for n in self._shared_resident_names())
+        shared_bytes = sum(self.store.info(n).n_bytes for n in self._shared_names(plan)[0])
         reserve = (2 * plan.lookahead + 1) * sum(self._slot_classes())
         return plan_tensors(plan.budget, shared_bytes, entries, reserve)
 
     def _slot_classes(self) -> dict[int, int]:
         """Slot size -> how many distinct MoE playlist entries have experts of that size."""
         classes: dict[int, int] = {}
-        for e in dict.fromkeys(self.playlist):
+        for e in self.active():
             exps = self._names(e)[1]
             if exps:
                 size = self._layout(e, exps).slot_bytes
@@ -305,7 +336,7 @@ class Residency:
         """Plan residency per tensor, read the resident tensors and build the blocks that are
         wholly resident; the expert cache gets what is left."""
         self.tensor_plan = tp = self.tensor_plan_for(plan)
-        counts = dict.fromkeys(self.playlist)
+        counts = self.active()
         log.info("per-tensor plan: %d resident tensors (%d bytes), %d bytes streamed per token, "
                  "expert cache %d bytes", len(tp.resident), tp.resident_bytes, tp.streamed_bytes_per_token,
                  tp.expert_cache)
@@ -323,10 +354,33 @@ class Residency:
         self._blocks = {e: self._build(e) for e in counts
                         if all((e, n) in tp.resident for n in self._names(e)[0])}
 
-    def _shared_resident_names(self) -> list[str]:
-        """Shared tensors kept resident: all but a token embedding that is not also the LM head."""
+    def _shared_uses(self) -> dict[str, bool]:
+        """Shared tensor -> whether this range uses it: the embedding where token ids come in (or
+        where it is also the head), the head where logits are made, the rest at either end."""
         names = self.store.tensor_names(None)
-        return [n for n in names if not (n == "token_embd.weight" and "output.weight" in names)]
+        tied = TN.OUTPUT not in names
+
+        def used(n: str) -> bool:
+            if n == TN.TOKEN_EMBD:
+                return self.embeds or (self.heads and tied)
+            return self.heads if n == TN.OUTPUT else self.embeds or self.heads
+
+        return {n: used(n) for n in names}
+
+    def _shared_names(self, plan: Plan) -> tuple[list[str], list[str]]:
+        """(read, mapped) shared tensors. A Budget plan maps an embedding that is not also the head in
+        use (a token reads one row); a tensor the range does not use is mapped and never touched."""
+        tied_head = self.heads and TN.OUTPUT not in self.store.tensor_names(None)
+        uses = self._shared_uses()
+
+        def read(n: str) -> bool:
+            return uses[n] and not (n == TN.TOKEN_EMBD and isinstance(plan, Budget) and not tied_head)
+
+        return [n for n in uses if read(n)], [n for n in uses if not read(n)]
+
+    def _shared_use_bytes(self) -> int:
+        """Bytes of the shared tensors this range uses (read or mapped): none between the ends."""
+        return sum(self.store.info(n).n_bytes for n, used in self._shared_uses().items() if used)
 
     def _build_budgeted(self, e: Any) -> Block:
         """A block from its resident tensors plus the rest read now, its experts from the cache."""
@@ -399,12 +453,11 @@ class Residency:
 
     @property
     def shared(self) -> Head:
-        """Embedding, final norm and LM head: read on first use, then resident."""
+        """Embedding, final norm and LM head: read on first use (what this range uses), then resident."""
         if self._shared is None:
-            # Under a budget, an embedding apart from the head is mapped: only its used rows are read.
-            mapped = (set(self.store.tensor_names(None)) - set(self._shared_resident_names())
-                      if isinstance(self.plan, Budget) else set())
+            read, mapped = self._shared_names(self.plan)
             weights = self.store.load_shared(mapped, drop_page_cache=isinstance(self.plan, Budget))
+            self.shared_bytes = sum(self.store.info(n).n_bytes for n in read)
             self._shared = self.family.Shared(self.args, weights)
         return self._shared
 

@@ -16,6 +16,24 @@ from ..models.protocol import Args, LayerCache
 from ..ops import kv
 
 
+class Unused:
+    """The cache of a playlist position that an engine limited to other positions never runs."""
+
+    length = 0
+
+    def copy(self) -> "Unused":
+        return self
+
+    def mark(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def truncate(self, n: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class StateSnapshot:
     """Copies of every position's cache at one moment."""
@@ -34,9 +52,12 @@ class SequenceState:
         self.caches: list[LayerCache] = list(caches)
 
     @classmethod
-    def new(cls, family: Family, specs: Sequence[tuple[Args, int]]) -> "SequenceState":
-        """Fresh caches for positions running block `layer` of a model with args `args`, per (args, layer)."""
-        return cls([family.new_cache(args, layer) for args, layer in specs])
+    def new(cls, family: Family, specs: Sequence[tuple[Args, int]],
+            positions: tuple[int, int] | None = None) -> "SequenceState":
+        """Fresh caches for positions running block `layer` of a model with args `args`, per (args, layer);
+        with `positions` (a, b), only positions [a, b) get one (a pipeline stage keeps no other state)."""
+        a, b = positions if positions is not None else (0, len(specs))
+        return cls([family.new_cache(args, layer) if a <= i < b else Unused() for i, (args, layer) in enumerate(specs)])
 
     @property
     def n_past(self) -> int:

@@ -81,6 +81,10 @@ class ModelFiles:
             self._readers[path] = open_gguf(path)
         return self._readers[path]
 
+    def open_files(self) -> list[Path]:
+        """The files opened so far (an engine limited to some positions opens only theirs)."""
+        return list(self._readers)
+
     def files_by_layer(self) -> dict[int | None, Path]:
         """Each block's file (None: shared.gguf, or the single file)."""
         return dict(self._files)
