@@ -19,7 +19,9 @@ import json
 import os
 import shutil
 import stat
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -282,3 +284,21 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM over the commit (renames only, milliseconds), then act on them:
+    a Ctrl-C should not be what leaves a mix of files. Only the main thread can do this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])

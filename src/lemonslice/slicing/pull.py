@@ -15,7 +15,6 @@ with bad bytes only, a full disk) leaves only `.pull/`, which the next run reuse
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -24,25 +23,24 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import httpx
 
 from ..errors import LemonsliceError
 from ..gguf.constants import LAYER_FILE_RE, MANIFEST_NAME, SHARED_FILE
 from . import fetch
-from .atomic import _STAGE_TAG, PULL_DIR, fsync_dir, write_text
-from .integrity import _read_stamp
+from .atomic import _STAGE_TAG, PULL_DIR, fsync_dir, signals_held, write_text
+from .integrity import vouched
 from .journal import pending
 from .manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, parse_manifest
-from .verify import file_fingerprints, is_split_aside, manifest_sha256, sha256_file, stamp_written
+from .verify import is_split_aside, sha256_file, stamp_written
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +234,6 @@ def _check_dst(dst: Path) -> None:
         raise LemonsliceError(f"refusing to pull into {dst}: it holds files lemonslice did not write ({shown})")
 
 
-def _vouched(dst: Path, old: Manifest) -> set[str]:
-    """Files the verify stamp shows unchanged since they were hashed against this manifest."""
-    try:
-        stamp = _read_stamp(dst)
-    except ValueError:
-        return set()
-    if stamp is None or stamp["manifest_sha256"] != manifest_sha256(dst):
-        return set()
-    now = file_fingerprints(dst, old)
-    return {n for n, fp in now.items() if stamp["files"].get(n) == fp}
-
-
 def _held(dst: Path, old: Manifest | None, new: Manifest) -> set[str]:
     """Names whose DST file already holds the new manifest's bytes. DST's manifest is believed
     only for a file of the size it records that the verify stamp shows unchanged since it was
@@ -255,7 +241,7 @@ def _held(dst: Path, old: Manifest | None, new: Manifest) -> set[str]:
     that is how the files already renamed are found)."""
     if old is None:
         return set()
-    vouched = _vouched(dst, old)
+    vouched_now = vouched(dst, old)
     held, to_hash = set(), []
     for e in new.files:
         try:
@@ -265,7 +251,7 @@ def _held(dst: Path, old: Manifest | None, new: Manifest) -> set[str]:
             continue
         if not stat.S_ISREG(st.st_mode) or not st.st_size == was.size == e.size:
             continue
-        if e.name not in vouched:
+        if e.name not in vouched_now:
             to_hash.append(e.name)
         elif was.sha256 == e.sha256:
             held.add(e.name)
@@ -491,24 +477,6 @@ def _fetch_all(run: _Run, need: list[FileEntry], connections: int) -> None:
         raise LemonsliceError(f"{failed[0]}{more}")
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait out the renames (milliseconds): a Ctrl-C should not be what
-    leaves DST a mix of two versions. Only the main thread can hold them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if got:
-            signal.raise_signal(got[0])
-
-
 def _install(dst: Path, stage: Path, new: Manifest, raw: bytes, old: Manifest | None,
              need: list[FileEntry]) -> list[str]:
     """Rename the fetched files into DST, then the new manifest (staged and synced before any
@@ -526,7 +494,7 @@ def _install(dst: Path, stage: Path, new: Manifest, raw: bytes, old: Manifest | 
     for e in need:
         if os.stat(stage / f"{e.name}.part").st_size != e.size:
             raise LemonsliceError(f"{stage / e.name}.part is not {e.size} bytes long")
-    with _signals_held():
+    with signals_held():
         for e in need:
             os.replace(stage / f"{e.name}.part", dst / e.name)
         fsync_dir(dst)

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Callable, Iterator
 from ..errors import LemonsliceError
 from ..gguf.constants import LAYER_FILE_RE, MANIFEST_NAME, SHARED_FILE
 from ..gguf.writer import copy_range
-from .atomic import SYNC_DIR, fsync_dir
+from .atomic import SYNC_DIR, fsync_dir, signals_held
 from .integrity import check_split, vouched
 from .journal import Journal, finish, write_journal
 from .manifest import FileEntry, Manifest, load_manifest
@@ -224,24 +223,6 @@ def _locked(dst: Path) -> Iterator[None]:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM over the commit (renames only, milliseconds), then act on them:
-    a Ctrl-C should not be what leaves a mix of files. Only the main thread can do this."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if got:
-            signal.raise_signal(got[0])
-
-
 def same_manifest(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
     """Whether DST's manifest is SRC's, byte for byte (after an interrupted sync: which model DST holds)."""
     try:
@@ -274,7 +255,7 @@ def sync_split(src: str | os.PathLike[str], dst: str | os.PathLike[str], hardlin
         if fetch or remove or stale:
             tick.total += sum(f.size for f in fetch) * 2
             how = _stage(src, dst, fetch, manifest, ms, hardlink, tick)
-            with _signals_held():
+            with signals_held():
                 write_journal(dst, Journal([f.name for f in fetch], remove))
                 finish(dst)
             report.copied = [n for n, h in how.items() if h == "copy"]
