@@ -403,3 +403,35 @@ def test_cli_sigterm_leaves_nothing_behind(tiny, tmp_path):
             proc.kill()
         kill_session(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_serve_on_stages_gives_each_slot_one_process_replies(cluster, tiny):
+    """`serve --stages`: two slots' concurrent greedy chats through a 2-stage pipeline (one
+    batched step per stage for both) equal a one-process server's replies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serve_util import serving
+
+    from lemonslice.pipeline import Pipeline
+    from lemonslice.server.service import ModelService
+    from lemonslice.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(tiny / "shared.gguf")
+    chats = [[{"role": "user", "content": f"{i}: lemons, layers and stages " * (3 + 2 * i)}] for i in range(2)]
+
+    def replies(load) -> list[str]:  # noqa: ANN001
+        with serving(load) as url:
+            def ask(messages: list[dict]) -> str:
+                r = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+                               json={"messages": messages, "temperature": 0, "max_tokens": 12})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["message"]["content"]
+
+            with ThreadPoolExecutor(2) as pool:
+                return list(pool.map(ask, chats))
+
+    want = replies(lambda: ModelService(Engine(tiny), tok, parallel=2))
+    pipe = Pipeline(tiny, "2", address=cluster, threads=1, kv_types=F32)
+    assert replies(lambda: ModelService(pipe, tok, parallel=2)) == want
+    assert pipe.failed is False and not pipe._actors  # the server closed the stages when it stopped

@@ -11,7 +11,8 @@ import typer
 
 from ..errors import LemonsliceError
 from ._app import app, err
-from .run import _CTK_HELP, _CTV_HELP, _EXACT_HELP, _MEMORY_HELP, _MODEL_HELP, _TEMPLATE_HELP, _THREADS_HELP
+from .run import (_CTK_HELP, _CTV_HELP, _EXACT_HELP, _MEMORY_HELP, _MODEL_HELP, _RAY_HELP, _STAGES_HELP, _TEMPLATE_HELP,
+                  _THREADS_HELP)
 
 _KEY_HELP = "Require this key (Authorization: Bearer KEY) on every endpoint but /health."
 _KEY_FILE_HELP = "Read the API key from this file (its first line), so it stays out of the process list."
@@ -19,6 +20,7 @@ _KEY_FILE_HELP = "Read the API key from this file (its first line), so it stays 
 
 @app.command()
 def serve(
+    typer_ctx: typer.Context,
     model: Path = typer.Argument(..., help=_MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise)."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
@@ -36,6 +38,8 @@ def serve(
     exact: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
     cache_type_k: str = typer.Option("f16", "--cache-type-k", "-ctk", help=_CTK_HELP),
     cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", help=_CTV_HELP),
+    stages: Optional[str] = typer.Option(None, "--stages", metavar="SPEC", help=_STAGES_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDR", help=_RAY_HELP),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /."""
     import uvicorn
@@ -47,13 +51,14 @@ def serve(
     _check_options(parallel, max_queue, ctx, port, model)
     runtime.setup(exact=True if exact else None, kv_types=(cache_type_k, cache_type_v))
     _check_port(host, port)
+    staged = _stages(typer_ctx, model, stages, ray_address, max_memory, threads, exact, (cache_type_k, cache_type_v))
 
     def load():  # noqa: ANN202
         from ..server.service import ModelService
         from .run import _open_engine, _text_generator
 
-        engine, tok = _open_engine(model, max_memory, threads, text=True, exact=exact,
-                                   kv_types=(cache_type_k, cache_type_v))
+        engine, tok = staged or _open_engine(model, max_memory, threads, text=True, exact=exact,
+                                             kv_types=(cache_type_k, cache_type_v))
         template = _text_generator(engine, tok, chat_template).template
         service = ModelService(engine, tok, template=template, parallel=parallel, ctx=ctx, max_queue=max_queue,
                                model_id=alias or model.name)
@@ -63,6 +68,20 @@ def serve(
     err.print(f"listening on http://{host}:{port}/ while the model loads", highlight=False)
     uvicorn.run(create_app(load, api_key=key, default_thinking=thinking), host=host, port=port,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+
+
+def _stages(ctx: typer.Context, model: Path, stages: Optional[str], address: Optional[str], max_memory: Optional[str],
+            threads: Optional[int], exact: bool, kv_types: tuple[str, str]):  # noqa: ANN202
+    """(pipeline, tokenizer) with --stages, started here in the main thread (Ray installs signal
+    handlers), before the server listens; else None."""
+    if address is not None and stages is None:
+        raise LemonsliceError("--ray-address needs --stages")
+    if stages is None:
+        return None
+    from .run import _check_stages, _open_pipeline
+
+    _check_stages(stages, None, False, None)
+    return _open_pipeline(ctx, model, stages, address, max_memory, threads, text=True, exact=exact, kv_types=kv_types)
 
 
 def _api_key(api_key: Optional[str], api_key_file: Optional[Path]) -> Optional[str]:

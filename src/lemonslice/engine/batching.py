@@ -158,6 +158,9 @@ class SlotEngine:
         return self.batcher.engine.n_vocab
 
     def reset(self) -> None:
+        release = getattr(self.batcher.engine, "release_state", None)
+        if release is not None:  # caches held elsewhere (pipeline stages) are dropped there
+            release(self.state)
         self.state = self.batcher.engine.new_state()
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:

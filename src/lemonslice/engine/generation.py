@@ -170,6 +170,8 @@ class Session:
         self.checkpoints = []
 
     def _save(self, n: int) -> None:
+        if not getattr(self.engine.state, "checkpointable", True):  # caches held elsewhere (pipeline stages)
+            return
         if self._owner is not self.engine.state:
             self.checkpoints, self._owner = [], self.engine.state
         saved = [None if _grows(c) else c.copy() for c in self.engine.state.caches]

@@ -126,6 +126,17 @@ class _RemoteState:
         self.n_past = n_past
 
 
+class RemoteSequence:
+    """One more sequence of a Pipeline (a server slot's): its caches live in the stages, so a
+    Session keeps no checkpoint of it and only builds on a prompt that extends it."""
+
+    checkpointable = False
+
+    def __init__(self, seq: int):
+        self.seq, self.n_past = seq, 0
+        self.caches: list[Any] = []
+
+
 def _reason(e: BaseException) -> str:
     """A dead stage's cause in a few words (Ray's own message runs to many lines)."""
     text = str(e)
@@ -167,6 +178,7 @@ class Pipeline:
         self.opened: list[dict[str, Any]] = []  # per stage: its report when it opened
         self._actors: list[Any] = []
         self._seq, self._n_past, self.failed = 0, 0, False
+        self._others = 0  # sequences handed out by new_state
         self._owned = connect(address)
         options = {"max_memory": max_memory, "threads": threads, "exact": exact, "kv_types": tuple(kv_types),
                    "prefill_chunk": prefill_chunk, "playlist": self.playlist, "verify": verify}
@@ -293,6 +305,34 @@ class Pipeline:
         if not self.failed:
             for a in self._actors:
                 a.drop.remote(old)
+
+    def new_state(self) -> RemoteSequence:
+        """A sequence of its own, for `forward_batch` (the stages make its caches on first use)."""
+        self._others += 1
+        return RemoteSequence(-self._others)  # negative: apart from the default sequence's ids
+
+    def release_state(self, state: RemoteSequence) -> None:
+        """The stages forget `state` (not waited for)."""
+        if not self.failed:
+            for a in self._actors:
+                a.drop.remote(state.seq)
+
+    def forward_batch(self, states: Sequence[RemoteSequence], inputs: Sequence[Sequence[int]], *,
+                      logits: str | None = "last") -> list[torch.Tensor]:
+        """One batched step of several sequences down the stages (each stage runs them together,
+        as one process's `Compute.forward` would); the last stage's logits per sequence."""
+        if logits != "last":
+            raise LemonsliceError("a pipeline's batched step returns the last position's logits")
+        self._usable()
+        xs: Any = [[int(t) for t in ids] for ids in inputs]
+        seqs, chain = [s.seq for s in states], []
+        for i, actor in enumerate(self._actors):
+            xs = actor.forward_many.remote(seqs, xs, "last" if i == len(self._actors) - 1 else "hidden")
+            chain.append((i, xs))
+        out = self._get(xs, chain)
+        for s, ids in zip(states, inputs):
+            s.n_past += len(ids)
+        return [torch.from_numpy(np.array(o)) for o in out]
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Append `ids` to the sequence; logits [T, V] of every new position, or [1, V] of the last.

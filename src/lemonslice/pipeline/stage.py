@@ -114,6 +114,24 @@ class Stage:
             raise LemonsliceError(f"{self.label}: {e}") from None
         return None if out == "none" else y.numpy()
 
+    def forward_many(self, seqs: list[int], xs: list[Any], out: str = "hidden") -> list[np.ndarray] | None:
+        """`forward` for several sequences in one batched step (a server's slots): xs[i] goes to
+        sequence seqs[i]; one answer per sequence."""
+        if self.engine is None:
+            raise LemonsliceError(f"{self.label}: not opened")
+        if out not in OUTPUTS:
+            raise LemonsliceError(f"{self.label}: unknown output {out!r}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store
+            xs = [torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in xs]
+        states = [self.states[q] if q in self.states else self.states.setdefault(q, self.engine.new_state())
+                  for q in seqs]
+        try:
+            ys = self.engine.forward_batch(states, xs, logits=out if out in ("last", "all") else None)
+        except LemonsliceError as e:
+            raise LemonsliceError(f"{self.label}: {e}") from None
+        return None if out == "none" else [y.numpy() for y in ys]
+
     def drop(self, seq: int) -> None:
         """Forget sequence `seq`."""
         self.states.pop(seq, None)

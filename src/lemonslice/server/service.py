@@ -161,6 +161,9 @@ class ModelService:
     def close(self) -> None:
         self.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.engine, "close", None)
+        if close is not None:  # a pipeline's stages end with the server
+            close()
 
     async def acquire(self, ids: list[int]) -> Slot:
         """The free slot that re-uses most of `ids` (then the least recently used); waits in
