@@ -406,8 +406,9 @@ def test_cli_sigterm_leaves_nothing_behind(tiny, tmp_path):
 
 
 def test_serve_on_stages_gives_each_slot_one_process_replies(cluster, tiny):
-    """`serve --stages`: two slots' concurrent greedy chats through a 2-stage pipeline (one
-    batched step per stage for both) equal a one-process server's replies."""
+    """`serve --stages`: three slots' concurrent greedy chats through a 2-stage pipeline (a
+    step's sequences in two groups, stage 1 running one while stage 2 runs the other) equal a
+    one-process server's replies."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -418,7 +419,7 @@ def test_serve_on_stages_gives_each_slot_one_process_replies(cluster, tiny):
     from lemonslice.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(tiny / "shared.gguf")
-    chats = [[{"role": "user", "content": f"{i}: lemons, layers and stages " * (3 + 2 * i)}] for i in range(2)]
+    chats = [[{"role": "user", "content": f"{i}: lemons, layers and stages " * (3 + 2 * i)}] for i in range(3)]
 
     def replies(load) -> list[str]:  # noqa: ANN001
         with serving(load) as url:
@@ -428,10 +429,10 @@ def test_serve_on_stages_gives_each_slot_one_process_replies(cluster, tiny):
                 assert r.status_code == 200, r.text
                 return r.json()["choices"][0]["message"]["content"]
 
-            with ThreadPoolExecutor(2) as pool:
+            with ThreadPoolExecutor(3) as pool:
                 return list(pool.map(ask, chats))
 
-    want = replies(lambda: ModelService(Engine(tiny), tok, parallel=2))
+    want = replies(lambda: ModelService(Engine(tiny), tok, parallel=3))
     pipe = Pipeline(tiny, "2", address=cluster, threads=1, kv_types=F32)
-    assert replies(lambda: ModelService(pipe, tok, parallel=2)) == want
+    assert replies(lambda: ModelService(pipe, tok, parallel=3)) == want
     assert pipe.failed is False and not pipe._actors  # the server closed the stages when it stopped
