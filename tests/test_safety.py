@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_util import one_line_error
 
 from lemonslice.gguf.reader import open_gguf
 from lemonslice.slicing import atomic, split_gguf, verify_split
@@ -33,16 +34,6 @@ def cli(*args, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")}
     return subprocess.run([LEMONSLICE, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
                           stdin=subprocess.DEVNULL, **kw)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def warnings_of(r: subprocess.CompletedProcess) -> list[str]:

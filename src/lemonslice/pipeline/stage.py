@@ -96,27 +96,12 @@ class Stage:
     def forward(self, seq: int, x: Any, out: str = "hidden") -> np.ndarray | None:
         """Append `x` (token ids, or hidden states [T, E]) to sequence `seq`'s state through this
         stage's positions; what `out` asks for, as float32 numpy."""
-        if self.engine is None:
-            raise LemonsliceError(f"{self.label}: not opened")
-        if out not in OUTPUTS:
-            raise LemonsliceError(f"{self.label}: unknown output {out!r}")
-        if isinstance(x, np.ndarray):
-            with warnings.catch_warnings():
-                # Ray hands arrays over read-only from its object store; nothing writes to an input.
-                warnings.simplefilter("ignore", UserWarning)
-                x = torch.from_numpy(x)
-        state = self.states.get(seq)
-        if state is None:
-            state = self.states[seq] = self.engine.new_state()
-        try:
-            y = self.engine.forward_batch([state], [x], logits=out if out in ("last", "all") else None)[0]
-        except LemonsliceError as e:
-            raise LemonsliceError(f"{self.label}: {e}") from None
-        return None if out == "none" else y.numpy()
+        ys = self.forward_many([seq], [x], out)
+        return None if ys is None else ys[0]
 
     def forward_many(self, seqs: list[int], xs: list[Any], out: str = "hidden") -> list[np.ndarray] | None:
-        """`forward` for several sequences in one batched step (a server's slots): xs[i] goes to
-        sequence seqs[i]; one answer per sequence."""
+        """Several sequences in one batched step (a server's slots): xs[i] (token ids, or hidden
+        states [T, E]) goes to sequence seqs[i]; one answer per sequence, as `out` asks."""
         if self.engine is None:
             raise LemonsliceError(f"{self.label}: not opened")
         if out not in OUTPUTS:
@@ -124,8 +109,10 @@ class Stage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store
             xs = [torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in xs]
-        states = [self.states[q] if q in self.states else self.states.setdefault(q, self.engine.new_state())
-                  for q in seqs]
+        for q in seqs:
+            if q not in self.states:  # a sequence's caches are made on its first step here
+                self.states[q] = self.engine.new_state()
+        states = [self.states[q] for q in seqs]
         try:
             ys = self.engine.forward_batch(states, xs, logits=out if out in ("last", "all") else None)
         except LemonsliceError as e:
