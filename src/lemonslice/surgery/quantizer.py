@@ -1,0 +1,173 @@
+"""llama.cpp's own quantizer, reached through the library llama-cpp-python ships.
+
+Two entry points, both llama.cpp code, none of ours:
+
+* `quantize_rows(rows, ggml_type)`: one tensor's float rows into a ggml type, through
+  `ggml_quantize_chunk`, the function `llama-quantize` calls for every tensor. The bytes are
+  what `llama-quantize` writes for that tensor at that type (no importance matrix).
+* `quantize_file(src, dst, ftype, ...)`: `llama_model_quantize` on a whole GGUF, with the
+  ftype's own per-tensor type mix and `--tensor-type`-style overrides (`tt_overrides`).
+
+llama-cpp-python is an optional dependency (the `edit` extra): it builds llama.cpp from source.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import LemonsliceError
+from ..gguf.constants import GGMLType as Q
+
+__all__ = [
+    "FTYPES", "INSTALL_HINT", "QuantizerError", "TensorOverride", "ftype_code", "quantize_file", "quantize_rows",
+    "requires_imatrix",
+]
+
+INSTALL_HINT = "pip install 'lemonslice[edit]'"
+
+
+class QuantizerError(LemonsliceError):
+    """llama.cpp's quantizer is missing or refused the work."""
+
+
+# llama.cpp's `enum llama_ftype` (include/llama.h): the names `llama-quantize` takes.
+FTYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25,
+    "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32,
+    "TQ1_0": 36, "TQ2_0": 37, "MXFP4_MOE": 38,
+}
+
+
+def ftype_code(name: str) -> int:
+    try:
+        return FTYPES[name.upper()]
+    except KeyError:
+        raise QuantizerError(f"unknown llama.cpp file type {name!r}; known: {', '.join(FTYPES)}") from None
+
+
+_lock = threading.Lock()
+_handles: dict[str, Any] = {}
+
+
+def _llama() -> Any:
+    """The `llama_cpp` module, its backend initialised once, its log kept off stderr."""
+    with _lock:
+        if "llama" not in _handles:
+            try:
+                import llama_cpp  # pip install 'lemonslice[edit]'
+            except ImportError as e:
+                raise QuantizerError(f"llama.cpp's quantizer is needed here: {INSTALL_HINT} ({e})") from None
+            log: list[str] = []
+
+            @llama_cpp.llama_log_callback
+            def _keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+                log.append(text.decode("utf-8", "replace"))
+                del log[:-200]
+
+            llama_cpp.llama_log_set(_keep, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _handles.update(llama=llama_cpp, log=log, log_cb=_keep)
+        return _handles["llama"]
+
+
+def _ggml() -> ctypes.CDLL:
+    llama_cpp = _llama()
+    with _lock:
+        if "ggml" not in _handles:
+            lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+            lib.ggml_quantize_chunk.argtypes = [
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_void_p,
+            ]
+            lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+            lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+            lib.ggml_row_size.restype = ctypes.c_size_t
+            lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+            _handles["ggml"] = lib
+        return _handles["ggml"]
+
+
+def requires_imatrix(ggml_type: int) -> bool:
+    """llama.cpp refuses these types (IQ2/IQ1) without an importance matrix."""
+    return bool(_ggml().ggml_quantize_requires_imatrix(int(ggml_type)))
+
+
+def quantize_rows(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """`rows` ([n_rows, n_per_row] float32) as `ggml_type` blocks: uint8 [n_rows, row_bytes]."""
+    lib = _ggml()
+    name = Q(int(ggml_type)).name
+    a = np.ascontiguousarray(rows, dtype=np.float32)
+    if a.ndim != 2:
+        raise QuantizerError(f"quantize_rows takes [rows, n_per_row]; got shape {a.shape}")
+    n_rows, n_per_row = a.shape
+    if imatrix is None and requires_imatrix(ggml_type):
+        raise QuantizerError(f"llama.cpp quantizes {name} only with an importance matrix")
+    row_bytes = int(lib.ggml_row_size(int(ggml_type), n_per_row))
+    out = np.empty((n_rows, row_bytes), dtype=np.uint8)
+    imx = None
+    if imatrix is not None:
+        imx = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imx.shape != (n_per_row,):
+            raise QuantizerError(f"importance matrix of shape {imx.shape} for rows of {n_per_row}")
+    done = lib.ggml_quantize_chunk(
+        int(ggml_type), a.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row,
+        None if imx is None else imx.ctypes.data,
+    )
+    if done != out.nbytes:
+        raise QuantizerError(f"ggml_quantize_chunk wrote {done} bytes for {name}, expected {out.nbytes}")
+    return out
+
+
+@dataclass(frozen=True)
+class TensorOverride:
+    """`llama-quantize --tensor-type PATTERN=TYPE`: tensors whose name matches the regex get the type."""
+
+    pattern: str
+    ggml_type: int
+
+
+def quantize_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str | int, *,
+    overrides: Sequence[TensorOverride] = (), pure: bool = False, allow_requantize: bool = False,
+    output_type: int | None = None, embedding_type: int | None = None, n_threads: int = 0,
+) -> Path:
+    """`llama_model_quantize(src, dst)` with the ftype's mix (or one type with `pure`) and overrides."""
+    llama_cpp = _llama()
+    code = ftype_code(ftype) if isinstance(ftype, str) else int(ftype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = n_threads or (os.cpu_count() or 1)
+    params.ftype = code
+    params.allow_requantize = allow_requantize
+    params.pure = pure
+    if output_type is not None:
+        params.output_tensor_type = int(output_type)
+    if embedding_type is not None:
+        params.token_embedding_type = int(embedding_type)
+    keep: list[Any] = []
+    if overrides:
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, o in enumerate(overrides):
+            pat = o.pattern.encode()
+            keep.append(pat)
+            arr[i].pattern = pat
+            arr[i].type = int(o.ggml_type)
+        arr[len(overrides)].pattern = None  # the list ends at a NULL pattern
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(arr)
+    log: list[str] = _handles["log"]
+    start = len(log)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        said = " ".join(s.strip() for s in log[start:] if "error" in s.lower() or "failed" in s.lower())
+        raise QuantizerError(f"llama.cpp's quantizer failed on {src} (rc {rc}){': ' + said if said else ''}")
+    return Path(dst)
