@@ -343,6 +343,51 @@ def test_perplexity_cli_estimate_matches_llama_cpp_logits(tiny, tmp_path):
     assert ppl == pytest.approx(want_ppl, rel=1e-4) and err == pytest.approx(want_err, rel=1e-3)
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
+def test_perplexity_kl_base_matches_llama_cpp_logits(tmp_path):
+    """`perplexity EDITED --kl-base BASE`: mean and max KL(base || edited), top-1 agreement and both
+    perplexities, against the same sums over llama.cpp's logits of the two F32 files."""
+    from llama_ref import llama_logits_each, llama_tokenize
+
+    base = write_synthetic(tmp_path / "base.gguf", tiny_qwen35(default_type="F32"))
+    edited = write_synthetic(tmp_path / "edited.gguf", tiny_qwen35(default_type="F32", seed=7))
+    text = tmp_path / "prose.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and then it runs far away " * 6)
+    ctx, chunks = 16, 3
+    r = cli("perplexity", edited, text, "-c", ctx, "--chunks", chunks, "--kl-base", base)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"^KL divergence from the base: mean ([\d.]+) \+/- ([\d.]+), max ([\d.]+) nats over (\d+) "
+                  r"tokens; same top token ([\d.]+)%$", r.stdout, re.M)
+    assert m, r.stdout
+    kld, _, kmax, n, top1 = (float(g) for g in m.groups())
+    ppl = float(re.search(r"^Final estimate: PPL = ([\d.]+)", r.stdout, re.M).group(1))
+    base_ppl = float(re.search(r"^base .*: PPL = ([\d.]+)", r.stdout, re.M).group(1))
+
+    tokens = llama_tokenize(base, text.read_text(), add_special=True, parse_special=False)
+    windows = [tokens[w * ctx:(w + 1) * ctx] for w in range(chunks)]
+    kl, same, nll_e, nll_b = [], [], [], []
+    for ids, le, lb in zip(windows, llama_logits_each(edited, windows), llama_logits_each(base, windows)):
+        p, q = _log_softmax(le), _log_softmax(lb)
+        for j in range(ctx // 2, ctx - 1):
+            kl.append(float((np.exp(q[j]) * (q[j] - p[j])).sum()))
+            same.append(le[j].argmax() == lb[j].argmax())
+            nll_e.append(-p[j, ids[j + 1]])
+            nll_b.append(-q[j, ids[j + 1]])
+    assert n == len(kl) == chunks * (ctx // 2 - 1)
+    assert kld == pytest.approx(np.mean(kl), rel=1e-3) and kmax == pytest.approx(max(kl), rel=1e-3)
+    assert top1 == pytest.approx(100 * np.mean(same), abs=0.01)
+    assert ppl == pytest.approx(math.exp(np.mean(nll_e)), rel=1e-4)
+    assert base_ppl == pytest.approx(math.exp(np.mean(nll_b)), rel=1e-4)
+    assert kld > 0.01  # two different models: the figure is not trivially zero
+    same_model = cli("perplexity", base, text, "-c", ctx, "--chunks", chunks, "--kl-base", base)
+    assert "mean 0.000000 +/- 0.000000, max 0.000000 nats" in same_model.stdout, same_model.stdout
+
+
 def test_errors_show_no_python_repr(gemma_path, tmp_path):
     last = one_line_error(cli("mtp", "strip", gemma_path, tmp_path / "out.gguf"))
     assert "need one of qwen35moe, qwen35" in last and "('" not in last and "['" not in last

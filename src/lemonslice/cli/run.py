@@ -417,11 +417,15 @@ def perplexity(
     cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", help=_CTV_HELP),
     verify: bool = typer.Option(False, "--verify", help=_VERIFY_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="Accepted for symmetry; perplexity does not sample."),
+    kl_base: Optional[Path] = typer.Option(
+        None, "--kl-base", metavar="MODEL", help="Also the KL divergence of MODEL's next-token distributions from this "
+        "base model's (e.g. the source of a requant, merge or pruning), and how often their top tokens agree."),
 ) -> None:
     """Perplexity as llama.cpp's llama-perplexity computes it (windows of -c tokens, second halves scored),
     with its +/- estimate."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from ..eval.perplexity import kl_divergence as kl_score
     from ..eval.perplexity import perplexity as score
 
     if preset is not None:
@@ -437,14 +441,30 @@ def perplexity(
                                kv_types=(cache_type_k, cache_type_v))
     tokens = tok.encode(text, add_special=True, parse_special=False)
     err.print(f"{len(tokens)} tokens, {len(tokens) // ctx} windows of {ctx}", highlight=False)
+    base = None
+    if kl_base is not None:
+        base, base_tok = _open_engine(kl_base, max_memory, threads, None, text=True, verify=verify, exact=exact,
+                                      kv_types=(cache_type_k, cache_type_v))
+        if base_tok.encode(text, add_special=True, parse_special=False) != tokens:
+            raise LemonsliceError(f"{kl_base} tokenizes the text differently from {model}; KL needs the same tokens")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("perplexity", total=None)
-        r = score(engine, tokens, ctx, tok.bos_id if tok.add_bos else None, max_windows=chunks,
-                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+        on = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        bos = tok.bos_id if tok.add_bos else None
+        if base is None:
+            r = score(engine, tokens, ctx, bos, max_windows=chunks, progress=on)
+        else:
+            k = kl_score(engine, base, tokens, ctx, bos, max_windows=chunks, progress=on)
+            r = k.model
     err.print("running: " + " ".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(r.window_ppl)), highlight=False)
     out.print(f"perplexity: {r.ppl:.4f} over {r.scored} tokens ({r.windows} windows of {r.ctx})")
     out.print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
+    if base is not None:
+        out.print(f"base {kl_base}: PPL = {k.base.ppl:.4f} +/- {k.base.ppl_err:.5f}; "
+                  f"ratio {r.ppl / k.base.ppl:.4f}")
+        out.print(f"KL divergence from the base: mean {k.kld:.6f} +/- {k.kld_err:.6f}, max {k.kld_max:.6f} nats "
+                  f"over {r.scored} tokens; same top token {100 * k.top1:.2f}%")
 
 
 @app.command()
