@@ -396,7 +396,9 @@ class Residency:
         names = getattr(ffn, "expert_names", None)
         if names and getattr(ffn, "experts", None) is None:
             assert self.experts is not None
-            ffn.experts = CachedExperts(self.experts, self._layout(e, names))
+            layout = self._layout(e, names)
+            ffn.check_experts(layout.n_expert)
+            ffn.experts = CachedExperts(self.experts, layout)
         return block
 
     def _layout(self, e: Any, names: Sequence[str]) -> ExpertLayout:

@@ -388,7 +388,11 @@ class MoE:
 
     def __init__(self, args: ModelArgs, bid: int, w: Weights):
         self.args = args
-        self.router = as_matrix(w, TN.FFN_GATE_INP, bid)
+        self.router = as_matrix(w, TN.FFN_GATE_INP, bid)  # [E, X] in ggml order
+        # This layer's expert count, from its router's rows: surgery may prune layers unequally.
+        self.n_expert = self.router.out_features
+        if not 0 < args.n_expert_used <= self.n_expert:
+            raise LemonsliceError(f"layer {bid}: routes to {args.n_expert_used} of its {self.n_expert} experts")
         templates = ((TN.FFN_GATE_UP_EXPS, TN.FFN_DOWN_EXPS) if TN.FFN_GATE_UP_EXPS.format(bid=bid) in w
                      else (TN.FFN_GATE_EXPS, TN.FFN_UP_EXPS, TN.FFN_DOWN_EXPS))
         # The expert tensors' names, in the order `Experts.fetch` hands their 2-D slices out.
@@ -398,12 +402,19 @@ class MoE:
             raise LemonsliceError(f"layer {bid}: routed-expert tensors are only partly present")
         self.experts: Experts | None = (
             StackedExperts(tuple(as_matrix(w, t, bid) for t in templates)) if all(present) else None)
+        if isinstance(self.experts, StackedExperts):
+            self.check_experts(self.experts.n_expert)
         self.shexp_gate = as_float(w, TN.FFN_GATE_INP_SHEXP, bid).reshape(-1)  # [E]
         # The same bytes as a one-row weight, multiplied through `linear` like the router.
         self.shexp_gate_w = QuantWeight(self.shexp_gate, GGMLType.F32, (self.shexp_gate.shape[0], 1))
         self.shexp = DenseFFN.from_templates(w, bid, TN.FFN_GATE_SHEXP, TN.FFN_UP_SHEXP, TN.FFN_DOWN_SHEXP)
         # Told the routed expert ids [T, k] of every call (the engine counts the experts' bytes).
         self.observe: Callable[[torch.Tensor], None] | None = None
+
+    def check_experts(self, n_expert: int | None) -> None:
+        """Refuse routed-expert tensors whose expert count is not the router's."""
+        if n_expert != self.n_expert:
+            raise LemonsliceError(f"{self.expert_names[0]}: {n_expert} experts, the router has {self.n_expert} rows")
 
     @property
     def expert_nbytes(self) -> int:
