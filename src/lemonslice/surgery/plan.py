@@ -8,6 +8,8 @@ file. Clauses are separated by `;` or newlines; a layer list may only come first
     drop LIST                 remove every position that holds one of these layers
     exit-after K              keep playlist positions 0..K (on the plain order: stop after layer K)
     replace I=MODEL:J         positions holding layer I run block J of MODEL (a path or a `models` alias)
+    prune-experts LIST N stats=FILE | prune-experts LIST keep=IDS
+                              those layers keep fewer routed experts (surgery/prune.py; surgery only)
 
 `repeat`, `drop` and `replace` name layers of the base model (a replaced position keeps
 the number of the layer it stands for); `exit-after` counts positions. The file form:
@@ -65,6 +67,8 @@ _REPEAT_RE = re.compile(rf"^repeat\s+{_RANGE}(?:\s*[xX×]\s*{_N})?$")
 _DROP_RE = re.compile(r"^drop\s+(.+)$")
 _EXIT_RE = re.compile(rf"^exit-after\s+{_N}$")
 _REPLACE_RE = re.compile(rf"^replace\s+{_N}\s*=\s*(.+?)\s*:\s*{_N}$")
+# A spec (not a file name), even when it ends in .json: `prune-experts 2 8 stats=s.json`.
+_SPEC_START_RE = re.compile(r"^\s*(\d|(repeat|drop|exit-after|replace|prune-experts)\s)")
 
 
 class PlanError(LemonsliceError):
@@ -102,10 +106,11 @@ def format_layers(layers: Sequence[int]) -> str:
 class Op:
     """One named operation; `text` is its canonical clause."""
 
-    kind: str  # repeat, drop, exit-after, replace
-    layers: tuple[int, ...] = ()  # repeat: the run; drop: the layers; replace: (I, J); exit-after: (K,)
-    times: int = 2  # repeat only: passes in all
-    model: str = ""  # replace only: path or alias
+    kind: str  # repeat, drop, exit-after, replace, prune-experts
+    layers: tuple[int, ...] = ()  # repeat: the run; drop, prune-experts: the layers; replace: (I, J); exit-after: (K,)
+    times: int = 2  # repeat: passes in all; prune-experts: experts kept
+    model: str = ""  # replace: path or alias; prune-experts: the stats file
+    keep: tuple[int, ...] = ()  # prune-experts only: the expert ids named by keep=
 
     @property
     def text(self) -> str:
@@ -117,6 +122,10 @@ class Op:
             return f"drop {format_layers(self.layers)}"
         if self.kind == "exit-after":
             return f"exit-after {self.layers[0]}"
+        if self.kind == "prune-experts":
+            from .prune import prune_text
+
+            return prune_text(self)
         return f"replace {self.layers[0]}={self.model}:{self.layers[1]}"
 
 
@@ -137,9 +146,13 @@ def parse_op(clause: str) -> Op:
         return Op("exit-after", (int(m.group(1)),))
     if m := _REPLACE_RE.match(c):
         return Op("replace", (int(m.group(1)), int(m.group(3))), model=m.group(2))
+    if c.startswith("prune-experts"):
+        from .prune import parse_prune
+
+        return parse_prune(c)
     raise PlanError(
         f"cannot read plan clause {clause!r}: expected a layer list or one of "
-        "'repeat A-B[xN]', 'drop LIST', 'exit-after K', 'replace I=MODEL:J'"
+        "'repeat A-B[xN]', 'drop LIST', 'exit-after K', 'replace I=MODEL:J', 'prune-experts LIST N stats=FILE'"
     )
 
 
@@ -235,8 +248,8 @@ class Plan:
         if resolve_paths:
             ops = []
             for op in self.ops:
-                if op.kind == "replace" and op.model not in models:
-                    op = Op(op.kind, op.layers, op.times, self._path(op.model))
+                if (op.kind == "replace" and op.model not in models) or (op.kind == "prune-experts" and op.model):
+                    op = Op(op.kind, op.layers, op.times, self._path(op.model), op.keep)
                 ops.append(op.text)
             d["ops"] = ops
         if models:
@@ -303,11 +316,12 @@ class Plan:
                                 "write the order out as a layer list instead")
             k, n = starts[0], len(run)
             return cur[: k + n] + cur[k : k + n] * (op.times - 1) + cur[k + n :]
-        if op.kind == "drop":
+        if op.kind in ("drop", "prune-experts"):
             missing = [i for i in op.layers if i not in present]
             if missing:
                 raise PlanError(f"'{op.text}': layer(s) {format_layers(missing)} are not in the playlist")
-            return [e for e in cur if e.slot not in op.layers]
+            # Pruning keeps the playlist; the writer slices the layers' experts.
+            return cur if op.kind == "prune-experts" else [e for e in cur if e.slot not in op.layers]
         if op.kind == "exit-after":
             (k,) = op.layers
             if k >= len(cur):
@@ -330,7 +344,12 @@ def load_plan(plan: "str | os.PathLike[str] | Plan") -> Plan:
         return plan
     text = os.fspath(plan)
     p = Path(text)
-    if isinstance(plan, os.PathLike) or p.suffix.lower() in (".yaml", ".yml", ".json") or p.is_file():
+    try:
+        is_file = p.is_file()
+    except OSError:  # a spec string too long for a file name (long keep= lists)
+        is_file = False
+    named = p.suffix.lower() in (".yaml", ".yml", ".json") and not _SPEC_START_RE.match(text)
+    if isinstance(plan, os.PathLike) or named or is_file:
         if not p.is_file():
             raise PlanError(f"{p}: no such plan file")
         return Plan.load(p)
@@ -641,6 +660,8 @@ def playlist_and_report(plan: "str | os.PathLike[str] | Plan", model: "str | os.
     model's blocks, (donor path, block) pairs for replaced positions; donors are checked. Also
     the layout report (None for models with one kind of layer)."""
     p = load_plan(plan)
+    if any(op.kind == "prune-experts" for op in p.ops):
+        raise PlanError("prune-experts rewrites tensors: write the model with `lemonslice surgery` and run that")
     with SourceModel(model) as base:
         entries, donors, report = resolve_for(p, base)
         for d in donors.values():

@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import LemonsliceError
 from ..gguf.constants import (
@@ -65,6 +65,7 @@ from .plan import (
     per_layer_keys_check,
     resolve_for,
 )
+from .prune import ROUTER, LayerPrune, expert_count_kv, expert_slice, plan_prunes, prune_summary
 
 Progress = Callable[[int, int], None]
 SIDECAR = "{name}.surgery.json"
@@ -81,8 +82,15 @@ class _Tensor:
     shape: tuple[int, ...]
     ggml_type: GGMLType
     src: Path  # the file holding its bytes
-    start: int  # absolute offset there
-    n_bytes: int
+    ranges: tuple[tuple[int, int], ...]  # (absolute offset there, bytes), laid end to end in the output
+
+    @property
+    def start(self) -> int:
+        return self.ranges[0][0]
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(n for _, n in self.ranges)
 
 
 @dataclass
@@ -122,6 +130,7 @@ class _Layout:
     kv_records: list[bytes]
     kv_keys: list[str]
     layout_key: str | None  # the per-layer layout key written, if any
+    prunes: dict[int, LayerPrune] = field(default_factory=dict)  # base layer -> the experts it keeps
 
     @property
     def recurrent_layers(self) -> bool:
@@ -146,10 +155,13 @@ def _layout(plan: Plan, base: SourceModel) -> _Layout:
     blocks = [_Block(p, (donors[e.source] if e.source else base).roles[e.layer],
                      donors[e.source] if e.source else base, e.layer) for p, e in enumerate(entries)]
     blocks += [_Block(n_trunk + k, base.roles[b], base, b) for k, b in enumerate(mtp)]
+    prunes = _prunes(plan, base, entries, donors)
     for b in blocks:
+        keep = prunes.get(b.layer) if b.model is base else None
         for t, path in b.model.blocks[b.layer]:
             name = BLOCK_PREFIX.format(bid=b.index) + block_suffix(t.name)
-            b.tensors.append(_Tensor(name, t.shape, t.ggml_type, path, t.data_start, t.n_bytes))
+            shape, ranges = expert_slice(t, keep)
+            b.tensors.append(_Tensor(name, shape, t.ggml_type, path, ranges))
 
     # Shared tensors keep their place around the blocks (token_embd ahead, output after).
     before: list[_Tensor] = []
@@ -159,7 +171,8 @@ def _layout(plan: Plan, base: SourceModel) -> _Layout:
         if block_index(t.name) is not None:
             seen_block = True
             continue
-        (after if seen_block else before).append(_Tensor(t.name, t.shape, t.ggml_type, path, t.data_start, t.n_bytes))
+        whole = ((t.data_start, t.n_bytes),)
+        (after if seen_block else before).append(_Tensor(t.name, t.shape, t.ggml_type, path, whole))
 
     try:
         layout = _layout_flags(base, blocks, report)
@@ -168,8 +181,27 @@ def _layout(plan: Plan, base: SourceModel) -> _Layout:
             d.close()
         raise
     records, keys = _kv_records(base, n_trunk + len(mtp), layout)
+    if prunes:
+        records = expert_count_kv(base, records, keys, _expert_counts(blocks))
     key = arch_key(layout[0], arch) if layout is not None else None
-    return _Layout(base, donors, entries, report, blocks, before, after, records, keys, key)
+    return _Layout(base, donors, entries, report, blocks, before, after, records, keys, key, prunes)
+
+
+def _prunes(plan: Plan, base: SourceModel, entries: list[Entry], donors: dict[str, SourceModel]
+            ) -> dict[int, LayerPrune]:
+    """The plan's expert pruning, checked; the donors are closed on a refusal."""
+    try:
+        return plan_prunes(plan, base, entries)
+    except PlanError:
+        for d in donors.values():
+            d.close()
+        raise
+
+
+def _expert_counts(blocks: list[_Block]) -> list[int]:
+    """The routed-expert count of every output block that has a router (its rows)."""
+    router = "." + ROUTER
+    return [t.shape[-1] for b in blocks for t in b.tensors if t.name.endswith(router)]
 
 
 def _layout_flags(base: SourceModel, blocks: list[_Block], report: PatternReport | SwaReport | None
@@ -238,6 +270,8 @@ def _record(plan: Plan, lay: _Layout, files: dict[int, tuple[str, bool]] | None)
             row["source_file_sha256"] = b.model.file_sha256(src_file) if src_file else None
         if files is not None:
             row["file"], row["linked"] = files[b.index]
+        if b.model is lay.base and b.layer in lay.prunes:
+            row["pruned_experts"] = lay.prunes[b.layer].to_dict()
         layers.append(row)
     n_mtp = sum(b.role == Role.MTP for b in lay.blocks)
     return {
@@ -250,6 +284,7 @@ def _record(plan: Plan, lay: _Layout, files: dict[int, tuple[str, bool]] | None)
         "recurrent_layers_written": lay.recurrent_layers,
         "layout_key_written": lay.layout_key,
         "layout": lay.report.to_dict() if lay.report is not None else None,
+        **({"routed_experts": prune_summary(lay.base, _expert_counts(lay.blocks))} if lay.prunes else {}),
         "layers": layers,
     }
 
@@ -317,7 +352,10 @@ def _write_single(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tupl
             for t, pt in zip(tensors, fp.tensors):
                 if t.src not in fds:
                     fds[t.src] = os.open(t.src, os.O_RDONLY)
-                copy_range(fds[t.src], t.start, dst, fp.data_offset + pt.offset, t.n_bytes)
+                at = fp.data_offset + pt.offset
+                for start, n in t.ranges:
+                    copy_range(fds[t.src], start, dst, at, n)
+                    at += n
                 tick(t.n_bytes)
             os.fsync(dst)
         except EOFError:
@@ -378,7 +416,8 @@ def _same_bytes(f: _OutFile, model: SourceModel) -> Path | None:
     r = model.reader(src)
     if r.file_size != f.plan.size or r.data_offset != f.plan.data_offset:
         return None
-    if any(t.start != f.plan.data_offset + pt.offset for t, pt in zip(f.tensors, f.plan.tensors)):
+    if any(len(t.ranges) != 1 or t.start != f.plan.data_offset + pt.offset
+           for t, pt in zip(f.tensors, f.plan.tensors)):
         return None
     with open(src, "rb") as fh:
         head = fh.read(f.plan.data_offset)
@@ -401,6 +440,16 @@ def _link(src: Path, dst: Path) -> bool:
         if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EPERM, errno.ENOSYS):
             raise
         return False
+
+
+def _chunks(t: _Tensor) -> Iterator[tuple[int, int, int]]:
+    """(source offset, offset within the output tensor, length) of pieces of at most _CHUNK bytes."""
+    done = 0
+    for start, size in t.ranges:
+        for k in range(0, size, _CHUNK):
+            n = min(_CHUNK, size - k)
+            yield start + k, done, n
+            done += n
 
 
 def _write_split(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tuple[Path, ...],
@@ -448,18 +497,15 @@ def _write_split(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tuple
                 start = mono_off[t.name]
                 if start > mono_pos:
                     mono_hash.update(bytes(start - mono_pos))
-                done = 0
-                while done < t.n_bytes:
-                    n = min(_CHUNK, t.n_bytes - done)
+                for src_at, done, n in _chunks(t):
                     view = memoryview(buf)[:n]
-                    if os.preadv(src_fds[t.src], [view], t.start + done) != n:
+                    if os.preadv(src_fds[t.src], [view], src_at) != n:
                         raise LemonsliceError(f"{t.src} ended early: did it change during the surgery? "
                                               "nothing was written")
                     mono_hash.update(view)
                     if not f.linked:
                         os.pwrite(f.fd, view, off + done)
                         f.feed(off + done, view)
-                    done += n
                     tick(n)
                 mono_pos = start + t.n_bytes
             if mono.size > mono_pos:
