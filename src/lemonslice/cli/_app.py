@@ -39,6 +39,7 @@ _EXAMPLES = {
     "mtp": "lemonslice mtp strip with-mtp.gguf base.gguf",
     "inject": "lemonslice mtp inject model.gguf with-mtp.gguf --from Qwen3.5-35B-A3B/ --type q8_0",
     "strip": "lemonslice mtp strip with-mtp.gguf base.gguf",
+    "lora": "lemonslice lora merge model-split/ my-adapter/ merged-split/ --layers 30-39",
     "diff": "lemonslice diff model-split/ finetuned-split/\nlemonslice diff model.gguf finetuned.gguf --json",
     "sync": "lemonslice sync finetuned-split/ /srv/models/model-split/",
     "serve-layers": "lemonslice serve-layers model-split/ --host 0.0.0.0 --port 8090",

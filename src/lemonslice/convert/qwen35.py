@@ -339,6 +339,13 @@ def _block_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
     }
 
 
+def block_tensor_kind(hf_name: str, recurrent: bool, moe: bool) -> str | None:
+    """The tensor kind (a `Tensors` template) `convert` makes of a trunk block's Hugging Face weight
+    `hf_name` (`self_attn.q_proj.weight`, no layer prefix), or None when such a block has none.
+    Stacked experts are not in the table (see `_Planner.experts`)."""
+    return {**(_LINEAR if recurrent else _ATTN), **(_MOE if moe else _DENSE)}.get(hf_name)
+
+
 def _plan_block(p: _Planner, bid: int, h: HParams, shapes: dict[str, tuple[int, ...]]) -> list[OutTensor | None]:
     """Block `bid`'s tensors in output order; blocks from `h.n_layer` on come from `mtp.layers.*`."""
     E = h.n_embd

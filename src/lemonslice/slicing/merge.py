@@ -131,3 +131,40 @@ def _merge(m: Manifest, readers: dict[str, GGUFReader], tmp: Path, progress: Pro
                 progress(total // 2 + pos // 2, total)
         os.fsync(out.fileno())
     return h.hexdigest()
+
+
+def split_source_sha256(directory: str | os.PathLike[str], m: Manifest, progress: Progress | None = None) -> str:
+    """sha256 of the monolithic file `merge` would rebuild from `directory`'s files laid out as `m`
+    says, computed without writing it (for a writer whose new files change tensor bytes only)."""
+    directory = Path(directory)
+    readers = _open_files(directory, m)
+    try:
+        header = _header(m, readers)
+        h = hashlib.sha256(header)
+        # (absolute offset, length, reader and tensor or the gap's bytes), in file order.
+        segs: list[tuple[int, int, object]] = [(off, len(b), b) for off, b in
+                                               ((o, base64.b64decode(s)) for o, s in m.source.nonzero_gaps)]
+        segs += [(m.source.data_offset + t.offset, t.bytes, (readers[f.name], t.name)) for f in m.files
+                 for t in f.tensors]
+        pos = len(header)
+        buf = bytearray(_HASH_CHUNK)
+        for off, n, what in sorted(segs, key=lambda s: s[0]):
+            h.update(bytes(off - pos))
+            if isinstance(what, bytes):
+                h.update(what)
+            else:
+                r, name = what
+                start = r.tensor_map[name].data_start
+                for lo in range(0, n, _HASH_CHUNK):
+                    view = memoryview(buf)[: min(_HASH_CHUNK, n - lo)]
+                    if os.preadv(r.fileno(), [view], start + lo) != len(view):
+                        raise LemonsliceError(f"{directory}: a file ended early while hashing {name}")
+                    h.update(view)
+                    if progress:
+                        progress(off + lo + len(view), m.source.size)
+            pos = off + n
+        h.update(bytes(m.source.size - pos))
+        return h.hexdigest()
+    finally:
+        for r in readers.values():
+            r.close()
