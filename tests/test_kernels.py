@@ -20,7 +20,8 @@ from lemonslice.ops.qlinear import Q8_BLOCK, round_activations
 from test_dequant import QUANTIZABLE, assert_bit_equal, assert_close_rel, quantized, random_blocks, reference
 
 T = GGMLType
-C_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+C_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+           T.IQ4_NL, T.IQ4_XS, T.MXFP4]
 linear_mod = importlib.import_module("lemonslice.ops.qlinear")
 
 
@@ -34,7 +35,7 @@ def test_kernels_build_here():
     # The suite must exercise the fast path, not silently fall back to the reference.
     assert kernels.library() is not None
     assert all(kernels.supported(t) for t in C_TYPES)
-    assert not kernels.supported(T.IQ4_XS)
+    assert not kernels.supported(T.IQ3_S)
 
 
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
@@ -141,7 +142,8 @@ def test_reference_switch_and_missing_compiler(tmp_path):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
-@pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0)], ids=lambda ts: "-".join(t.name for t in ts))
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.MXFP4),
+                                   (T.IQ4_NL, T.IQ4_XS)], ids=lambda ts: "-".join(t.name for t in ts))
 def test_swiglu_experts_one_call_equals_twins(types, fused):
     gate_t, down_t = types
     n_expert, E, Fe = 4, 512, 256

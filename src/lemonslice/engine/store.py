@@ -24,7 +24,7 @@ from ..gguf.constants import GGMLType
 from ..gguf.model import Metadata, ModelFiles
 from ..models import Family, family
 from ..models.protocol import Args
-from ..ops import QuantWeight, dequantize
+from ..ops import QuantWeight, check_runnable, dequantize
 
 Weight = Union[QuantWeight, torch.Tensor]
 
@@ -41,6 +41,7 @@ class WeightStore(ModelFiles):
 
     def __init__(self, path: str | os.PathLike[str], map_experts: bool = False):
         super().__init__(path)
+        check_runnable((info.name, info.ggml_type) for info, _ in self.tensors())  # before any weight is read
         # The default for `load`: map ffn_*_exps instead of reading them, so only the pages of
         # the experts the router picks become resident. Residency passes its own choice per load.
         self.map_experts = map_experts

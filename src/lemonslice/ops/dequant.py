@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Sequence
+from functools import lru_cache
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ..errors import LemonsliceError
 from ..gguf.constants import BLOCK_SIZES, GGMLType
 
 RawData = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
@@ -258,6 +260,30 @@ def _fallback(data: torch.Tensor, ggml_type: GGMLType, out_shape: tuple[int, ...
     rows = data.reshape(-1, row_bytes).cpu().numpy()
     out = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(int(ggml_type)))
     return torch.from_numpy(np.asarray(out, dtype=np.float32)).reshape(out_shape).to(data.device)
+
+
+@lru_cache(maxsize=None)
+def runnable(ggml_type: GGMLType | int) -> bool:
+    """Whether `dequantize` (so every op) takes this type: a torch kernel here, or gguf-py's
+    dequantization (asked once with one zero block)."""
+    t = GGMLType(ggml_type)
+    if t in _KERNELS:
+        return True
+    import gguf.quants
+
+    try:
+        gguf.quants.dequantize(np.zeros(BLOCK_SIZES[t][1], np.uint8), gguf.GGMLQuantizationType(int(t)))
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
+
+
+def check_runnable(tensors: Iterable[tuple[str, GGMLType]]) -> None:
+    """One-line LemonsliceError naming the first (name, type) that lemonslice cannot run, so a
+    model is refused before any weight is read."""
+    for name, t in tensors:
+        if not runnable(t):
+            raise LemonsliceError(f"tensor {name} has type {GGMLType(t).name}, which lemonslice cannot run")
 
 
 def dequantize(

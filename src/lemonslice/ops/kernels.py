@@ -1,6 +1,7 @@
 """The C kernels in kernels.c, compiled on first use and called through ctypes.
 
-The library is built once per source/compiler/CPU into the cache directory
+The library (kernels.c and kernels_types.c, sharing kernels_common.h) is built once per
+source/compiler/CPU into the cache directory
 ($LEMONSLICE_CACHE, default ~/.cache/lemonslice) with -march=native, like llama.cpp's own
 CPU build. If no C compiler is found, or LEMONSLICE_KERNELS=ref, `library()` is None and
 the ops use their torch reference twins.
@@ -27,7 +28,9 @@ from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("kernels.c", "kernels_types.c"))
+# Every file the build reads: the cache key covers them all.
+KEYED = (*SOURCES, Path(__file__).with_name("kernels_common.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 # Most activation rows the fused kernel takes; more rows go through dequantize + BLAS.
 MAX_ROWS = 16
@@ -46,7 +49,7 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"\0".join(p.read_bytes() for p in KEYED)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()]))
     out = cache_dir() / "kernels" / f"libls_kernels-{key.hexdigest()[:16]}.so"
@@ -57,7 +60,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
+        r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, check=False)
         if r.returncode:
             raise OSError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         os.replace(tmp, out)
@@ -91,6 +94,7 @@ def library() -> ctypes.CDLL | None:
     lib.ls_delta_rule.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
     lib.ls_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_matmul_half.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_deltanet_gates.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.ls_attend_one_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_float, ptr, ctypes.c_int]
@@ -260,6 +264,21 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
     library().ls_matmul_f32(w.data_ptr(), w.stride(0), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0],
                             out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def matmul_half(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -> torch.Tensor:
+    """x [N, in] float32 @ W.T for F16 or BF16 rows raw [rows, 2 * in] (uint8) -> [N, rows]: the
+    weights converted to float32 in the dot product; a row's result does not depend on N."""
+    _check(raw, ggml_type, n_in)
+    x = x.contiguous()
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n_in or x.shape[0] < 1:
+        raise ValueError(f"x must be float32 [N, {n_in}] with N >= 1")
+    out = torch.empty((x.shape[0], raw.shape[0]), dtype=torch.float32)
+    rc = library().ls_matmul_half(int(ggml_type), raw.data_ptr(), raw.stride(0), raw.shape[0], n_in, x.data_ptr(),
+                                  x.shape[0], out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"ls_matmul_half rejected type {GGMLType(ggml_type).name}")
     return out
 
 

@@ -4,8 +4,8 @@ Model code calls `linear` and `gathered_linear`. Each has a `_ref` twin with the
 signature that dequantizes the weight a few rows at a time in torch and multiplies in
 float32. The fast path uses the C kernels (ops/kernels.c).
 
-By default, for the types the kernels cover with 8-bit activations (Q4_0, Q5_0, Q8_0, Q4_K,
-Q5_K, Q6_K), the activations are rounded to int8 per block and multiplied in integers, as
+By default, for the types the kernels cover with 8-bit activations (Q4_0, Q5_0, Q8_0, IQ4_NL,
+MXFP4, Q2_K .. Q6_K, IQ4_XS), the activations are rounded to int8 per block and multiplied in integers, as
 llama.cpp does; the twin of that path is `linear_q8_ref`. `set_exact(True)` (or
 LEMONSLICE_EXACT=1) keeps float activations everywhere: a fused decode-and-dot for a few
 activation rows, and C dequantization of row chunks + BLAS for many.
@@ -31,8 +31,11 @@ from .dequant import RawData, as_uint8, dequantize
 CHUNK_BYTES = 2 << 20
 
 # Values per activation scale on the 8-bit path, by weight type (the C kernels' blocks).
-Q8_BLOCK = {GGMLType.Q4_0: 32, GGMLType.Q5_0: 32, GGMLType.Q8_0: 32,
-            GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256}
+Q8_BLOCK = {GGMLType.Q4_0: 32, GGMLType.Q5_0: 32, GGMLType.Q8_0: 32, GGMLType.IQ4_NL: 32, GGMLType.MXFP4: 32,
+            GGMLType.Q2_K: 256, GGMLType.Q3_K: 256, GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256,
+            GGMLType.IQ4_XS: 256}
+# Float weights that the C kernels convert inside the dot product.
+HALF_TYPES = (GGMLType.F16, GGMLType.BF16)
 
 
 # None until first asked: LEMONSLICE_EXACT is read then, so a bad value is a one-line error
@@ -140,6 +143,9 @@ def _fast_rows(xf: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, n_in: i
         w = raw.view(torch.float32)  # already float: no copy at all
         # BLAS when exact (as before); else a C dot per output, the same for any batch size
         return xf @ w.T if is_exact() else kernels.matmul_f32(xf.contiguous(), w)
+    if ggml_type in HALF_TYPES and (not is_exact() or xf.shape[0] <= kernels.MAX_ROWS):
+        # one C dot per output for any batch (as F32), or BLAS below for exact prefill
+        return kernels.matmul_half(xf, raw, ggml_type, n_in)
     if BLOCK_SIZES[ggml_type][0] == 1:
         return _matmul_rows(xf, raw, ggml_type, n_in)
     if not is_exact() and kernels.q8_supported(ggml_type):

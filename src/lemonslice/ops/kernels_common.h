@@ -1,0 +1,143 @@
+/* Shared by kernels.c and kernels_types.c (one library, see kernels.py): float16/bfloat16
+ * conversion, the block decoder signature, and the 8-bit-activation blocks and dot products. */
+#ifndef LS_KERNELS_COMMON_H
+#define LS_KERNELS_COMMON_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* ggml type ids (gguf/constants.py GGMLType) */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10,
+       T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
+       T_MXFP4 = 39 };
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#endif
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* One block of bytes -> its float32 values. */
+typedef void (*deq_fn)(const uint8_t *, float *);
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define Q8_ROWS 8 /* activation rows per pass over a weight row (accumulators in registers) */
+
+typedef struct { float d; int8_t q[32]; } xq32;
+typedef struct { float d; int16_t bsum[16]; int8_t q[256]; } xq256;
+
+/* int32 lanes of sums of 4 products; u holds unsigned bytes, s signed ones. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Signed weight codes w times signed activation codes x (x never -128). */
+static inline __m256i dot_s8s8(__m256i w, __m256i x) {
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+static inline void zero_acc(__m256 *A, int T) {
+    for (int t = 0; t < T; t++) A[t] = _mm256_setzero_ps();
+}
+
+static inline void hsum_acc(const __m256 *A, int T, float *acc) {
+    for (int t = 0; t < T; t++) {
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(A[t]), _mm256_extractf128_ps(A[t], 1));
+        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        acc[t] += _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+    }
+}
+
+/* One weight row of a 32-value type (its scale at byte 0, read by SCALE) against T <= Q8_ROWS rows. */
+#define ROW_I8_32(NAME, BYTES, CODES, SCALE)                                                                     \
+    static void NAME(const uint8_t *row, int64_t nb, const xq32 *X, int64_t ldx, int T, float *acc) {     \
+        __m256 A[Q8_ROWS];                                                                                \
+        if (T == 1) { /* decode: two accumulators in registers, two blocks per step */                  \
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                    \
+            int64_t i = 0;                                                                                \
+            for (; i + 1 < nb; i += 2) {                                                                  \
+                const uint8_t *b0 = row + i * (BYTES), *b1 = b0 + (BYTES);                                \
+                const __m256i w0 = CODES(b0), w1 = CODES(b1);                                             \
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)X[i + 1].q);                       \
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w0, x0)),                                \
+                                     _mm256_set1_ps(SCALE(b0) * X[i].d), a0);                             \
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w1, x1)),                                \
+                                     _mm256_set1_ps(SCALE(b1) * X[i + 1].d), a1);                         \
+            }                                                                                             \
+            for (; i < nb; i++) {                                                                         \
+                const uint8_t *b0 = row + i * (BYTES);                                                    \
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(CODES(b0), x0)),                         \
+                                     _mm256_set1_ps(SCALE(b0) * X[i].d), a0);                             \
+            }                                                                                             \
+            A[0] = _mm256_add_ps(a0, a1);                                                                 \
+            hsum_acc(A, 1, acc);                                                                          \
+            return;                                                                                       \
+        }                                                                                                 \
+        /* Even and odd blocks in two accumulators per row, as above: a row's result does not \
+           depend on how many rows share the pass. */                                            \
+        __m256 B[Q8_ROWS];                                                                                \
+        zero_acc(A, T);                                                                                   \
+        zero_acc(B, T);                                                                                   \
+        for (int64_t i = 0; i < nb; i++) {                                                                \
+            const uint8_t *b = row + i * (BYTES);                                                         \
+            const __m256i w = CODES(b);                                                                   \
+            const __m256i aw = _mm256_sign_epi8(w, w);                                                    \
+            const float dw = SCALE(b);                                                                    \
+            __m256 *acc_i = i & 1 ? B : A;                                                                \
+            for (int t = 0; t < T; t++) {                                                                 \
+                const xq32 *x = X + t * ldx + i;                                                          \
+                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x->q), w);        \
+                acc_i[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, xs)), _mm256_set1_ps(dw * x->d), acc_i[t]); \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int t = 0; t < T; t++) A[t] = _mm256_add_ps(A[t], B[t]);                                     \
+        hsum_acc(A, T, acc);                                                                              \
+    }
+
+static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
+#endif
+
+/* The types of kernels_types.c, asked by kernels.c where its own switches end. */
+int types_info(int type, int *block, int *bytes, deq_fn *fn);
+int types_q8_block(int type);
+void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc);
+
+#endif

@@ -1,0 +1,319 @@
+/* More weight types for kernels.c, built into the same library (see kernels.py):
+ * Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4 block decoders (bit for bit gguf-py's arithmetic),
+ * their 8-bit-activation row kernels, and F16/BF16 rows times float activations.
+ * kernels.c asks types_info / types_q8_block / types_row_q8 for any type it does not know.
+ */
+#include "kernels_common.h"
+
+/* The 16 values a 4-bit code stands for (ggml format constants): IQ4_NL/IQ4_XS's non-linear
+   levels, and MXFP4's e2m1 values doubled (its e8m0 scale is halved to match). */
+static const int8_t KV_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static const int8_t KV_MXFP4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/* The 16 signed 6-bit scales of a Q3_K block: low nibbles in bytes 0..7 (scales 0..7, then
+   the high nibbles for 8..15), top two bits as 2-bit fields of bytes 8..11. */
+static inline void q3_k_scales(const uint8_t *s, int8_t *out) {
+    for (int j = 0; j < 16; j++) {
+        const int lo = j < 8 ? s[j] & 15 : s[j - 8] >> 4;
+        const int hi = (s[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+        out[j] = (int8_t)((lo | (hi << 4)) - 32);
+    }
+}
+
+/* The 8 signed 6-bit scales of an IQ4_XS block: low nibbles from bytes 4..7, top bits from
+   the little-endian u16 at bytes 2..3. */
+static inline void iq4_xs_scales(const uint8_t *b, int16_t *out) {
+    const uint16_t h = rd16(b + 2);
+    for (int j = 0; j < 8; j++)
+        out[j] = (int16_t)((((b[4 + j / 2] >> (4 * (j % 2))) & 15) | (((h >> (2 * j)) & 3) << 4)) - 32);
+}
+
+/* Half of 2^(e - 127) as float32, exactly (e < 2 lands in the subnormal range). */
+static inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---- block decoders (each product rounded as gguf-py rounds it) ---- */
+
+/* Q2_K (84 bytes): 16 4-bit scale/min pairs, 64 bytes of 2-bit codes, f16 d and dmin.
+   Value 128n + 32j + l is bits 2j of byte 32n + l, in sub-block 8n + 2j + l/16. */
+static void deq_q2_k(const uint8_t *b, float *y) {
+    const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+    for (int v = 0; v < 256; v += 16) {
+        const int n = v / 128, j = (v / 32) % 4, l0 = v % 32, sc = b[v / 16];
+        const float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+        for (int l = 0; l < 16; l++) y[v + l] = dl * (float)((b[16 + 32 * n + l0 + l] >> (2 * j)) & 3) - ml;
+    }
+}
+
+/* Q3_K (110 bytes): hmask (32), 2-bit codes (64), scales (12), f16 d. Value 128n + 32j + l
+   has low bits 2j of byte 32n + l and loses 4 where bit 4n + j of hmask[l] is clear. */
+static void deq_q3_k(const uint8_t *b, float *y) {
+    const float d = f16_to_f32(rd16(b + 108));
+    int8_t sc[16];
+    q3_k_scales(b + 96, sc);
+    for (int v = 0; v < 256; v += 16) {
+        const int n = v / 128, j = (v / 32) % 4, l0 = v % 32;
+        const float dl = d * (float)sc[v / 16];
+        for (int l = l0; l < l0 + 16; l++) {
+            const int lo = (b[32 + 32 * n + l] >> (2 * j)) & 3, h = (b[l] >> (4 * n + j)) & 1;
+            y[v + l - l0] = dl * ((float)lo - (float)((h ^ 1) << 2));
+        }
+    }
+}
+
+/* IQ4_NL (18 bytes): f16 d, 16 bytes of codes (low nibbles values 0..15, high 16..31). */
+static void deq_iq4_nl(const uint8_t *b, float *y) {
+    const float d = f16_to_f32(rd16(b));
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)KV_IQ4[b[2 + j] & 15];
+        y[j + 16] = d * (float)KV_IQ4[b[2 + j] >> 4];
+    }
+}
+
+/* IQ4_XS (136 bytes): f16 d, scales (6 bytes), then 8 sub-blocks of 32 codes as IQ4_NL's. */
+static void deq_iq4_xs(const uint8_t *b, float *y) {
+    const float d = f16_to_f32(rd16(b));
+    int16_t ls[8];
+    iq4_xs_scales(b, ls);
+    for (int j = 0; j < 8; j++) {
+        const float dl = d * (float)ls[j];
+        const uint8_t *qs = b + 8 + 16 * j;
+        for (int l = 0; l < 16; l++) {
+            y[32 * j + l] = dl * (float)KV_IQ4[qs[l] & 15];
+            y[32 * j + 16 + l] = dl * (float)KV_IQ4[qs[l] >> 4];
+        }
+    }
+}
+
+/* MXFP4 (17 bytes): e8m0 exponent, 16 bytes of e2m1 codes laid out as IQ4_NL's. */
+static void deq_mxfp4(const uint8_t *b, float *y) {
+    const float d = e8m0_half(b[0]);
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)KV_MXFP4[b[1 + j] & 15];
+        y[j + 16] = d * (float)KV_MXFP4[b[1 + j] >> 4];
+    }
+}
+
+int types_info(int type, int *block, int *bytes, deq_fn *fn) {
+    switch (type) {
+    case T_Q2_K: *block = 256; *bytes = 84; *fn = deq_q2_k; return 0;
+    case T_Q3_K: *block = 256; *bytes = 110; *fn = deq_q3_k; return 0;
+    case T_IQ4_NL: *block = 32; *bytes = 18; *fn = deq_iq4_nl; return 0;
+    case T_IQ4_XS: *block = 256; *bytes = 136; *fn = deq_iq4_xs; return 0;
+    case T_MXFP4: *block = 32; *bytes = 17; *fn = deq_mxfp4; return 0;
+    default: return -1;
+    }
+}
+
+/* ---- 8-bit activations (the blocks of kernels.c: xq32 for IQ4_NL/MXFP4, xq256 else) ---- */
+#if defined(__AVX2__) && defined(__FMA__)
+
+/* 32 signed codes from 16 bytes of nibbles (low nibbles first) through a 16-entry table. */
+static inline __m256i lut_codes(const int8_t *table, const uint8_t *p) {
+    const __m128i qs = _mm_loadu_si128((const __m128i *)p);
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table)), nib);
+}
+
+static inline __m256i codes_iq4_nl(const uint8_t *b) { return lut_codes(KV_IQ4, b + 2); }
+static inline __m256i codes_mxfp4(const uint8_t *b) { return lut_codes(KV_MXFP4, b + 1); }
+static inline float scale_e8m0(const uint8_t *b) { return e8m0_half(b[0]); }
+
+ROW_I8_32(row_iq4_nl_i8, 18, codes_iq4_nl, scale_f16)
+ROW_I8_32(row_mxfp4_i8, 17, codes_mxfp4, scale_e8m0)
+
+/* Sixteen int16 scales (one per 16 values) as 8 vectors for 32 codes each: scv[k] holds
+   scale 2k in the low 128-bit lane and 2k + 1 in the high one. */
+static inline void pair_scales(__m256i sc16, __m256i scv[8]) {
+    const __m256i lo8 = _mm256_permute2x128_si256(sc16, sc16, 0x00), hi8 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+    for (int k = 0; k < 8; k++) {
+        const short j = (short)(2 * (k & 3));
+        const __m256i pick = _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 + 0x0202 * (j + 1))),
+                                              _mm_set1_epi16((short)(0x0100 + 0x0202 * j)));
+        scv[k] = _mm256_shuffle_epi8(k < 4 ? lo8 : hi8, pick);
+    }
+}
+
+/* int32 lanes of sum over 16-value groups of scale * (unsigned codes . activation codes). */
+static inline __m256i scaled_dot(const __m256i q[8], const __m256i scv[8], const int8_t *xq) {
+    __m256i s = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) {
+        const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
+    }
+    return s;
+}
+
+/* Q2_K: codes 0..3 scaled per 16 values, value d*sc*q - dmin*m; the mins come off through
+   the activations' sums per 16. */
+static void row_q2_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 84;
+        const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+        const __m128i sc = _mm_loadu_si128((const __m128i *)b);
+        const __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), low4));
+        __m256i q[8], scv[8];
+        pair_scales(_mm256_cvtepu8_epi16(_mm_and_si128(sc, low4)), scv);
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+            for (int j = 0; j < 4; j++) q[4 * n + j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three);
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            const __m256i mins = _mm256_madd_epi16(m16, _mm256_loadu_si256((const __m256i *)x->bsum));
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled_dot(q, scv, x->q)), _mm256_set1_ps(d * x->d), A[t]);
+            A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
+/* Q3_K: unsigned 3-bit codes c = low 2 bits + 4 * hmask bit (value d*sc*(c-4)), one signed
+   scale per 16; the -4 comes off through the activations' sums per 16. */
+static void row_q3_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 110;
+        const float d = f16_to_f32(rd16(b + 108));
+        int8_t sc[16];
+        q3_k_scales(b + 96, sc);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        __m256i q[8], scv[8];
+        pair_scales(sc16, scv);
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+        for (int n = 0; n < 2; n++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
+            for (int j = 0; j < 4; j++) {
+                const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2);
+                q[4 * n + j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three), hi);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
+            const __m256i s = _mm256_sub_epi32(scaled_dot(q, scv, x->q), _mm256_slli_epi32(off, 2));
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
+/* IQ4_XS: signed table codes, one signed scale per 32 values (signs moved onto the
+   activations so maddubs sees unsigned weights). */
+static void row_iq4_xs_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * 136;
+        const float d = f16_to_f32(rd16(b));
+        int16_t ls[8];
+        iq4_xs_scales(b, ls);
+        __m256i w[8], aw[8];
+        for (int j = 0; j < 8; j++) {
+            w[j] = lut_codes(KV_IQ4, b + 8 + 16 * j);
+            aw[j] = _mm256_sign_epi8(w[j], w[j]);
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * j)), w[j]);
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], xs), _mm256_set1_epi16(ls[j])));
+            }
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
+int types_q8_block(int type) {
+    switch (type) {
+    case T_IQ4_NL: case T_MXFP4: return 32;
+    case T_Q2_K: case T_Q3_K: case T_IQ4_XS: return 256;
+    default: return 0;
+    }
+}
+
+/* One weight row against n <= Q8_ROWS quantized activation rows (blocks of types_q8_block). */
+void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc) {
+    switch (type) {
+    case T_IQ4_NL: row_iq4_nl_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
+    case T_MXFP4: row_mxfp4_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
+    case T_Q2_K: row_q2_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_Q3_K: row_q3_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ4_XS: row_iq4_xs_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    default: break;
+    }
+}
+#endif
+
+/* ---- F16 / BF16 rows times float32 activations ---- */
+
+#define HALF_ROWS 4 /* activation rows per pass over a weight row */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* 8 weights at p (F16, or BF16 when bf) as float32. */
+static inline __m256 load_half8(int bf, const uint8_t *p) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+/* One row of ncols half weights against n <= HALF_ROWS activation rows: each 32 weights are
+   converted once for all n rows, and each row's sum has the same order whatever n is. */
+static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, int n, float *out) {
+    __m256 A[HALF_ROWS][4];
+    for (int t = 0; t < n; t++)
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= ncols; c += 32) {
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) v[k] = load_half8(bf, w + 2 * (c + 8 * k));
+        for (int t = 0; t < n; t++)
+            for (int k = 0; k < 4; k++) A[t][k] = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(X + t * ncols + c + 8 * k), A[t][k]);
+    }
+    for (int t = 0; t < n; t++) {
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3]));
+        out[t] = 0.f;
+        hsum_acc(&s, 1, out + t);
+        for (int64_t j = c; j < ncols; j++)
+            out[t] += (bf ? bf16_to_f32(rd16(w + 2 * j)) : f16_to_f32(rd16(w + 2 * j))) * X[t * ncols + j];
+    }
+}
+#else
+/* Portable: one value at a time, in column order. */
+static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, int n, float *out) {
+    for (int t = 0; t < n; t++) {
+        float s = 0.f;
+        for (int64_t j = 0; j < ncols; j++)
+            s += (bf ? bf16_to_f32(rd16(w + 2 * j)) : f16_to_f32(rd16(w + 2 * j))) * X[t * ncols + j];
+        out[t] = s;
+    }
+}
+#endif
+
+/* Y [T, nrows] = X [T, ncols] @ W.T for F16 or BF16 rows of W (stride row_bytes); a row's
+ * result does not depend on T (batch-invariant, as ls_matmul_f32). */
+int ls_matmul_half(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols, const float *X,
+                   int64_t T, float *Y, int nthreads) {
+    if ((type != T_F16 && type != T_BF16) || nrows < 1 || ncols < 1 || T < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(nrows * ncols >= (1 << 15) ? nthreads : 1)
+    for (int64_t r = 0; r < nrows; r++) {
+        for (int64_t t0 = 0; t0 < T; t0 += HALF_ROWS) {
+            const int n = (int)(T - t0 < HALF_ROWS ? T - t0 : HALF_ROWS);
+            float out[HALF_ROWS];
+            row_half(type == T_BF16, W + r * row_bytes, ncols, X + t0 * ncols, n, out);
+            for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = out[t];
+        }
+    }
+    return 0;
+}
