@@ -21,7 +21,8 @@ from lemonslice.ops.qlinear import Q8_BLOCK, round_activations
 from test_dequant import assert_bit_equal, assert_close_rel, reference
 
 T = GGMLType
-NEW = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4]
+IQ_GRID = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]
+NEW = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4, *IQ_GRID]
 HALF = [T.F16, T.BF16]
 
 
@@ -40,9 +41,11 @@ def llama_blocks(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
         return data.astype(np.float16).view(np.uint8)
     if t == T.BF16:
         return (data.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    from lemonslice.surgery.quantizer import quantize_rows
+    from lemonslice.surgery.quantizer import quantize_rows, requires_imatrix
 
-    return quantize_rows(data, int(t))
+    # IQ2 types need an importance matrix: a random positive one
+    imatrix = np.random.default_rng(seed).uniform(0.1, 2, cols).astype(np.float32) if requires_imatrix(t) else None
+    return quantize_rows(data, int(t), imatrix)
 
 
 def weight(t: GGMLType, rows: int, cols: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
@@ -55,7 +58,8 @@ def weight(t: GGMLType, rows: int, cols: int, seed: int) -> tuple[QuantWeight, t
 def test_new_types_are_reported():
     assert all(kernels.supported(t) and kernels.q8_supported(t) for t in NEW)
     assert all(kernels.supported(t) and not kernels.q8_supported(t) for t in HALF)
-    assert {t: Q8_BLOCK[t] for t in NEW} == {T.Q2_K: 256, T.Q3_K: 256, T.IQ4_NL: 32, T.IQ4_XS: 256, T.MXFP4: 32}
+    assert {t: Q8_BLOCK[t] for t in NEW} == {t: 32 if t in (T.IQ4_NL, T.MXFP4) else 256 for t in NEW}
+    assert not kernels.supported(T.IQ1_S) and not kernels.supported(T.IQ1_M)
 
 
 @pytest.mark.parametrize("t", NEW, ids=lambda t: t.name)
@@ -105,7 +109,7 @@ from lemonslice.gguf.constants import GGMLType as T
 from test_dequant import random_blocks, reference
 kernels.FLAGS = tuple("-march=x86-64" if f == "-march=native" else f for f in kernels.FLAGS)
 assert kernels.library() is not None
-for t in (T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4):
+for t in (T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S):
     raw = random_blocks(t, 6, 512, seed=int(t))
     if t == T.MXFP4:  # finite products: exponents near 2^0
         raw.reshape(-1, 17)[:, 0] = 120 + raw.reshape(-1, 17)[:, 0] % 16

@@ -230,15 +230,6 @@ static void row_q8_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_
     hsum_rows(A, T, acc);
 }
 
-/* The 32 bits of qh as 32 bytes: 0xFF where the bit is set, else 0. */
-static inline __m256i bits_to_bytes(uint32_t qh) {
-    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                           0x0101010101010101LL, 0x0000000000000000LL);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-}
-
 /* Q5_0 with AVX2: nibbles plus the fifth bit, minus 16, as 32 int8; then as Q8_0. */
 static void row_q5_0_avx2(const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
     __m256 A[MAXT][4];

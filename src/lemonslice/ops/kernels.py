@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..gguf.constants import BLOCK_SIZES, GGMLType
@@ -95,10 +96,27 @@ def library() -> ctypes.CDLL | None:
     lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
     lib.ls_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_matmul_half.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_set_table.argtypes = [ctypes.c_int, ptr, i64]
+    for which, table in _grid_tables():
+        if lib.ls_set_table(which, table.ctypes.data, table.nbytes):
+            raise OSError(f"the kernels refused the table for type {which}")
     lib.ls_deltanet_gates.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.ls_attend_one_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_float, ptr, ctypes.c_int]
     return lib
+
+
+def _grid_tables() -> list[tuple[int, np.ndarray]]:
+    """The IQ2/IQ3 grids (magnitudes as uint8 [entries, 8 or 4]) by type id, and the 128 sign
+    patterns (id 0): ggml format data, taken from gguf-py's quants module."""
+    import gguf.quants as q
+
+    out = []
+    for cls in (q.IQ2_XXS, q.IQ2_XS, q.IQ2_S, q.IQ3_XXS, q.IQ3_S):
+        cls.init_grid()
+        out.append((int(cls.qtype), np.ascontiguousarray(cls.grid.reshape(cls.grid_shape), dtype=np.uint8)))
+    out.append((0, np.frombuffer(q.IQ2_XXS.ksigns, dtype=np.uint8).copy()))
+    return out
 
 
 @lru_cache(maxsize=None)

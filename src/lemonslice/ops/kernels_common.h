@@ -13,8 +13,8 @@
 
 /* ggml type ids (gguf/constants.py GGMLType) */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10,
-       T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
-       T_MXFP4 = 39 };
+       T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ3_XXS = 18,
+       T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ2_S = 22, T_IQ4_XS = 23, T_BF16 = 30, T_MXFP4 = 39 };
 
 static inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -70,6 +70,15 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 /* Signed weight codes w times signed activation codes x (x never -128). */
 static inline __m256i dot_s8s8(__m256i w, __m256i x) {
     return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+/* The 32 bits of qh as 32 bytes: 0xFF where the bit is set, else 0. */
+static inline __m256i bits_to_bytes(uint32_t qh) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
 static inline void zero_acc(__m256 *A, int T) {

@@ -1,5 +1,6 @@
 /* More weight types for kernels.c, built into the same library (see kernels.py):
- * Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4 block decoders (bit for bit gguf-py's arithmetic),
+ * Q2_K, Q3_K, IQ4_NL, IQ4_XS, MXFP4 and the IQ2/IQ3 grid types: block decoders (bit for bit
+ * gguf-py's arithmetic),
  * their 8-bit-activation row kernels, and F16/BF16 rows times float activations.
  * kernels.c asks types_info / types_q8_block / types_row_q8 for any type it does not know.
  */
@@ -98,6 +99,174 @@ static void deq_mxfp4(const uint8_t *b, float *y) {
     }
 }
 
+/* ---- IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: grid codes ----
+ * Each run of 8 (IQ2) or 4 (IQ3) values is one entry of a fixed grid of magnitudes, with one
+ * sign per value, and one 4-bit scale s per 16 or 32 values. The grids and the 128 sign
+ * patterns (ksigns) are format data: kernels.py takes them from gguf-py and hands them over
+ * once (ls_set_table); until all are set these types are reported unsupported. */
+
+static uint8_t GRID_IQ2_XXS[256 * 8], GRID_IQ2_XS[512 * 8], GRID_IQ2_S[1024 * 8];
+static uint8_t GRID_IQ3_XXS[256 * 4], GRID_IQ3_S[512 * 4], KSIGNS[128];
+static int tables_set; /* one bit per table */
+
+/* Copy one table in: `which` is the grid's type id, or 0 for the sign patterns. */
+int ls_set_table(int which, const uint8_t *data, int64_t n) {
+    const struct { int type; uint8_t *dst; int64_t n; } t[] = {
+        {T_IQ2_XXS, GRID_IQ2_XXS, sizeof GRID_IQ2_XXS}, {T_IQ2_XS, GRID_IQ2_XS, sizeof GRID_IQ2_XS},
+        {T_IQ2_S, GRID_IQ2_S, sizeof GRID_IQ2_S}, {T_IQ3_XXS, GRID_IQ3_XXS, sizeof GRID_IQ3_XXS},
+        {T_IQ3_S, GRID_IQ3_S, sizeof GRID_IQ3_S}, {0, KSIGNS, sizeof KSIGNS}};
+    for (int i = 0; i < 6; i++) {
+        if (t[i].type != which) continue;
+        if (n != t[i].n) return -1;
+        memcpy(t[i].dst, data, (size_t)n);
+        tables_set |= 1 << i;
+        return 0;
+    }
+    return -1;
+}
+
+static inline int iq_ready(void) { return tables_set == 63; }
+
+/* One block taken apart: grid magnitudes, sign bits (bit l of sg[g] for value 32g + l) and
+   the 4-bit scale of each 16 values. */
+typedef struct { uint8_t g[256]; uint32_t sg[8]; uint8_t s[16]; } iq_parts;
+
+/* IQ2_XXS (66 bytes): per 32 values two u32: four grid indices (bytes), then four 7-bit sign
+   pattern indices and the scale in the top 4 bits. */
+static void parts_iq2_xxs(const uint8_t *b, iq_parts *p) {
+    for (int g = 0; g < 8; g++) {
+        uint32_t a, s;
+        memcpy(&a, b + 2 + 8 * g, 4);
+        memcpy(&s, b + 6 + 8 * g, 4);
+        p->sg[g] = 0;
+        for (int k = 0; k < 4; k++) {
+            memcpy(p->g + 32 * g + 8 * k, GRID_IQ2_XXS + 8 * ((a >> (8 * k)) & 255), 8);
+            p->sg[g] |= (uint32_t)KSIGNS[(s >> (7 * k)) & 127] << (8 * k);
+        }
+        p->s[2 * g] = p->s[2 * g + 1] = (uint8_t)(s >> 28);
+    }
+}
+
+/* IQ2_XS (74 bytes): per 8 values a u16, 9-bit grid index and 7-bit sign pattern index; then
+   16 scales as nibbles (low first). */
+static void parts_iq2_xs(const uint8_t *b, iq_parts *p) {
+    memset(p->sg, 0, sizeof p->sg);
+    for (int e = 0; e < 32; e++) {
+        const uint16_t v = rd16(b + 2 + 2 * e);
+        memcpy(p->g + 8 * e, GRID_IQ2_XS + 8 * (v & 511), 8);
+        p->sg[e / 4] |= (uint32_t)KSIGNS[v >> 9] << (8 * (e % 4));
+    }
+    for (int i = 0; i < 8; i++) {
+        p->s[2 * i] = b[66 + i] & 15;
+        p->s[2 * i + 1] = b[66 + i] >> 4;
+    }
+}
+
+/* Sign bits stored one per value, 32 bytes: byte e holds values 8e..8e+7. */
+static inline void plain_signs(const uint8_t *signs, uint32_t *sg) {
+    for (int g = 0; g < 8; g++)
+        sg[g] = signs[4 * g] | (uint32_t)signs[4 * g + 1] << 8 | (uint32_t)signs[4 * g + 2] << 16 |
+                (uint32_t)signs[4 * g + 3] << 24;
+}
+
+/* IQ2_S (82 bytes): 32 low bytes of 10-bit grid indices, 32 bytes of signs, 8 bytes of the
+   indices' top 2 bits (entry 4i + k at bits 2k of byte i), 16 scales as nibbles. */
+static void parts_iq2_s(const uint8_t *b, iq_parts *p) {
+    for (int e = 0; e < 32; e++)
+        memcpy(p->g + 8 * e, GRID_IQ2_S + 8 * (b[2 + e] | (((b[66 + e / 4] >> (2 * (e % 4))) & 3) << 8)), 8);
+    plain_signs(b + 34, p->sg);
+    for (int i = 0; i < 8; i++) {
+        p->s[2 * i] = b[74 + i] & 15;
+        p->s[2 * i + 1] = b[74 + i] >> 4;
+    }
+}
+
+/* IQ3_XXS (98 bytes): 64 grid indices (4 values each), then per 32 values a u32 of four
+   7-bit sign pattern indices and the scale in the top 4 bits. */
+static void parts_iq3_xxs(const uint8_t *b, iq_parts *p) {
+    for (int g = 0; g < 8; g++) {
+        uint32_t s;
+        memcpy(&s, b + 66 + 4 * g, 4);
+        for (int e = 0; e < 8; e++) memcpy(p->g + 32 * g + 4 * e, GRID_IQ3_XXS + 4 * b[2 + 8 * g + e], 4);
+        p->sg[g] = 0;
+        for (int k = 0; k < 4; k++) p->sg[g] |= (uint32_t)KSIGNS[(s >> (7 * k)) & 127] << (8 * k);
+        p->s[2 * g] = p->s[2 * g + 1] = (uint8_t)(s >> 28);
+    }
+}
+
+/* IQ3_S (110 bytes): 64 low bytes of 9-bit grid indices, 8 bytes of their top bits (entry
+   8i + k at bit k of byte i), 32 bytes of signs, 8 scales (one per 32 values) as nibbles. */
+static void parts_iq3_s(const uint8_t *b, iq_parts *p) {
+    for (int e = 0; e < 64; e++)
+        memcpy(p->g + 4 * e, GRID_IQ3_S + 4 * (b[2 + e] | (((b[66 + e / 8] >> (e % 8)) & 1) << 8)), 4);
+    plain_signs(b + 74, p->sg);
+    for (int k = 0; k < 16; k++) p->s[k] = (b[106 + k / 4] >> (4 * ((k / 2) % 2))) & 15;
+}
+
+/* The 256 signed codes (magnitude with its sign) of a block taken apart. */
+static inline void signed_codes(const iq_parts *p, int8_t *q) {
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int g = 0; g < 8; g++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p->g + 32 * g)), m = bits_to_bytes(p->sg[g]);
+        _mm256_storeu_si256((__m256i *)(q + 32 * g), _mm256_sub_epi8(_mm256_xor_si256(v, m), m));
+    }
+#else
+    for (int i = 0; i < 256; i++) q[i] = (int8_t)((p->sg[i / 32] >> (i % 32)) & 1 ? -p->g[i] : p->g[i]);
+#endif
+}
+
+/* Each type: its block bytes, how it comes apart, and its scale d * f(s): kind 0 is
+   d * (0.5 + s) * 0.25 (IQ2), kind 1 d * (0.5 + s) * 0.5 (IQ3_XXS), kind 2 d * (1 + 2s) (IQ3_S).
+   All are (2s + 1) * d * unit, the integer path's split. */
+typedef struct { int bytes; void (*parts)(const uint8_t *, iq_parts *); int kind; float unit; deq_fn deq; } iq_type;
+
+static void deq_iq2_xxs(const uint8_t *b, float *y);
+static void deq_iq2_xs(const uint8_t *b, float *y);
+static void deq_iq2_s(const uint8_t *b, float *y);
+static void deq_iq3_xxs(const uint8_t *b, float *y);
+static void deq_iq3_s(const uint8_t *b, float *y);
+
+static const iq_type IQ2_XXS_T = {66, parts_iq2_xxs, 0, 0.125f, deq_iq2_xxs},
+                     IQ2_XS_T = {74, parts_iq2_xs, 0, 0.125f, deq_iq2_xs},
+                     IQ2_S_T = {82, parts_iq2_s, 0, 0.125f, deq_iq2_s},
+                     IQ3_XXS_T = {98, parts_iq3_xxs, 1, 0.25f, deq_iq3_xxs},
+                     IQ3_S_T = {110, parts_iq3_s, 2, 1.0f, deq_iq3_s};
+
+/* gguf-py's float32 arithmetic for the scale, step by step. */
+static inline float iq_scale(int kind, float d, int s) {
+    if (kind == 2) return d * (float)(1 + 2 * s);
+    return d * (0.5f + (float)s) * (kind ? 0.5f : 0.25f);
+}
+
+static inline void deq_iq(const iq_type *t, const uint8_t *b, float *y) {
+    iq_parts p;
+    int8_t q[256];
+    t->parts(b, &p);
+    signed_codes(&p, q);
+    const float d = f16_to_f32(rd16(b));
+    for (int k = 0; k < 16; k++) {
+        const float db = iq_scale(t->kind, d, p.s[k]);
+        for (int l = 0; l < 16; l++) y[16 * k + l] = db * (float)q[16 * k + l];
+    }
+}
+
+static void deq_iq2_xxs(const uint8_t *b, float *y) { deq_iq(&IQ2_XXS_T, b, y); }
+static void deq_iq2_xs(const uint8_t *b, float *y) { deq_iq(&IQ2_XS_T, b, y); }
+static void deq_iq2_s(const uint8_t *b, float *y) { deq_iq(&IQ2_S_T, b, y); }
+static void deq_iq3_xxs(const uint8_t *b, float *y) { deq_iq(&IQ3_XXS_T, b, y); }
+static void deq_iq3_s(const uint8_t *b, float *y) { deq_iq(&IQ3_S_T, b, y); }
+
+static const iq_type *iq_type_of(int type) {
+    switch (type) {
+    case T_IQ2_XXS: return &IQ2_XXS_T;
+    case T_IQ2_XS: return &IQ2_XS_T;
+    case T_IQ2_S: return &IQ2_S_T;
+    case T_IQ3_XXS: return &IQ3_XXS_T;
+    case T_IQ3_S: return &IQ3_S_T;
+    default: return NULL;
+    }
+}
+
 int types_info(int type, int *block, int *bytes, deq_fn *fn) {
     switch (type) {
     case T_Q2_K: *block = 256; *bytes = 84; *fn = deq_q2_k; return 0;
@@ -105,8 +274,14 @@ int types_info(int type, int *block, int *bytes, deq_fn *fn) {
     case T_IQ4_NL: *block = 32; *bytes = 18; *fn = deq_iq4_nl; return 0;
     case T_IQ4_XS: *block = 256; *bytes = 136; *fn = deq_iq4_xs; return 0;
     case T_MXFP4: *block = 32; *bytes = 17; *fn = deq_mxfp4; return 0;
-    default: return -1;
+    default: break;
     }
+    const iq_type *t = iq_type_of(type);
+    if (!t || !iq_ready()) return -1;
+    *block = 256;
+    *bytes = t->bytes;
+    *fn = t->deq;
+    return 0;
 }
 
 /* ---- 8-bit activations (the blocks of kernels.c: xq32 for IQ4_NL/MXFP4, xq256 else) ---- */
@@ -236,11 +411,44 @@ static void row_iq4_xs_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_
     hsum_acc(A, T, acc);
 }
 
+/* A grid type (IQ2/IQ3): signed codes, integer multiplier 2s + 1 per 16 values, float
+   d * unit per block (signs moved onto the activations so maddubs sees magnitudes). */
+static void row_iq_i8(const iq_type *it, const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T,
+                      float *acc) {
+    __m256 A[Q8_ROWS];
+    zero_acc(A, T);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *b = row + i * it->bytes;
+        iq_parts p;
+        it->parts(b, &p);
+        const float dm = f16_to_f32(rd16(b)) * it->unit;
+        int16_t m[16];
+        for (int k = 0; k < 16; k++) m[k] = (int16_t)(2 * p.s[k] + 1);
+        __m256i scv[8], w[8], aw[8];
+        pair_scales(_mm256_loadu_si256((const __m256i *)m), scv);
+        for (int g = 0; g < 8; g++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p.g + 32 * g)), sm = bits_to_bytes(p.sg[g]);
+            w[g] = _mm256_sub_epi8(_mm256_xor_si256(v, sm), sm);
+            aw[g] = v;
+        }
+        for (int t = 0; t < T; t++) {
+            const xq256 *x = X + t * ldx + i;
+            __m256i s = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * g)), w[g]);
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[g], xs), scv[g]));
+            }
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dm * x->d), A[t]);
+        }
+    }
+    hsum_acc(A, T, acc);
+}
+
 int types_q8_block(int type) {
     switch (type) {
     case T_IQ4_NL: case T_MXFP4: return 32;
     case T_Q2_K: case T_Q3_K: case T_IQ4_XS: return 256;
-    default: return 0;
+    default: return iq_type_of(type) && iq_ready() ? 256 : 0;
     }
 }
 
@@ -252,7 +460,7 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
     case T_Q2_K: row_q2_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_Q3_K: row_q3_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_IQ4_XS: row_iq4_xs_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    default: break;
+    default: row_iq_i8(iq_type_of(type), row, nb, (const xq256 *)xq, ldx, n, acc); break;
     }
 }
 #endif
