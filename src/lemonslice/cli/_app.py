@@ -45,6 +45,8 @@ _EXAMPLES = {
     "serve-layers": "lemonslice serve-layers model-split/ --host 0.0.0.0 --port 8090",
     "pull": "lemonslice pull http://peer-a:8090 http://peer-b:8090 model-split/",
     "requant": "lemonslice requant model-f16.gguf mixed.gguf --plan 'shared=Q8_0; 0-9=Q4_K_M; 10-29=Q3_K_M'",
+    "profile": "lemonslice profile model-split/ --tokens 32 --prompt 512 --json prof.json --png prof.png",
+    "bench": "lemonslice bench model.gguf --llama --depths 512,2048,8192 --turns 5 --png bench",
 }
 # Typer's own type labels, shown as upper-case metavariables like the arguments'.
 _METAVARS = {"<int>": "N", "<float>": "N", "<str>": "TEXT", "<path>": "PATH", "<list[str]>": "TEXT"}

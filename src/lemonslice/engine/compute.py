@@ -10,11 +10,14 @@ hidden states that asks for no logits never loads them. A residency limited to p
 
 Prefill is layer-major: a step takes the next chunk (at most `prefill_chunk` rows) of every
 sequence that has one through all positions, so each layer is read once per chunk.
+
+`Compute.probe` (None unless set) is told before and after the embedding, each position and
+the head of every step: `lemonslice profile` times and counts reads per layer through it.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from typing import Literal, Protocol, Sequence, Union
 
 import torch
 
@@ -30,6 +33,16 @@ PREFILL_CHUNK = 512
 # Token ids (a list or 1-D integer tensor), or hidden states [T, E] (a float tensor).
 Input = Union[Sequence[int], torch.Tensor]
 Logits = Literal["last", "all"]
+# A part of one forward step: "embedding", a playlist position, or "head".
+Part = Union[int, str]
+
+
+class Probe(Protocol):
+    """Told before and after each part of a forward (a profiler's timer and read counters)."""
+
+    def enter(self, part: Part) -> None: ...
+
+    def leave(self, part: Part, rows: int) -> None: ...
 
 
 def _rows(x: Input) -> torch.Tensor:
@@ -48,6 +61,8 @@ class Compute:
             raise LemonsliceError("prefill_chunk must be >= 1")
         self.residency = residency
         self.prefill_chunk = prefill_chunk
+        # Off unless a profiler sets it: each part then pays one `is None` test.
+        self.probe: Probe | None = None
 
     def new_state(self) -> SequenceState:
         """A fresh state for the current playlist (made from hyper-parameters: no weight is read);
@@ -97,23 +112,38 @@ class Compute:
         if logits is None:
             return hidden
         rows = [h[-1:] if logits == "last" else h for h in hidden]
+        if self.probe is not None:
+            self.probe.enter("head")
         out = self.residency.shared.logits(rows[0] if len(rows) == 1 else torch.cat(rows))  # one head pass
+        if self.probe is not None:
+            self.probe.leave("head", out.shape[0])
         return [out[s:e] for s, e in spans([r.shape[0] for r in rows])]
 
     def _embed(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The rows of one step laid end to end [N, E]; token ids go through the embedding."""
+        if self.probe is not None:
+            self.probe.enter("embedding")
         if all(not p.is_floating_point() for p in parts):
-            return self.residency.shared.embed(parts[0] if len(parts) == 1 else torch.cat(parts))
-        rows = [p if p.is_floating_point() else self.residency.shared.embed(p) for p in parts]
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+            x = self.residency.shared.embed(parts[0] if len(parts) == 1 else torch.cat(parts))
+        else:
+            rows = [p if p.is_floating_point() else self.residency.shared.embed(p) for p in parts]
+            x = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if self.probe is not None:
+            self.probe.leave("embedding", x.shape[0])
+        return x
 
     def _blocks(self, x: torch.Tensor, states: list[SequenceState], lengths: list[int], start: int,
                 stop: int) -> torch.Tensor:
         playlist = self.residency.playlist
+        probe = self.probe
         for pos in range(start, stop):
+            if probe is not None:
+                probe.enter(pos)
             self.residency.prefetch(pos, x)
             block = self.residency.block(playlist[pos])
             x = block.run(x, [s.caches[pos] for s in states], lengths)
             # Drop the block before the next is read, so streaming holds one layer at a time.
             del block
+            if probe is not None:
+                probe.leave(pos, x.shape[0])
         return x
