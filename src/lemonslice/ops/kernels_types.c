@@ -107,6 +107,7 @@ static void deq_mxfp4(const uint8_t *b, float *y) {
 
 static uint8_t GRID_IQ2_XXS[256 * 8], GRID_IQ2_XS[512 * 8], GRID_IQ2_S[1024 * 8];
 static uint8_t GRID_IQ3_XXS[256 * 4], GRID_IQ3_S[512 * 4], KSIGNS[128];
+static uint64_t KSIGN_PM[128]; /* each sign pattern as 8 bytes of +1 / -1 (0x01 / 0xFF) */
 static int tables_set; /* one bit per table */
 
 /* Copy one table in: `which` is the grid's type id, or 0 for the sign patterns. */
@@ -120,6 +121,10 @@ int ls_set_table(int which, const uint8_t *data, int64_t n) {
         if (n != t[i].n) return -1;
         memcpy(t[i].dst, data, (size_t)n);
         tables_set |= 1 << i;
+        for (int k = 0; k < 128 && which == 0; k++) {
+            KSIGN_PM[k] = 0;
+            for (int j = 0; j < 8; j++) KSIGN_PM[k] |= (uint64_t)((KSIGNS[k] >> j) & 1 ? 0xFF : 0x01) << (8 * j);
+        }
         return 0;
     }
     return -1;
@@ -411,32 +416,126 @@ static void row_iq4_xs_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_
     hsum_acc(A, T, acc);
 }
 
-/* A grid type (IQ2/IQ3): signed codes, integer multiplier 2s + 1 per 16 values, float
-   d * unit per block (signs moved onto the activations so maddubs sees magnitudes). */
-static void row_iq_i8(const iq_type *it, const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T,
-                      float *acc) {
+/* The integer path of the grid types takes a block straight into registers: per 32 values
+   the grid magnitudes g (unsigned, for maddubs), the signs as +1/-1 bytes to put on the
+   activations, and the multipliers m = 2s + 1 per 16 values as int16 lanes (built in registers:
+   a vector load of scalars just stored would stall on store forwarding). */
+typedef __m256i (*iq_vec_fn)(const uint8_t *b, __m256i g[8], __m256i sg[8]);
+
+/* Four 7-bit sign pattern indices (bits 0, 7, 14, 21 of s) as 32 bytes of +1/-1. */
+static inline __m256i ksigns4(uint32_t s) {
+    return _mm256_set_epi64x((long long)KSIGN_PM[(s >> 21) & 127], (long long)KSIGN_PM[(s >> 14) & 127],
+                             (long long)KSIGN_PM[(s >> 7) & 127], (long long)KSIGN_PM[s & 127]);
+}
+
+/* 32 sign bits (set: negative) as 32 bytes of +1/-1. */
+static inline __m256i bitsigns(const uint8_t *p) {
+    uint32_t bits;
+    memcpy(&bits, p, 4);
+    return _mm256_or_si256(bits_to_bytes(bits), _mm256_set1_epi8(1));
+}
+
+/* 16 scales s (bytes) as int16 multipliers 2s + 1. */
+static inline __m256i mults(__m128i s) {
+    return _mm256_add_epi16(_mm256_slli_epi16(_mm256_cvtepu8_epi16(s), 1), _mm256_set1_epi16(1));
+}
+
+/* The multipliers of 16 scales packed as nibbles (low first) in 8 bytes. */
+static inline __m256i nibble_mults(const uint8_t *sc) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)sc), low4 = _mm_set1_epi8(0x0F);
+    return mults(_mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+}
+
+/* The multipliers of 8 scales (bytes 0..7 of v, each for 32 values), each used twice. */
+static inline __m256i pair_mults(__m128i v) { return mults(_mm_unpacklo_epi8(v, v)); }
+
+/* 32 magnitudes: the four 8-value grid entries whose indices are the 64-bit lanes of idx. */
+static inline __m256i gather8(const uint8_t *grid, __m256i idx) {
+    return _mm256_i64gather_epi64((const long long *)grid, idx, 8);
+}
+
+/* 32 magnitudes: the eight 4-value grid entries whose indices are the 32-bit lanes of idx. */
+static inline __m256i gather4(const uint8_t *grid, __m256i idx) {
+    return _mm256_i32gather_epi32((const int *)grid, idx, 4);
+}
+
+static __m256i vec_iq2_xxs(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    uint64_t s8 = 0;
+    for (int k = 0; k < 8; k++) {
+        uint32_t a, s;
+        memcpy(&a, b + 2 + 8 * k, 4);
+        memcpy(&s, b + 6 + 8 * k, 4);
+        g[k] = gather8(GRID_IQ2_XXS, _mm256_cvtepu8_epi64(_mm_cvtsi32_si128((int)a)));
+        sg[k] = ksigns4(s);
+        s8 |= (uint64_t)(s >> 28) << (8 * k);
+    }
+    return pair_mults(_mm_cvtsi64_si128((long long)s8));
+}
+
+static __m256i vec_iq2_xs(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    const __m256i low9 = _mm256_set1_epi64x(511);
+    for (int k = 0; k < 8; k++) {
+        const __m256i v = _mm256_cvtepu16_epi64(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k)));
+        g[k] = gather8(GRID_IQ2_XS, _mm256_and_si256(v, low9));
+        sg[k] = _mm256_i64gather_epi64((const long long *)KSIGN_PM, _mm256_srli_epi64(v, 9), 8);
+    }
+    return nibble_mults(b + 66);
+}
+
+static __m256i vec_iq2_s(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    const __m256i shift = _mm256_set_epi64x(2, 4, 6, 8), two = _mm256_set1_epi64x(0x300);
+    for (int k = 0; k < 8; k++) {
+        uint32_t q;
+        memcpy(&q, b + 2 + 4 * k, 4);
+        /* top bits of entry j: bits 2j..2j+1 of byte 66 + k, moved to bits 8..9 */
+        const __m256i hi = _mm256_and_si256(_mm256_sllv_epi64(_mm256_set1_epi64x(b[66 + k]), shift), two);
+        g[k] = gather8(GRID_IQ2_S, _mm256_or_si256(_mm256_cvtepu8_epi64(_mm_cvtsi32_si128((int)q)), hi));
+        sg[k] = bitsigns(b + 34 + 4 * k);
+    }
+    return nibble_mults(b + 74);
+}
+
+static __m256i vec_iq3_xxs(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    uint64_t s8 = 0;
+    for (int k = 0; k < 8; k++) {
+        uint32_t s;
+        memcpy(&s, b + 66 + 4 * k, 4);
+        g[k] = gather4(GRID_IQ3_XXS, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k))));
+        sg[k] = ksigns4(s);
+        s8 |= (uint64_t)(s >> 28) << (8 * k);
+    }
+    return pair_mults(_mm_cvtsi64_si128((long long)s8));
+}
+
+static __m256i vec_iq3_s(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    const __m256i shift = _mm256_set_epi32(1, 2, 3, 4, 5, 6, 7, 8), bit8 = _mm256_set1_epi32(0x100);
+    for (int k = 0; k < 8; k++) {
+        /* top bit of entry j: bit j of byte 66 + k, moved to bit 8 */
+        const __m256i hi = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(b[66 + k]), shift), bit8);
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k)));
+        g[k] = gather4(GRID_IQ3_S, _mm256_or_si256(lo, hi));
+        sg[k] = bitsigns(b + 74 + 4 * k);
+    }
+    const __m128i v = _mm_cvtsi32_si128((int)(rd16(b + 106) | (uint32_t)rd16(b + 108) << 16)), low4 = _mm_set1_epi8(0x0F);
+    return pair_mults(_mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+}
+
+/* A grid-type row (blocks of `bytes`, value scale d * unit * (2s + 1)) against T activation rows. */
+static inline __attribute__((always_inline)) void row_iq_i8(iq_vec_fn vec, int bytes, float unit, const uint8_t *row,
+                                                            int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
     __m256 A[Q8_ROWS];
     zero_acc(A, T);
     for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * it->bytes;
-        iq_parts p;
-        it->parts(b, &p);
-        const float dm = f16_to_f32(rd16(b)) * it->unit;
-        int16_t m[16];
-        for (int k = 0; k < 16; k++) m[k] = (int16_t)(2 * p.s[k] + 1);
-        __m256i scv[8], w[8], aw[8];
-        pair_scales(_mm256_loadu_si256((const __m256i *)m), scv);
-        for (int g = 0; g < 8; g++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(p.g + 32 * g)), sm = bits_to_bytes(p.sg[g]);
-            w[g] = _mm256_sub_epi8(_mm256_xor_si256(v, sm), sm);
-            aw[g] = v;
-        }
+        const uint8_t *b = row + i * bytes;
+        __m256i g[8], sg[8], scv[8];
+        pair_scales(vec(b, g, sg), scv);
+        const float dm = f16_to_f32(rd16(b)) * unit;
         for (int t = 0; t < T; t++) {
             const xq256 *x = X + t * ldx + i;
             __m256i s = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++) {
-                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * g)), w[g]);
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[g], xs), scv[g]));
+            for (int k = 0; k < 8; k++) {
+                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * k)), sg[k]);
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(g[k], xs), scv[k]));
             }
             A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dm * x->d), A[t]);
         }
@@ -460,7 +559,12 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
     case T_Q2_K: row_q2_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_Q3_K: row_q3_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_IQ4_XS: row_iq4_xs_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    default: row_iq_i8(iq_type_of(type), row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_XXS: row_iq_i8(vec_iq2_xxs, 66, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_XS: row_iq_i8(vec_iq2_xs, 74, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_S: row_iq_i8(vec_iq2_s, 82, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ3_XXS: row_iq_i8(vec_iq3_xxs, 98, 0.25f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ3_S: row_iq_i8(vec_iq3_s, 110, 1.0f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    default: break;
     }
 }
 #endif
