@@ -34,7 +34,7 @@ F16_FIELDS = {
     T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
     T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.MXFP4: (), T.TQ2_0: (64,),
-    T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,),
+    T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
 }
 TORCH_LISTED = [
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
@@ -62,6 +62,10 @@ def random_blocks(t: GGMLType, rows: int, cols: int, seed: int) -> np.ndarray:
     for off in F16_FIELDS.get(t, ()):
         scale = rng.standard_normal(nb) * np.exp2(rng.integers(-12, 4, nb))
         b[:, off : off + 2] = scale.astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if t == T.IQ1_M:  # its f16 scale is the top nibbles of the four u16 at bytes 48..55
+        d = (rng.standard_normal(nb) * np.exp2(rng.integers(-12, 4, nb))).astype(np.float16).view(np.uint16)
+        for i in range(4):
+            b[:, 49 + 2 * i] = (b[:, 49 + 2 * i] & 0x0F) | (((d >> (4 * i)) & 0xF) << 4).astype(np.uint8)
     return b.reshape(rows, -1)
 
 

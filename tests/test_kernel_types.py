@@ -21,7 +21,7 @@ from lemonslice.ops.qlinear import Q8_BLOCK, round_activations
 from test_dequant import assert_bit_equal, assert_close_rel, reference
 
 T = GGMLType
-IQ_GRID = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]
+IQ_GRID = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 NEW = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4, *IQ_GRID]
 HALF = [T.F16, T.BF16]
 
@@ -59,7 +59,7 @@ def test_new_types_are_reported():
     assert all(kernels.supported(t) and kernels.q8_supported(t) for t in NEW)
     assert all(kernels.supported(t) and not kernels.q8_supported(t) for t in HALF)
     assert {t: Q8_BLOCK[t] for t in NEW} == {t: 32 if t in (T.IQ4_NL, T.MXFP4) else 256 for t in NEW}
-    assert not kernels.supported(T.IQ1_S) and not kernels.supported(T.IQ1_M)
+    assert not kernels.supported(T.TQ1_0) and not kernels.supported(T.TQ2_0)
 
 
 @pytest.mark.parametrize("t", NEW, ids=lambda t: t.name)
@@ -109,7 +109,7 @@ from lemonslice.gguf.constants import GGMLType as T
 from test_dequant import random_blocks, reference
 kernels.FLAGS = tuple("-march=x86-64" if f == "-march=native" else f for f in kernels.FLAGS)
 assert kernels.library() is not None
-for t in (T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S):
+for t in map(T, {new}):
     raw = random_blocks(t, 6, 512, seed=int(t))
     if t == T.MXFP4:  # finite products: exponents near 2^0
         raw.reshape(-1, 17)[:, 0] = 120 + raw.reshape(-1, 17)[:, 0] % 16
@@ -132,7 +132,7 @@ print("ok")
 
 def test_portable_build_without_avx2(tmp_path):
     # The non-x86 fallback: decode-and-dot through the block decoders, no 8-bit path.
-    code = PORTABLE.format(tests=str(Path(__file__).parent))
+    code = PORTABLE.format(tests=str(Path(__file__).parent), new=tuple(int(t) for t in NEW))
     r = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin", "LEMONSLICE_CACHE": str(tmp_path)},
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

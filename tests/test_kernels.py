@@ -21,7 +21,8 @@ from test_dequant import QUANTIZABLE, assert_bit_equal, assert_close_rel, quanti
 
 T = GGMLType
 C_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-           T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]
+           T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S,
+           T.IQ1_S, T.IQ1_M]
 linear_mod = importlib.import_module("lemonslice.ops.qlinear")
 
 
@@ -35,7 +36,7 @@ def test_kernels_build_here():
     # The suite must exercise the fast path, not silently fall back to the reference.
     assert kernels.library() is not None
     assert all(kernels.supported(t) for t in C_TYPES)
-    assert not kernels.supported(T.IQ1_S)
+    assert not kernels.supported(T.TQ2_0)
 
 
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)

@@ -107,14 +107,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def _grid_tables() -> list[tuple[int, np.ndarray]]:
-    """The IQ2/IQ3 grids (magnitudes as uint8 [entries, 8 or 4]) by type id, and the 128 sign
-    patterns (id 0): ggml format data, taken from gguf-py's quants module."""
+    """The IQ2/IQ3/IQ1 grids (int8 [entries, 8 or 4]: IQ2/IQ3 magnitudes, IQ1's -1/0/1, shared
+    with IQ1_M) by type id, and the 128 sign patterns (id 0): ggml format data, taken from
+    gguf-py's quants module."""
     import gguf.quants as q
 
     out = []
-    for cls in (q.IQ2_XXS, q.IQ2_XS, q.IQ2_S, q.IQ3_XXS, q.IQ3_S):
+    for cls in (q.IQ2_XXS, q.IQ2_XS, q.IQ2_S, q.IQ3_XXS, q.IQ3_S, q.IQ1_S):
         cls.init_grid()
-        out.append((int(cls.qtype), np.ascontiguousarray(cls.grid.reshape(cls.grid_shape), dtype=np.uint8)))
+        out.append((int(cls.qtype), np.ascontiguousarray(cls.grid.reshape(cls.grid_shape).astype(np.int8))))
     out.append((0, np.frombuffer(q.IQ2_XXS.ksigns, dtype=np.uint8).copy()))
     return out
 

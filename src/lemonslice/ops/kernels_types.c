@@ -99,14 +99,16 @@ static void deq_mxfp4(const uint8_t *b, float *y) {
     }
 }
 
-/* ---- IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: grid codes ----
- * Each run of 8 (IQ2) or 4 (IQ3) values is one entry of a fixed grid of magnitudes, with one
- * sign per value, and one 4-bit scale s per 16 or 32 values. The grids and the 128 sign
+/* ---- IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: grid codes ----
+ * Each run of 8 (IQ2, IQ1) or 4 (IQ3) values is one entry of a fixed grid of magnitudes, with
+ * one sign per value, and one 3- or 4-bit scale s per 16 or 32 values. IQ1's grid holds
+ * -1/0/1 with a shift of +-1/8 per entry: as codes 8g +- 1, magnitude and sign. The grids and the 128 sign
  * patterns (ksigns) are format data: kernels.py takes them from gguf-py and hands them over
  * once (ls_set_table); until all are set these types are reported unsupported. */
 
 static uint8_t GRID_IQ2_XXS[256 * 8], GRID_IQ2_XS[512 * 8], GRID_IQ2_S[1024 * 8];
 static uint8_t GRID_IQ3_XXS[256 * 4], GRID_IQ3_S[512 * 4], KSIGNS[128];
+static int8_t GRID_IQ1[2048 * 8]; /* IQ1_S's grid, shared by IQ1_M */
 static uint64_t KSIGN_PM[128]; /* each sign pattern as 8 bytes of +1 / -1 (0x01 / 0xFF) */
 static int tables_set; /* one bit per table */
 
@@ -115,8 +117,9 @@ int ls_set_table(int which, const uint8_t *data, int64_t n) {
     const struct { int type; uint8_t *dst; int64_t n; } t[] = {
         {T_IQ2_XXS, GRID_IQ2_XXS, sizeof GRID_IQ2_XXS}, {T_IQ2_XS, GRID_IQ2_XS, sizeof GRID_IQ2_XS},
         {T_IQ2_S, GRID_IQ2_S, sizeof GRID_IQ2_S}, {T_IQ3_XXS, GRID_IQ3_XXS, sizeof GRID_IQ3_XXS},
-        {T_IQ3_S, GRID_IQ3_S, sizeof GRID_IQ3_S}, {0, KSIGNS, sizeof KSIGNS}};
-    for (int i = 0; i < 6; i++) {
+        {T_IQ3_S, GRID_IQ3_S, sizeof GRID_IQ3_S}, {0, KSIGNS, sizeof KSIGNS},
+        {T_IQ1_S, (uint8_t *)GRID_IQ1, sizeof GRID_IQ1}};
+    for (int i = 0; i < 7; i++) {
         if (t[i].type != which) continue;
         if (n != t[i].n) return -1;
         memcpy(t[i].dst, data, (size_t)n);
@@ -130,7 +133,7 @@ int ls_set_table(int which, const uint8_t *data, int64_t n) {
     return -1;
 }
 
-static inline int iq_ready(void) { return tables_set == 63; }
+static inline int iq_ready(void) { return tables_set == 127; }
 
 /* One block taken apart: grid magnitudes, sign bits (bit l of sg[g] for value 32g + l) and
    the 4-bit scale of each 16 values. */
@@ -208,6 +211,46 @@ static void parts_iq3_s(const uint8_t *b, iq_parts *p) {
     for (int k = 0; k < 16; k++) p->s[k] = (b[106 + k / 4] >> (4 * ((k / 2) % 2))) & 15;
 }
 
+/* IQ1 codes 8g + (minus ? -1 : +1) of one 8-value entry into magnitudes and sign bits. */
+static inline void iq1_entry(int idx, int minus, uint8_t *g, uint32_t *sg, int at) {
+    for (int j = 0; j < 8; j++) {
+        const int c = 8 * GRID_IQ1[8 * idx + j] + (minus ? -1 : 1);
+        g[j] = (uint8_t)(c < 0 ? -c : c);
+        *sg |= (uint32_t)(c < 0) << (at + j);
+    }
+}
+
+/* IQ1_S (50 bytes): f16 d, 32 low bytes of 11-bit grid indices, per 32 values a u16: three
+   top bits per entry (bits 3j), the scale in bits 12..14, the shift's sign in bit 15. */
+static void parts_iq1_s(const uint8_t *b, iq_parts *p) {
+    for (int k = 0; k < 8; k++) {
+        const uint16_t qh = rd16(b + 34 + 2 * k);
+        p->sg[k] = 0;
+        for (int j = 0; j < 4; j++)
+            iq1_entry(b[2 + 4 * k + j] | ((qh >> (3 * j)) & 7) << 8, qh >> 15, p->g + 32 * k + 8 * j, p->sg + k, 8 * j);
+        p->s[2 * k] = p->s[2 * k + 1] = (qh >> 12) & 7;
+    }
+}
+
+/* IQ1_M (56 bytes): 32 low bytes of grid indices, a nibble per entry (three top index bits,
+   the shift's sign in bit 3), four u16 of 3-bit scales (one per 16 values, bits 3i) whose
+   top nibbles together are the f16 d. */
+static void parts_iq1_m(const uint8_t *b, iq_parts *p) {
+    for (int k = 0; k < 8; k++) {
+        p->sg[k] = 0;
+        for (int j = 0; j < 4; j++) {
+            const int e = 4 * k + j, nib = (b[32 + e / 2] >> (4 * (e % 2))) & 15;
+            iq1_entry(b[e] | (nib & 7) << 8, nib >> 3, p->g + 8 * e, p->sg + k, 8 * j);
+        }
+    }
+    for (int i = 0; i < 16; i++) p->s[i] = (rd16(b + 48 + 2 * (i / 4)) >> (3 * (i % 4))) & 7;
+}
+
+static inline uint16_t iq1_m_d(const uint8_t *b) {
+    return (uint16_t)((rd16(b + 48) >> 12) | ((rd16(b + 50) >> 8) & 0xF0) | ((rd16(b + 52) >> 4) & 0xF00) |
+                      (rd16(b + 54) & 0xF000));
+}
+
 /* The 256 signed codes (magnitude with its sign) of a block taken apart. */
 static inline void signed_codes(const iq_parts *p, int8_t *q) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -221,8 +264,9 @@ static inline void signed_codes(const iq_parts *p, int8_t *q) {
 }
 
 /* Each type: its block bytes, how it comes apart, and its scale d * f(s): kind 0 is
-   d * (0.5 + s) * 0.25 (IQ2), kind 1 d * (0.5 + s) * 0.5 (IQ3_XXS), kind 2 d * (1 + 2s) (IQ3_S).
-   All are (2s + 1) * d * unit, the integer path's split. */
+   d * (0.5 + s) * 0.25 (IQ2), kind 1 d * (0.5 + s) * 0.5 (IQ3_XXS), kind 2 d * (1 + 2s) (IQ3_S),
+   kinds 3 (IQ1_S) and 4 (IQ1_M, d not at byte 0) d * (1 + 2s) times code / 8. All are
+   (2s + 1) * d * unit per code, the integer path's split. */
 typedef struct { int bytes; void (*parts)(const uint8_t *, iq_parts *); int kind; float unit; deq_fn deq; } iq_type;
 
 static void deq_iq2_xxs(const uint8_t *b, float *y);
@@ -230,28 +274,38 @@ static void deq_iq2_xs(const uint8_t *b, float *y);
 static void deq_iq2_s(const uint8_t *b, float *y);
 static void deq_iq3_xxs(const uint8_t *b, float *y);
 static void deq_iq3_s(const uint8_t *b, float *y);
+static void deq_iq1_s(const uint8_t *b, float *y);
+static void deq_iq1_m(const uint8_t *b, float *y);
 
 static const iq_type IQ2_XXS_T = {66, parts_iq2_xxs, 0, 0.125f, deq_iq2_xxs},
                      IQ2_XS_T = {74, parts_iq2_xs, 0, 0.125f, deq_iq2_xs},
                      IQ2_S_T = {82, parts_iq2_s, 0, 0.125f, deq_iq2_s},
                      IQ3_XXS_T = {98, parts_iq3_xxs, 1, 0.25f, deq_iq3_xxs},
-                     IQ3_S_T = {110, parts_iq3_s, 2, 1.0f, deq_iq3_s};
+                     IQ3_S_T = {110, parts_iq3_s, 2, 1.0f, deq_iq3_s},
+                     IQ1_S_T = {50, parts_iq1_s, 3, 0.125f, deq_iq1_s},
+                     IQ1_M_T = {56, parts_iq1_m, 4, 0.125f, deq_iq1_m};
 
 /* gguf-py's float32 arithmetic for the scale, step by step. */
 static inline float iq_scale(int kind, float d, int s) {
-    if (kind == 2) return d * (float)(1 + 2 * s);
+    if (kind >= 2) return d * (float)(1 + 2 * s);
     return d * (0.5f + (float)s) * (kind ? 0.5f : 0.25f);
 }
+
+/* The block's f16 scale d. */
+static inline float iq_d(int kind, const uint8_t *b) { return f16_to_f32(kind == 4 ? iq1_m_d(b) : rd16(b)); }
 
 static inline void deq_iq(const iq_type *t, const uint8_t *b, float *y) {
     iq_parts p;
     int8_t q[256];
     t->parts(b, &p);
     signed_codes(&p, q);
-    const float d = f16_to_f32(rd16(b));
+    const float d = iq_d(t->kind, b);
     for (int k = 0; k < 16; k++) {
         const float db = iq_scale(t->kind, d, p.s[k]);
-        for (int l = 0; l < 16; l++) y[16 * k + l] = db * (float)q[16 * k + l];
+        if (t->kind >= 3)  /* gguf-py: dl * (grid + shift), the sum exact */
+            for (int l = 0; l < 16; l++) y[16 * k + l] = db * ((float)q[16 * k + l] * 0.125f);
+        else
+            for (int l = 0; l < 16; l++) y[16 * k + l] = db * (float)q[16 * k + l];
     }
 }
 
@@ -260,6 +314,8 @@ static void deq_iq2_xs(const uint8_t *b, float *y) { deq_iq(&IQ2_XS_T, b, y); }
 static void deq_iq2_s(const uint8_t *b, float *y) { deq_iq(&IQ2_S_T, b, y); }
 static void deq_iq3_xxs(const uint8_t *b, float *y) { deq_iq(&IQ3_XXS_T, b, y); }
 static void deq_iq3_s(const uint8_t *b, float *y) { deq_iq(&IQ3_S_T, b, y); }
+static void deq_iq1_s(const uint8_t *b, float *y) { deq_iq(&IQ1_S_T, b, y); }
+static void deq_iq1_m(const uint8_t *b, float *y) { deq_iq(&IQ1_M_T, b, y); }
 
 static const iq_type *iq_type_of(int type) {
     switch (type) {
@@ -268,6 +324,8 @@ static const iq_type *iq_type_of(int type) {
     case T_IQ2_S: return &IQ2_S_T;
     case T_IQ3_XXS: return &IQ3_XXS_T;
     case T_IQ3_S: return &IQ3_S_T;
+    case T_IQ1_S: return &IQ1_S_T;
+    case T_IQ1_M: return &IQ1_M_T;
     default: return NULL;
     }
 }
@@ -440,10 +498,15 @@ static inline __m256i mults(__m128i s) {
     return _mm256_add_epi16(_mm256_slli_epi16(_mm256_cvtepu8_epi16(s), 1), _mm256_set1_epi16(1));
 }
 
+/* The low 8 bytes of v as 16 nibbles, one per byte (low nibble first). */
+static inline __m128i nibble_bytes(__m128i v) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    return _mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+}
+
 /* The multipliers of 16 scales packed as nibbles (low first) in 8 bytes. */
 static inline __m256i nibble_mults(const uint8_t *sc) {
-    const __m128i v = _mm_loadl_epi64((const __m128i *)sc), low4 = _mm_set1_epi8(0x0F);
-    return mults(_mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+    return mults(nibble_bytes(_mm_loadl_epi64((const __m128i *)sc)));
 }
 
 /* The multipliers of 8 scales (bytes 0..7 of v, each for 32 values), each used twice. */
@@ -516,20 +579,66 @@ static __m256i vec_iq3_s(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
         g[k] = gather4(GRID_IQ3_S, _mm256_or_si256(lo, hi));
         sg[k] = bitsigns(b + 74 + 4 * k);
     }
-    const __m128i v = _mm_cvtsi32_si128((int)(rd16(b + 106) | (uint32_t)rd16(b + 108) << 16)), low4 = _mm_set1_epi8(0x0F);
-    return pair_mults(_mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+    uint32_t sc;
+    memcpy(&sc, b + 106, 4);
+    return pair_mults(nibble_bytes(_mm_cvtsi32_si128((int)sc)));
 }
 
-/* A grid-type row (blocks of `bytes`, value scale d * unit * (2s + 1)) against T activation rows. */
-static inline __attribute__((always_inline)) void row_iq_i8(iq_vec_fn vec, int bytes, float unit, const uint8_t *row,
-                                                            int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
+/* IQ1 codes of four entries (grid indices in the 64-bit lanes of idx, shift signs as lanes of
+   +1/-1 bytes): magnitudes into *g, signs as +1/-1 bytes into *sg (codes are odd: never 0). */
+static inline void iq1_vec(__m256i idx, __m256i shift, __m256i *g, __m256i *sg) {
+    const __m256i grid = _mm256_i64gather_epi64((const long long *)GRID_IQ1, idx, 8);
+    const __m256i c = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), shift);
+    *g = _mm256_abs_epi8(c);
+    *sg = _mm256_or_si256(_mm256_cmpgt_epi8(_mm256_setzero_si256(), c), _mm256_set1_epi8(1));
+}
+
+/* Grid indices of four entries: low bytes from 4 bytes at q, three top bits from the 64-bit
+   lanes of top (only bits 0..2 of each used). */
+static inline __m256i iq1_index(const uint8_t *q, __m256i top) {
+    uint32_t lo;
+    memcpy(&lo, q, 4);
+    const __m256i hi = _mm256_slli_epi64(_mm256_and_si256(top, _mm256_set1_epi64x(7)), 8);
+    return _mm256_or_si256(_mm256_cvtepu8_epi64(_mm_cvtsi32_si128((int)lo)), hi);
+}
+
+static __m256i vec_iq1_s(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    uint64_t s8 = 0;
+    for (int k = 0; k < 8; k++) {
+        const uint16_t qh = rd16(b + 34 + 2 * k);
+        const __m256i top = _mm256_srlv_epi64(_mm256_set1_epi64x(qh), _mm256_set_epi64x(9, 6, 3, 0));
+        iq1_vec(iq1_index(b + 2 + 4 * k, top), _mm256_set1_epi8(qh >> 15 ? -1 : 1), g + k, sg + k);
+        s8 |= (uint64_t)((qh >> 12) & 7) << (8 * k);
+    }
+    return pair_mults(_mm_cvtsi64_si128((long long)s8));
+}
+
+static __m256i vec_iq1_m(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
+    const __m256i eight = _mm256_set1_epi64x(8);
+    for (int k = 0; k < 8; k++) {
+        /* the nibbles of entries 4k..4k+3, lowest first; bit 3 of each: shift -1/8 */
+        const __m256i nib = _mm256_srlv_epi64(_mm256_set1_epi64x(rd16(b + 32 + 2 * k)), _mm256_set_epi64x(12, 8, 4, 0));
+        const __m256i minus = _mm256_cmpeq_epi64(_mm256_and_si256(nib, eight), eight);
+        iq1_vec(iq1_index(b + 4 * k, nib), _mm256_or_si256(minus, _mm256_set1_epi8(1)), g + k, sg + k);
+    }
+    uint64_t s[2] = {0, 0};
+    for (int i = 0; i < 16; i++)
+        s[i / 8] |= (uint64_t)((rd16(b + 48 + 2 * (i / 4)) >> (3 * (i % 4))) & 7) << (8 * (i % 8));
+    return mults(_mm_set_epi64x((long long)s[1], (long long)s[0]));
+}
+
+/* A grid-type row (blocks of `bytes`, value scale d * unit * (2s + 1), d read as `kind` says)
+   against T activation rows. */
+static inline __attribute__((always_inline)) void row_iq_i8(iq_vec_fn vec, int bytes, int kind, float unit,
+                                                            const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx,
+                                                            int T, float *acc) {
     __m256 A[Q8_ROWS];
     zero_acc(A, T);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * bytes;
         __m256i g[8], sg[8], scv[8];
         pair_scales(vec(b, g, sg), scv);
-        const float dm = f16_to_f32(rd16(b)) * unit;
+        const float dm = iq_d(kind, b) * unit;
         for (int t = 0; t < T; t++) {
             const xq256 *x = X + t * ldx + i;
             __m256i s = _mm256_setzero_si256();
@@ -559,11 +668,13 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
     case T_Q2_K: row_q2_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_Q3_K: row_q3_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_IQ4_XS: row_iq4_xs_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ2_XXS: row_iq_i8(vec_iq2_xxs, 66, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ2_XS: row_iq_i8(vec_iq2_xs, 74, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ2_S: row_iq_i8(vec_iq2_s, 82, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ3_XXS: row_iq_i8(vec_iq3_xxs, 98, 0.25f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ3_S: row_iq_i8(vec_iq3_s, 110, 1.0f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_XXS: row_iq_i8(vec_iq2_xxs, 66, 0, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_XS: row_iq_i8(vec_iq2_xs, 74, 0, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_S: row_iq_i8(vec_iq2_s, 82, 0, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ3_XXS: row_iq_i8(vec_iq3_xxs, 98, 1, 0.25f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ3_S: row_iq_i8(vec_iq3_s, 110, 2, 1.0f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ1_S: row_iq_i8(vec_iq1_s, 50, 3, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ1_M: row_iq_i8(vec_iq1_m, 56, 4, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
     default: break;
     }
 }
@@ -591,7 +702,8 @@ static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, in
         __m256 v[4];
         for (int k = 0; k < 4; k++) v[k] = load_half8(bf, w + 2 * (c + 8 * k));
         for (int t = 0; t < n; t++)
-            for (int k = 0; k < 4; k++) A[t][k] = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(X + t * ncols + c + 8 * k), A[t][k]);
+            for (int k = 0; k < 4; k++)
+                A[t][k] = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(X + t * ncols + c + 8 * k), A[t][k]);
     }
     for (int t = 0; t < n; t++) {
         const __m256 s = _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3]));

@@ -4,11 +4,12 @@ Model code calls `linear` and `gathered_linear`. Each has a `_ref` twin with the
 signature that dequantizes the weight a few rows at a time in torch and multiplies in
 float32. The fast path uses the C kernels (ops/kernels.c).
 
-By default, for the types the kernels cover with 8-bit activations (Q4_0, Q5_0, Q8_0, IQ4_NL,
-MXFP4, Q2_K .. Q6_K, IQ4_XS, IQ2_XXS/XS/S, IQ3_XXS/S), the activations are rounded to int8 per block and multiplied in integers, as
-llama.cpp does; the twin of that path is `linear_q8_ref`. `set_exact(True)` (or
-LEMONSLICE_EXACT=1) keeps float activations everywhere: a fused decode-and-dot for a few
-activation rows, and C dequantization of row chunks + BLAS for many.
+By default, for the types the kernels cover with 8-bit activations (Q4_0, Q5_0, Q8_0,
+IQ4_NL, MXFP4, Q2_K .. Q6_K, IQ4_XS, IQ2_XXS/XS/S, IQ3_XXS/S, IQ1_S/M), the activations are
+rounded to int8 per block and multiplied in integers, as llama.cpp does; the twin of that
+path is `linear_q8_ref`. `set_exact(True)` (or LEMONSLICE_EXACT=1) keeps float activations
+everywhere: a fused decode-and-dot for a few activation rows, and C dequantization of row
+chunks + BLAS for many. F16/BF16 weights are converted inside a C dot product.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ CHUNK_BYTES = 2 << 20
 Q8_BLOCK = {GGMLType.Q4_0: 32, GGMLType.Q5_0: 32, GGMLType.Q8_0: 32, GGMLType.IQ4_NL: 32, GGMLType.MXFP4: 32,
             GGMLType.Q2_K: 256, GGMLType.Q3_K: 256, GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256,
             GGMLType.IQ4_XS: 256, GGMLType.IQ2_XXS: 256, GGMLType.IQ2_XS: 256, GGMLType.IQ2_S: 256,
-            GGMLType.IQ3_XXS: 256, GGMLType.IQ3_S: 256}
+            GGMLType.IQ3_XXS: 256, GGMLType.IQ3_S: 256, GGMLType.IQ1_S: 256, GGMLType.IQ1_M: 256}
 # Float weights that the C kernels convert inside the dot product.
 HALF_TYPES = (GGMLType.F16, GGMLType.BF16)
 
