@@ -5,9 +5,9 @@
     python bench/kernels.py --exact              # float activations (LEMONSLICE_EXACT=1)
 
 Each type's weight is random floats through llama.cpp's own quantizer (an importance matrix of
-ones where llama.cpp needs one); F16/BF16 are the floats themselves. A run times `linear` on
-one row for about `--seconds` and keeps the mean; the table shows the best run's ms per product
-and GB/s of weight bytes read (the weight's bytes divided by that time).
+ones where llama.cpp needs one); F32/F16/BF16 are the floats themselves. A run times `linear` on
+one row for about `--seconds` and keeps the median call; the table shows the best run's ms per
+product and GB/s of weight bytes read (the weight's bytes divided by that time).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from lemonslice.gguf.constants import GGMLType
 from lemonslice.ops import QuantWeight, linear, set_exact
 
-TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "F16", "BF16", "Q2_K", "Q3_K", "MXFP4", "IQ4_NL", "IQ4_XS",
+TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "F32", "F16", "BF16", "Q2_K", "Q3_K", "MXFP4", "IQ4_NL", "IQ4_XS",
          "IQ3_S", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 N = 2048
 
@@ -29,7 +29,9 @@ N = 2048
 def weight(name: str, rows: np.ndarray) -> QuantWeight:
     """The rows as a `name` weight, written by llama.cpp's quantizer."""
     t = GGMLType[name]
-    if t == GGMLType.F16:
+    if t == GGMLType.F32:
+        raw = rows.view(np.uint8)
+    elif t == GGMLType.F16:
         raw = rows.astype(np.float16).view(np.uint8)
     elif t == GGMLType.BF16:
         raw = (rows.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
@@ -42,15 +44,15 @@ def weight(name: str, rows: np.ndarray) -> QuantWeight:
 
 
 def time_one(w: QuantWeight, x: torch.Tensor, seconds: float) -> float:
-    """Mean seconds per product over about `seconds` of calls."""
+    """Median seconds per product over about `seconds` of calls (the median, not the mean: on a
+    shared machine a preempted thread stalls a call by a whole time slice now and then)."""
     linear(x, w)
-    n, start = 0, time.perf_counter()
-    while True:
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
         linear(x, w)
-        n += 1
-        spent = time.perf_counter() - start
-        if spent >= seconds:
-            return spent / n
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def main() -> None:

@@ -414,6 +414,17 @@ static void row_q2_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
     hsum_acc(A, T, acc);
 }
 
+/* The 16 Q3_K scales (q3_k_scales' layout) as int16 lanes, built in registers. */
+static inline __m256i q3_k_scales16(const uint8_t *s) {
+    uint32_t top;
+    memcpy(&top, s + 8, 4);
+    const __m128i v = _mm_loadl_epi64((const __m128i *)s), low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+    const __m128i hi = _mm_and_si128(_mm_set_epi32((int)(top >> 6), (int)(top >> 4), (int)(top >> 2), (int)top),
+                                     _mm_set1_epi8(3));
+    return _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32)));
+}
+
 /* Q3_K: unsigned 3-bit codes c = low 2 bits + 4 * hmask bit (value d*sc*(c-4)), one signed
    scale per 16; the -4 comes off through the activations' sums per 16. */
 static void row_q3_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
@@ -423,9 +434,7 @@ static void row_q3_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * 110;
         const float d = f16_to_f32(rd16(b + 108));
-        int8_t sc[16];
-        q3_k_scales(b + 96, sc);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        const __m256i sc16 = q3_k_scales16(b + 96);
         __m256i q[8], scv[8];
         pair_scales(sc16, scv);
         const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
@@ -682,7 +691,7 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
 
 /* ---- F16 / BF16 rows times float32 activations ---- */
 
-#define HALF_ROWS 4 /* activation rows per pass over a weight row */
+#define HALF_ROWS 2 /* activation rows per pass over a weight row */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* 8 weights at p (F16, or BF16 when bf) as float32. */
@@ -691,21 +700,26 @@ static inline __m256 load_half8(int bf, const uint8_t *p) {
     return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
-/* One row of ncols half weights against n <= HALF_ROWS activation rows: each 32 weights are
-   converted once for all n rows, and each row's sum has the same order whatever n is. */
+/* One row of ncols half weights against n <= HALF_ROWS activation rows: each 64 weights are
+   converted once for all n rows, into 8 accumulators per row (8 FMA chains hide the FMA
+   latency); each row's sum has the same order whatever n is. */
 static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, int n, float *out) {
-    __m256 A[HALF_ROWS][4];
+    __m256 A[HALF_ROWS][8];
     for (int t = 0; t < n; t++)
-        for (int k = 0; k < 4; k++) A[t][k] = _mm256_setzero_ps();
+        for (int k = 0; k < 8; k++) A[t][k] = _mm256_setzero_ps();
     int64_t c = 0;
-    for (; c + 32 <= ncols; c += 32) {
-        __m256 v[4];
-        for (int k = 0; k < 4; k++) v[k] = load_half8(bf, w + 2 * (c + 8 * k));
+    for (; c + 64 <= ncols; c += 64) {
+        __m256 v[8];
+        for (int k = 0; k < 8; k++) v[k] = load_half8(bf, w + 2 * (c + 8 * k));
         for (int t = 0; t < n; t++)
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < 8; k++)
                 A[t][k] = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(X + t * ncols + c + 8 * k), A[t][k]);
     }
+    const int64_t c8 = c;
     for (int t = 0; t < n; t++) {
+        for (c = c8; c + 8 <= ncols; c += 8)  /* the rest, 8 at a time, then one by one */
+            A[t][0] = _mm256_fmadd_ps(load_half8(bf, w + 2 * c), _mm256_loadu_ps(X + t * ncols + c), A[t][0]);
+        for (int k = 0; k < 4; k++) A[t][k] = _mm256_add_ps(A[t][k], A[t][k + 4]);
         const __m256 s = _mm256_add_ps(_mm256_add_ps(A[t][0], A[t][1]), _mm256_add_ps(A[t][2], A[t][3]));
         out[t] = 0.f;
         hsum_acc(&s, 1, out + t);
