@@ -166,32 +166,6 @@ int ls_dequant(int type, const uint8_t *src, int64_t row_bytes, int64_t nrows, i
 
 /* ---- fused dot products: one weight row against T activation rows ---- */
 
-#define MAXT 16
-
-/* Decode a block into scratch, then accumulate products lane-wise; one horizontal sum per row. */
-static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, int bytes, const uint8_t *row, int64_t nb,
-                    const float *X, int64_t ldx, int T, float *acc) {
-    float w[256];
-    float A[MAXT][32];
-    memset(A, 0, sizeof(float) * 32 * (size_t)T);
-    for (int64_t i = 0; i < nb; i++) {
-        fn(row + i * bytes, w);
-        const int64_t c0 = i * block;
-        for (int t = 0; t < T; t++) {
-            const float *x = X + t * ldx + c0;
-            for (int s = 0; s < block; s += 32) {
-#pragma omp simd
-                for (int j = 0; j < 32; j++) A[t][j] += w[s + j] * x[s + j];
-            }
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        float s = 0.f;
-        for (int j = 0; j < 32; j++) s += A[t][j];
-        acc[t] += s;
-    }
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 /* A[t][0..3] += w[0..31] * x_t[0..31] for every activation row, w = scale * code - minus
    for the 32 int8 or uint8 codes in qb. */
@@ -362,7 +336,7 @@ int ls_qmatmul(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int
         case T_Q6_K: row_any(deq_q6_k, 256, 210, row, nb, X, ncols, (int)T, acc); break;
 #endif
         case T_Q5_K: row_any(deq_q5_k, 256, 176, row, nb, X, ncols, (int)T, acc); break;
-        default: row_any(fn, block, bytes, row, nb, X, ncols, (int)T, acc); break;
+        default: types_row_f32(type, row, nb, X, ncols, (int)T, acc); break;
         }
         for (int64_t t = 0; t < T; t++) Y[t * nrows + r] = acc[t];
     }

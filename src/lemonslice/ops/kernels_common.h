@@ -53,6 +53,32 @@ static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); re
 /* One block of bytes -> its float32 values. */
 typedef void (*deq_fn)(const uint8_t *, float *);
 
+#define MAXT 16
+
+/* Decode a block into scratch, then accumulate products lane-wise; one horizontal sum per row. */
+static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, int bytes, const uint8_t *row, int64_t nb,
+                    const float *X, int64_t ldx, int T, float *acc) {
+    float w[256];
+    float A[MAXT][32];
+    memset(A, 0, sizeof(float) * 32 * (size_t)T);
+    for (int64_t i = 0; i < nb; i++) {
+        fn(row + i * bytes, w);
+        const int64_t c0 = i * block;
+        for (int t = 0; t < T; t++) {
+            const float *x = X + t * ldx + c0;
+            for (int s = 0; s < block; s += 32) {
+#pragma omp simd
+                for (int j = 0; j < 32; j++) A[t][j] += w[s + j] * x[s + j];
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float s = 0.f;
+        for (int j = 0; j < 32; j++) s += A[t][j];
+        acc[t] += s;
+    }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define Q8_ROWS 8 /* activation rows per pass over a weight row (accumulators in registers) */
 
@@ -149,5 +175,6 @@ static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
 int types_info(int type, int *block, int *bytes, deq_fn *fn);
 int types_q8_block(int type);
 void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc);
+void types_row_f32(int type, const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc);
 
 #endif

@@ -347,6 +347,25 @@ int types_info(int type, int *block, int *bytes, deq_fn *fn) {
     return 0;
 }
 
+/* One row against T <= MAXT float activation rows: row_any with each decoder inlined. */
+void types_row_f32(int type, const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
+    switch (type) {
+    case T_Q2_K: row_any(deq_q2_k, 256, 84, row, nb, X, ldx, T, acc); break;
+    case T_Q3_K: row_any(deq_q3_k, 256, 110, row, nb, X, ldx, T, acc); break;
+    case T_IQ4_NL: row_any(deq_iq4_nl, 32, 18, row, nb, X, ldx, T, acc); break;
+    case T_IQ4_XS: row_any(deq_iq4_xs, 256, 136, row, nb, X, ldx, T, acc); break;
+    case T_MXFP4: row_any(deq_mxfp4, 32, 17, row, nb, X, ldx, T, acc); break;
+    case T_IQ2_XXS: row_any(deq_iq2_xxs, 256, 66, row, nb, X, ldx, T, acc); break;
+    case T_IQ2_XS: row_any(deq_iq2_xs, 256, 74, row, nb, X, ldx, T, acc); break;
+    case T_IQ2_S: row_any(deq_iq2_s, 256, 82, row, nb, X, ldx, T, acc); break;
+    case T_IQ3_XXS: row_any(deq_iq3_xxs, 256, 98, row, nb, X, ldx, T, acc); break;
+    case T_IQ3_S: row_any(deq_iq3_s, 256, 110, row, nb, X, ldx, T, acc); break;
+    case T_IQ1_S: row_any(deq_iq1_s, 256, 50, row, nb, X, ldx, T, acc); break;
+    case T_IQ1_M: row_any(deq_iq1_m, 256, 56, row, nb, X, ldx, T, acc); break;
+    default: break;
+    }
+}
+
 /* ---- 8-bit activations (the blocks of kernels.c: xq32 for IQ4_NL/MXFP4, xq256 else) ---- */
 #if defined(__AVX2__) && defined(__FMA__)
 
