@@ -56,8 +56,8 @@ typedef void (*deq_fn)(const uint8_t *, float *);
 #define MAXT 16
 
 /* Decode a block into scratch, then accumulate products lane-wise; one horizontal sum per row. */
-static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, int bytes, const uint8_t *row, int64_t nb,
-                    const float *X, int64_t ldx, int T, float *acc) {
+static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, int bytes, const uint8_t *row,
+                                                          int64_t nb, const float *X, int64_t ldx, int T, float *acc) {
     float w[256];
     float A[MAXT][32];
     memset(A, 0, sizeof(float) * 32 * (size_t)T);
