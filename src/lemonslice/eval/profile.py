@@ -186,7 +186,7 @@ def plot_profile(prof: Profile, path: Path, title: str) -> None:
 
     from ..slicing.atomic import staged_output
 
-    fig = Figure(figsize=(max(6.0, 0.35 * len(prof.rows) + 2), 5.5))
+    fig = Figure(figsize=(max(7.0, 0.35 * len(prof.rows) + 3.5), 5.5))
     labels = [r.part for r in prof.rows]
     colours = [_COLOURS.get((r.mixer, r.ffn), "#7f7f7f") for r in prof.rows]
     for ax, phase in zip(fig.subplots(2, 1, sharex=True), ("decode", "prefill")):
@@ -199,7 +199,7 @@ def plot_profile(prof: Profile, path: Path, title: str) -> None:
     roles = dict.fromkeys((r.mixer, r.ffn) for r in prof.rows)
     handles = [Patch(color=_COLOURS.get(k, "#7f7f7f"), label=" + ".join(x for x in k if x) or "shared")
                for k in roles]
-    fig.axes[0].legend(handles=handles, fontsize=7)
+    fig.axes[0].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with staged_output(path) as tmp:
