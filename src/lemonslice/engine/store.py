@@ -41,7 +41,7 @@ class WeightStore(ModelFiles):
 
     def __init__(self, path: str | os.PathLike[str], map_experts: bool = False):
         super().__init__(path)
-        check_runnable((info.name, info.ggml_type) for info, _ in self.tensors())  # before any weight is read
+        check_runnable(self.tensor_types())  # before any weight is read (and any layer file opened)
         # The default for `load`: map ffn_*_exps instead of reading them, so only the pages of
         # the experts the router picks become resident. Residency passes its own choice per load.
         self.map_experts = map_experts

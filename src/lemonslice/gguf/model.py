@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LemonsliceError
-from .constants import SHARED_FILE, Keys, Role, block_index, classify_block
+from .constants import SHARED_FILE, GGMLType, Keys, Role, block_index, classify_block
 from .manifest import Manifest, load_manifest
 from .reader import GGUFReader, KVEntry, TensorInfo, open_gguf
 
@@ -152,6 +152,15 @@ class ModelFiles:
             order = {n: i for i, n in enumerate(self.manifest.source.tensor_order)}
             out.sort(key=lambda tp: order.get(tp[0].name, len(order)))
         return out
+
+    def tensor_types(self) -> list[tuple[str, GGMLType]]:
+        """(name, ggml type) of every tensor; a split answers from its manifest, opening no file."""
+        if self.manifest is None:
+            return [(t.name, t.ggml_type) for t in self.reader(None).tensors]
+        try:
+            return [(t.name, GGMLType[t.type]) for f in self.manifest.files for t in f.tensors]
+        except KeyError as e:
+            raise LemonsliceError(f"{self.path}: manifest.json names an unknown tensor type {e}") from None
 
     def roles(self) -> dict[int, Role]:
         """Each block's role, from its tensor names (as `split` decides it)."""

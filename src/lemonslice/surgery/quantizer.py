@@ -13,12 +13,13 @@ llama-cpp-python is an optional dependency (the `edit` extra): it builds llama.c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -59,24 +60,37 @@ _handles: dict[str, Any] = {}
 
 
 def _llama() -> Any:
-    """The `llama_cpp` module, its backend initialised once, its log kept off stderr."""
+    """The `llama_cpp` module, its backend initialised once."""
     with _lock:
         if "llama" not in _handles:
             try:
                 import llama_cpp  # pip install 'lemonslice[edit]'
             except ImportError as e:
                 raise QuantizerError(f"llama.cpp's quantizer is needed here: {INSTALL_HINT} ({e})") from None
-            log: list[str] = []
-
-            @llama_cpp.llama_log_callback
-            def _keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-                log.append(text.decode("utf-8", "replace"))
-                del log[:-200]
-
-            llama_cpp.llama_log_set(_keep, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
-            _handles.update(llama=llama_cpp, log=log, log_cb=_keep)
+            _handles["llama"] = llama_cpp
         return _handles["llama"]
+
+
+@contextlib.contextmanager
+def _captured_log() -> Iterator[list[str]]:
+    """llama.cpp's log lines while the block runs, kept off stderr; the process's own callback
+    (a caller may have set one) is put back after."""
+    llama_cpp = _llama()
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+        del lines[:-200]
+
+    old_cb, old_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_data))
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(old_cb, old_data)
 
 
 def _ggml() -> ctypes.CDLL:
@@ -164,10 +178,9 @@ def quantize_file(
         arr[len(overrides)].pattern = None  # the list ends at a NULL pattern
         params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         keep.append(arr)
-    log: list[str] = _handles["log"]
-    start = len(log)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with _captured_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        said = " ".join(s.strip() for s in log[start:] if "error" in s.lower() or "failed" in s.lower())
+        said = " ".join(s.strip() for s in log if "error" in s.lower() or "failed" in s.lower())
         raise QuantizerError(f"llama.cpp's quantizer failed on {src} (rc {rc}){': ' + said if said else ''}")
     return Path(dst)
