@@ -3,7 +3,8 @@ bytes, for I/O and throughput benchmarks.
 
 Quantized tensors are tiles of one random block of bytes whose f16 scale fields are
 overwritten with small finite values, so every weight dequantizes to a finite number.
-F32 (and fallback F16) tensors get real values, drawn chunk by chunk. Memory use stays near
+F32 (and fallback F16) tensors get real values, drawn chunk by chunk. With `float_type`
+every weight matrix gets real F16 (or F32) values instead: a source for llama.cpp's quantizer. Memory use stays near
 `pool_bytes` plus one chunk whatever the file size.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 
-from ..gguf.constants import BLOCK_SIZES, FileType, GGMLType, Role, Tensors
+from ..gguf.constants import BLOCK_SIZES, FILE_TYPE_OF, FileType, GGMLType, Role, Tensors
 from ..gguf.writer import plan_file
 from .config import SyntheticConfig, qwen35_4b, qwen35moe_35b_a3b
 from .layout import SyntheticTensor, TensorSlot, fits_blocks, tensor_layout
@@ -67,6 +68,16 @@ def q4_k_m_tensors(config: SyntheticConfig) -> list[SyntheticTensor]:
     return out
 
 
+def float_tensors(config: SyntheticConfig, ggml_type: GGMLType) -> list[SyntheticTensor]:
+    """The layout of `config` with every weight matrix in `ggml_type` (F16 or F32) and the
+    router, ssm_conv1d and 1-D tensors in F32, as a converter's F16 output has them."""
+    out = []
+    for s in tensor_layout(config):
+        t = ggml_type if s.is_matrix and s.kind != "ffn_gate_inp" else T.F32
+        out.append(SyntheticTensor(s, t, t))
+    return out
+
+
 def large_config(n_layer: int = 8, **overrides: Any) -> SyntheticConfig:
     """`qwen35moe_35b_a3b` with n_expert_used capped at n_expert (for reduced expert counts)."""
     n_expert = overrides.get("n_expert", 256)
@@ -86,6 +97,7 @@ def write_large_random(
     router_skew: float = 0.0,
     centered: bool = False,
     dense: bool = False,
+    float_type: str | None = None,
     **overrides: Any,
 ) -> Path:
     """Write a Qwen3.5-35B-A3B-shaped GGUF of `n_layer` trunk layers and return its path.
@@ -97,7 +109,9 @@ def write_large_random(
     Without `centered`, Q4_K/Q5_K weights (dmin = d) all have a positive mean, so every token's
     residual stream points the same way and routing is the same for every token; `centered`
     sets dmin = d times the mean quant (`CENTERING`), making weights zero-mean.
-    `dense` writes the dense Qwen3.5-4B-like shapes (`qwen35_4b`) instead.
+    `dense` writes the dense Qwen3.5-4B-like shapes (`qwen35_4b`) instead. `float_type` ("F16"
+    or "F32") writes every weight matrix in that type with real values (`draw_values`: centred,
+    std ~0.5 / sqrt(fan_in)) instead of the Q4_K_M-like mix; about 2 GB a layer in F16.
     Deterministic for a given set of arguments.
     """
     path = Path(path)
@@ -105,8 +119,14 @@ def write_large_random(
         cfg = qwen35_4b(n_layer, n_vocab=n_vocab, mtp=mtp, seed=seed, **overrides)
     else:
         cfg = large_config(n_layer, n_vocab=n_vocab, n_expert=n_expert, mtp=mtp, seed=seed, **overrides)
-    specs = q4_k_m_tensors(cfg)
-    plan = plan_file(model_kv(cfg, FileType.MOSTLY_Q4_K_M), [(t.name, t.shape, t.ggml_type) for t in specs])
+    if float_type is None:
+        specs, ftype = q4_k_m_tensors(cfg), FileType.MOSTLY_Q4_K_M
+    else:
+        ft = T[float_type.upper()]
+        if ft not in (T.F16, T.F32):
+            raise ValueError(f"float_type must be F16 or F32, got {float_type!r}")
+        specs, ftype = float_tensors(cfg, ft), FILE_TYPE_OF[ft]
+    plan = plan_file(model_kv(cfg, ftype), [(t.name, t.shape, t.ggml_type) for t in specs])
     rng = np.random.default_rng([seed, 0x4C415247])
     n_words = max(int(pool_bytes), 1 << 16) // 8
     pool = rng.integers(0, 1 << 64, n_words, dtype=np.uint64, endpoint=False).view(np.uint8)

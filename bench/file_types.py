@@ -1,0 +1,368 @@
+"""Every file type the Qwen3.5 community ships, made by llama.cpp's own quantizer and raced:
+lemonslice against llama.cpp on the same file, same threads, side by side in one run.
+(Issue 24's `bench/types.py`: a file of that name in bench/ would shadow the standard library's
+`types` module for every script run from bench/.)
+
+    python bench/file_types.py                                   # 8 real-shape layers, vocab 248320
+    python bench/file_types.py --types Q2_K,IQ2_M --threads 4 --json types.json
+    python bench/file_types.py --layers 4 --vocab 16000 --experts 8 --threads 1 \\
+        --types Q8_0,Q2_K,IQ4_XS,MXFP4_MOE,IQ2_M,BF16      # the smoke test (about 7 minutes)
+
+The source is a real-shape qwen35moe (Qwen3.5-35B-A3B layers; default 8 of them, the real
+vocabulary, 256 experts) written by `lemonslice.testing.write_large_random(float_type="F16")`:
+every weight matrix in F16 with centred random values (std 0.5 / sqrt(fan_in)), the router,
+conv kernels and 1-D tensors in F32, as a converter's F16 output has them. It is built once
+under --workdir and re-used. Each file type in --types is then made from it by
+`llama_model_quantize` (llama-cpp-python's llama.cpp, the ftype's own per-tensor mix), and for
+that file, in one run:
+
+* lemonslice (bench/engine.py's worker, full load) and llama.cpp (its worker, mmap, run with
+  its extra (repacked) weight buffers off and on, the faster of the two kept for each rate):
+  prefill and decode tok/s on the same prompt, and the ratios lemonslice / llama.cpp;
+* teacher-forced top-1 agreement of lemonslice's fast path (8-bit activations) against its
+  exact path (float activations, `--exact`) over --agree-tokens token ids: one forward of the
+  ids in each mode, the argmax of the logits compared at every position (bar: >= 99%).
+
+The quantized file is deleted after its row (an 8-layer F16 source is about 16 GB).
+
+On these random-weight models the 8-bit activations of either engine move the logits by about
+6% of their norm (Q8_0 file, 4 layers) and the top two logits are close (vocabulary-many random
+draws), so top-1 agreement with the exact path is near 90% for llama.cpp as for lemonslice: the
+last column, llama.cpp's agreement with lemonslice's exact path, is that floor.
+
+Importance matrix. llama.cpp refuses to write IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M and IQ3_XXS
+tensors (and Q2_K ones in a Q2_K_S file) without one, so the IQ2_M and IQ2_XS files need one;
+llama-cpp-python ships no `llama-imatrix`. llama.cpp's C API takes one instead:
+`llama_model_quantize_params.imatrix`, a list of (tensor name, per-column weights) that
+`llama-quantize --imatrix` builds from its file. Each file type is first dry-run
+(`params.dry_run`) without one; only where llama.cpp answers that it will require one is the
+quantization given one: weights of 1 for every column of every matrix (n_per_row per expert).
+That is what `llama-imatrix` would estimate here: every matrix's input is RMS-normalised (norm
+weights 1 +- 0.05) or a product of such, and the random weights favour no column, so the mean
+squared activation per column is the same constant up to noise (the quantizers use only its
+relative size). Building `llama-imatrix` from the sdist (about 9 minutes on 2 cores) and
+running it on the F16 source would only add that noise. A file given the matrix uses
+llama.cpp's with-imatrix mix, as the community's files do (the smoke test's IQ2_M: IQ2_S 44% of
+its bytes, Q4_K 23%, Q5_K 22%). The table's "imx" column says which files had one.
+
+Duration. The quantizer, one thread on a loaded 2-core machine, seconds per GB of F16 source,
+measured on the smoke test's 0.62 GB source (4 layers, vocab 16000, 8 experts: its experts are a
+third of its bytes, the full model's 83%): Q8_0 5, MXFP4_MOE 7, Q2_K 23, IQ4_XS 100, IQ2_M 155
+(with its importance matrix). The full source is 15.5 GB: per file on
+one thread about 1.5 minutes for Q8_0, MXFP4_MOE and BF16, 6 for each K-quant mix, 26 for
+IQ4_XS, 35-45 for IQ3_S and IQ2_M; about 2.3 hours for the ten on one thread, and llama.cpp
+splits rows over --quant-threads (about 20 minutes on 8). Writing the source takes about 3
+minutes; each row's runs (loading a file of up to 15.5 GB three times, a 64-token prefill and 16
+decode tokens per engine, the 256-token agreement forwards) about 3 minutes on 2 threads, 30
+for the ten. So about 3 hours with --threads 2, about 1 hour with --threads 8. Needs 31 GB of
+disk (source + the BF16 file) and, for lemonslice's full load of the BF16 file, 32 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULT = "BENCH-RESULT "
+_keep_log_callback = None
+TYPES = ["MXFP4_MOE", "IQ4_XS", "IQ3_S", "IQ2_M", "Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16"]
+REQUIRES = "will require an imatrix"  # llama.cpp's dry-run warning
+
+
+# ---- workers (run in their own process; print one JSON line on stderr) ---------------------
+
+
+def _quantize_params(llama_cpp, ftype: int, threads: int, dry_run: bool):  # noqa: ANN001, ANN202
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.nthread, p.ftype, p.dry_run = threads, ftype, dry_run
+    return p
+
+
+def imatrix_of_ones(src: str):  # noqa: ANN201
+    """A `llama_model_imatrix_data` array (NULL-name terminated) with weight 1 for every column of
+    every matrix of `src`, n_per_row * n_expert values each, and the buffers it points into."""
+    import llama_cpp
+    import numpy as np
+
+    from lemonslice.gguf.reader import GGUFReader
+
+    with GGUFReader(src) as r:
+        shapes = {t.name: t.shape for t in r.tensor_map.values() if len(t.shape) >= 2}
+    arr = (llama_cpp.llama_model_imatrix_data * (len(shapes) + 1))()
+    keep = []
+    for i, (name, shape) in enumerate(shapes.items()):
+        ones = np.ones(shape[0] * (shape[2] if len(shape) > 2 else 1), np.float32)
+        keep += [name.encode(), ones]
+        arr[i].name, arr[i].size = keep[-2], ones.size
+        arr[i].data = ones.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    arr[len(shapes)].name = None
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (arr, keep)
+
+
+def worker_quantize(src: str, dst: str, ftype_name: str, threads: int) -> dict:
+    """`llama_model_quantize(src, dst)` to the ftype; an importance matrix of ones only where a
+    dry run without one says llama.cpp requires it."""
+    import llama_cpp
+
+    from lemonslice.surgery.quantizer import ftype_code
+
+    log: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        log.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    ftype = ftype_code(ftype_name)
+    dry = _quantize_params(llama_cpp, ftype, threads, dry_run=True)
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(dry)) != 0:
+        raise SystemExit(f"llama.cpp's dry run of {ftype_name} failed: {''.join(log)[-2000:]}")
+    needs = REQUIRES in "".join(log)
+    params = _quantize_params(llama_cpp, ftype, threads, dry_run=False)
+    if needs:
+        params.imatrix, _keep = imatrix_of_ones(src)
+    t0 = time.perf_counter()
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"llama.cpp could not quantize to {ftype_name}: {''.join(log)[-2000:]}")
+    return {"quant_s": time.perf_counter() - t0, "imatrix": needs}
+
+
+def llama_logits(model: str, ids: list[int], threads: int):  # noqa: ANN201
+    """llama.cpp's logits [T, V] at every position of `ids`, one batch (F32 KV cache, no flash
+    attention, no repacked buffers, as bench/engine.py's comparison runs it)."""
+    import llama_cpp
+    import numpy as np
+
+    @llama_cpp.llama_log_callback
+    def quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        pass
+
+    global _keep_log_callback
+    _keep_log_callback = quiet  # llama.cpp may log until the process exits
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers, mp.use_extra_bufts, mp.load_mtp = 0, False, False
+    m = llama_cpp.llama_model_load_from_file(model.encode(), mp)
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = len(ids)
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32
+    cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(m, cp) if m else None
+    if not ctx:
+        raise SystemExit(f"llama.cpp could not load {model}")
+    batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+    batch.n_tokens = len(ids)
+    for i, t in enumerate(ids):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, True
+        batch.seq_id[i][0] = 0
+    if llama_cpp.llama_decode(ctx, batch) != 0:
+        raise SystemExit("llama_decode failed")
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))
+    out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(ids), n_vocab)).copy()
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(m)
+    return out
+
+
+def worker_agreement(model: str, ids: list[int], threads: int) -> dict:
+    """Teacher forcing of `ids`: at how many positions the argmax of lemonslice's fast path (and,
+    as the floor any 8-bit-activation engine reaches on this file, llama.cpp's) equals that of
+    lemonslice's exact path."""
+    import torch
+
+    from lemonslice.engine import Engine, runtime
+
+    engine = Engine(model)
+    top1 = {}
+    for exact in (False, True):
+        runtime.setup(threads=threads, exact=exact)
+        top1[exact] = engine.logits(ids).argmax(-1)
+    engine.close()
+    top1["llama"] = torch.from_numpy(llama_logits(model, ids, threads)).argmax(-1)
+    return {"agree": int((top1[False] == top1[True]).sum()), "llama_agree": int((top1["llama"] == top1[True]).sum()),
+            "n": len(ids)}
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def source(args: argparse.Namespace) -> Path:
+    """The F16 source file, written once under --workdir."""
+    from lemonslice.testing import write_large_random
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = args.workdir / f"qwen35moe-a3b-L{args.layers}-V{args.vocab}-X{args.experts}-F16.gguf"
+    if not path.exists():
+        print(f"writing {path} ({args.layers} real-shape layers, vocab {args.vocab}, F16)…", flush=True)
+        tmp = path.with_suffix(".tmp")
+        write_large_random(tmp, n_layer=args.layers, n_vocab=args.vocab, n_expert=args.experts, float_type="F16")
+        os.replace(tmp, path)
+    return path
+
+
+def run_self(worker: str, args: argparse.Namespace, extra: list[str]) -> dict | None:
+    """This script as a worker; its JSON result, or None (and its error printed) if it failed."""
+    from lemonslice.testing.measure import measure
+
+    m = measure([sys.executable, str(Path(__file__).resolve()), "--worker", worker, *extra])
+    lines = [ln for ln in m.stderr.splitlines() if ln.startswith(RESULT)]
+    if m.returncode != 0 or not lines:
+        print(f"  ({worker} failed with exit {m.returncode}: {m.stderr.strip()[-1500:]})", flush=True)
+        return None
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def file_types(path: Path) -> str:
+    """The file's ggml types by share of its bytes, e.g. 'IQ2_S 71%, IQ3_S 12%, Q6_K 9%'."""
+    from lemonslice.gguf.reader import GGUFReader
+
+    share: dict[str, int] = {}
+    with GGUFReader(path) as r:
+        for t in r.tensor_map.values():
+            share[t.ggml_type.name] = share.get(t.ggml_type.name, 0) + t.n_bytes
+    total = sum(share.values())
+    top = sorted(share.items(), key=lambda kv: -kv[1])[:3]
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in top)
+
+
+def race(model: Path, args: argparse.Namespace, prompt: list[int]) -> dict:
+    """bench/engine.py's workers on `model`: lemonslice full load and llama.cpp without and with
+    its repacked buffers; tok/s of each, the faster llama.cpp per rate."""
+    import engine as bench_engine  # bench/engine.py
+
+    out: dict = {}
+    for key, kind, extra in (("lemonslice", "lemonslice", []), ("llama", "llama", []),
+                             ("llama_repacked", "llama", ["--extra-bufts"])):
+        r = bench_engine.run_worker(kind, model, args, prompt, None, extra, fatal=False)
+        if r is not None:
+            out[key] = {"prefill_tps": r["prefill_tokens"] / r["prefill_s"], "decode_tps": r["decode_tokens"] / r["decode_s"],
+                        "peak_rss": r["peak_rss"], "ids": r["ids"]}
+    llamas = [out[k] for k in ("llama", "llama_repacked") if k in out]
+    if llamas:
+        out["llama_best"] = {rate: max(r[rate] for r in llamas) for rate in ("prefill_tps", "decode_tps")}
+    return out
+
+
+def row(src: Path, ftype: str, args: argparse.Namespace, prompt: list[int], ids: list[int]) -> dict:
+    """Quantize `src` to `ftype`, race the file, measure agreement, delete the file."""
+    dst = args.workdir / f"{src.stem.removesuffix('-F16')}-{ftype}.gguf"
+    r: dict = {"type": ftype}
+    q = run_self("quantize", args, ["--model", str(src), "--out", str(dst), "--ftype", ftype,
+                                    "--threads", str(args.quant_threads)])
+    try:
+        if q is None:
+            return {**r, "error": "quantization failed"}
+        size = dst.stat().st_size
+        r.update(q, gb=size / 1e9, quant_s_per_src_gb=q["quant_s"] / (src.stat().st_size / 1e9),
+                 tensor_types=file_types(dst))
+        r.update(race(dst, args, prompt))
+        a = run_self("agreement", args, ["--model", str(dst), "--threads", str(args.threads),
+                                         "--prompt-ids", ",".join(map(str, ids))])
+        if a is not None:
+            r["top1"], r["llama_top1"] = a["agree"] / a["n"], a["llama_agree"] / a["n"]
+        if "lemonslice" in r and "llama_best" in r:
+            r["prefill_ratio"] = r["lemonslice"]["prefill_tps"] / r["llama_best"]["prefill_tps"]
+            r["decode_ratio"] = r["lemonslice"]["decode_tps"] / r["llama_best"]["decode_tps"]
+        return r
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+HEAD = ("| file type | GB | main tensor types | quantize s | imx | lemonslice prefill | llama.cpp prefill | ratio "
+        "| lemonslice decode | llama.cpp decode | ratio | top-1 fast/exact | top-1 llama.cpp/exact |")
+
+
+def table_line(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['type']} | {r.get('error')} |" + " |" * 11
+
+    def tps(key: str, rate: str) -> str:
+        return f"{r[key][rate]:.2f}" if key in r else "failed"
+
+    def ratio(key: str) -> str:
+        return f"{r[key]:.2f}x" if key in r else "-"
+
+    top1 = f"{r['top1']:.1%} | {r['llama_top1']:.1%}" if "top1" in r else "failed | failed"
+    return (f"| {r['type']} | {r['gb']:.2f} | {r['tensor_types']} | {r['quant_s']:.0f} | {'yes' if r['imatrix'] else 'no'} "
+            f"| {tps('lemonslice', 'prefill_tps')} | {tps('llama_best', 'prefill_tps')} | {ratio('prefill_ratio')} "
+            f"| {tps('lemonslice', 'decode_tps')} | {tps('llama_best', 'decode_tps')} | {ratio('decode_ratio')} | {top1} |")
+
+
+def parse_args() -> argparse.Namespace:
+    import engine as bench_engine  # bench/engine.py
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lemonslice-bench-types"))
+    ap.add_argument("--layers", type=int, default=8, help="trunk layers (~2 GB each in F16; >= 4 for llama.cpp)")
+    ap.add_argument("--vocab", type=int, default=248320)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--types", default=",".join(TYPES), help=f"llama.cpp file types, comma-separated ({','.join(TYPES)})")
+    ap.add_argument("--threads", type=int, default=2, help="of both engines")
+    ap.add_argument("--quant-threads", type=int, default=None, help="of the quantizer (default: --threads)")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens P")
+    ap.add_argument("-n", type=int, default=16, help="decode tokens N")
+    ap.add_argument("--agree-tokens", type=int, default=256, help="teacher-forced tokens of the top-1 agreement")
+    ap.add_argument("--seed", type=int, default=0, help="of the token ids")
+    ap.add_argument("--json", type=Path, default=None, help="write the rows here")
+    ap.add_argument("--worker", choices=["quantize", "agreement"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--ftype", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.quant_threads = args.quant_threads or args.threads
+    args.types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+    from lemonslice.surgery.quantizer import ftype_code
+
+    for t in args.types:
+        ftype_code(t)  # an unknown name fails here, before the source is written
+    assert bench_engine.RESULT == RESULT
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker == "quantize":
+        r = worker_quantize(args.model, args.out, args.ftype, args.threads)
+    elif args.worker == "agreement":
+        r = worker_agreement(args.model, [int(t) for t in args.prompt_ids.split(",")], args.threads)
+    if args.worker:
+        print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
+        return
+    if args.layers < 4:
+        # Layer i is full attention when (i + 1) % 4 == 0; llama.cpp aborts without one (bench/engine.py).
+        sys.exit("llama.cpp needs a full-attention layer: use --layers >= 4")
+    src = source(args)
+    rng = random.Random(args.seed)
+    # Ids from 1000 up: ordinary tokens of the synthetic vocabulary.
+    prompt = [rng.randrange(1000, args.vocab - 3) for _ in range(args.prompt)]
+    ids = [rng.randrange(1000, args.vocab - 3) for _ in range(args.agree_tokens)]
+    print(f"source: {src} ({src.stat().st_size / 1e9:.2f} GB); {os.cpu_count()} CPUs, {args.threads} threads "
+          f"(quantizer {args.quant_threads}), prompt {args.prompt}, decode {args.n}, agreement over {len(ids)} tokens",
+          flush=True)
+    rows = []
+    for ftype in args.types:
+        t0 = time.perf_counter()
+        rows.append(row(src, ftype, args, prompt, ids))
+        print(f"{ftype}: done in {time.perf_counter() - t0:.0f} s: {table_line(rows[-1])}", flush=True)
+    print("\n" + HEAD + "\n" + re.sub(r"[^|]+", "---", HEAD) + "\n" + "\n".join(map(table_line, rows)))
+    if args.json:
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker",)}
+        args.json.write_text(json.dumps({"args": meta, "cpus": os.cpu_count(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
