@@ -237,6 +237,32 @@ def test_pull_into_a_new_directory_and_back_to_the_old_version(versions, tmp_pat
     assert not (fresh / "layer_0010.gguf").exists() and not (fresh / "layer_0011.gguf").exists()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_pull_writes_direct_where_it_can_and_buffered_where_not(versions, tmp_path, monkeypatch, direct):
+    """Parts are written with O_DIRECT where the file system takes it, else through the page
+    cache (no O_DIRECT here: as on a file system that refuses it); files whose sizes are not
+    whole pages end in a buffered tail either way. Both give the new version, verified."""
+    from lemonslice.slicing import pull as pull_mod
+
+    old, new = versions
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT")
+    opened: list[bool] = []
+    real_open = pull_mod._open_direct
+
+    def spy(path):  # noqa: ANN001, ANN202
+        fd = real_open(path)
+        opened.append(pull_mod._direct(fd))
+        return fd
+
+    monkeypatch.setattr(pull_mod, "_open_direct", spy)
+    assert any((new / n).stat().st_size % 4096 for n in CHANGED)
+    with layer_server(new) as url:
+        pull_mod.pull([url], tmp_path / "dst")
+    assert opened and set(opened) == {direct}
+    assert_pulled(tmp_path / "dst", new)
+
+
 # A serve-layers process that also appends every count to a file as it makes it, so what it
 # handed out is known after a SIGKILL (its /stats dies with it).
 _LOGGED_SERVER = """
