@@ -341,7 +341,7 @@ def test_failure_while_writing_leaves_nothing(models, src_split, target, tmp_pat
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(write_mod, "_write_json", boom)  # the last step of both forms
+    monkeypatch.setattr(write_mod, "write_json", boom)  # the last step of both forms
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(OSError, match="No space"):

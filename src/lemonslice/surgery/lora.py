@@ -46,6 +46,7 @@ from ..slicing.split import split_gguf
 from ..slicing.verify import sha256_file, stamp_written
 from .plan import format_layers
 from .quantizer import quantize_rows, requires_imatrix
+from .write import share_file, write_json
 
 Progress = Callable[[int, int], None]
 LORA_FORMAT = "lemonslice-lora-merge-v1"
@@ -424,13 +425,6 @@ def _record(files: ModelFiles, plan: MergePlan, adapter: Path, scale: float, sou
     }
 
 
-def _write_json(path: Path, d: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(d, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _copy_file(src: Path, dst: Path) -> int:
     """A new file at `dst` with `src`'s bytes; returns its descriptor, open for writing."""
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -465,18 +459,16 @@ def _write_single(files: ModelFiles, plan: MergePlan, src: Path, out: Path, forc
             _patch(files, plan, list(plan.parts), tmp, fd, tick)
         finally:
             os.close(fd)
-        _write_json(tmp_json, record)
+        write_json(tmp_json, record)
         return os.path.getsize(tmp)
 
 
 def _share(src: Path, dst: Path) -> bool:
-    """`dst` as a hard link to `src` (True), else a copy (False)."""
-    try:
-        os.link(src, dst)
+    """`dst` shares `src`'s data (a hard link or reflink: True), else is a copy of it (False)."""
+    if share_file(src, dst):
         return True
-    except OSError:
-        os.close(_copy_file(src, dst))
-        return False
+    os.close(_copy_file(src, dst))
+    return False
 
 
 def _write_split(files: ModelFiles, plan: MergePlan, split_dir: Path, out: Path, force: bool,
@@ -509,7 +501,7 @@ def _write_split(files: ModelFiles, plan: MergePlan, split_dir: Path, out: Path,
         doc["source"]["sha256"] = split_source_sha256(tmp, m, lambda done, _total: tick(base + done - tick.done))
         doc["source"]["name"] = f"{out.name}.gguf"  # the file `merge` now rebuilds
         doc["lora"] = [*(doc.get("lora") or []), record]
-        _write_json(tmp / MANIFEST_NAME, doc)
+        write_json(tmp / MANIFEST_NAME, doc)
         stamp_written(tmp, load_manifest(tmp))
         written += (tmp / MANIFEST_NAME).stat().st_size
     return written, linked

@@ -40,7 +40,7 @@ from ..slicing.verify import stamp_written
 from .plan import SourceModel
 from .quantizer import TensorOverride, quantize_file
 from .requant_plan import REQUANT_FORMAT, RequantPlan, glob_regex, load_requant_plan
-from .write import _write_json
+from .write import share_file, write_json
 
 __all__ = ["RequantResult", "requant", "SIDECAR"]
 
@@ -261,7 +261,7 @@ def _write_single(base: SourceModel, picks: list[_Pick], out: Path, force: bool,
     with staged_file(out, force, (base.path,)) as tmp, staged_file(sidecar, force, (base.path,)) as tmp_json:
         with bar.stage(f"write {out.name}", sum(k.n_bytes for k in picks)) as cb:
             size = _write_gguf(base, picks, tmp, cb)
-        _write_json(tmp_json, record)
+        write_json(tmp_json, record)
     return [], size
 
 
@@ -282,7 +282,7 @@ def _write_split(base: SourceModel, picks: list[_Pick], out: Path, force: bool, 
     written = 0
     with staged_dir(out, force, (base.path,)) as tmp:
         for f in m.files:
-            if src_hash.get(f.name) == f.sha256 and _hardlink(base.path / f.name, tmp / f.name):
+            if src_hash.get(f.name) == f.sha256 and share_file(base.path / f.name, tmp / f.name):
                 linked.append(f.name)
                 continue
             os.rename(parts / f.name, tmp / f.name)
@@ -292,14 +292,7 @@ def _write_split(base: SourceModel, picks: list[_Pick], out: Path, force: bool, 
         d["requant"] = record
         for row in record["layers"]:
             row["linked"] = LAYER_FILE.format(index=row["layer"]) in linked
-        _write_json(tmp / MANIFEST_NAME, d)
+        write_json(tmp / MANIFEST_NAME, d)
         stamp_written(tmp, load_manifest(tmp))
     return linked, written
 
-
-def _hardlink(src: Path, dst: Path) -> bool:
-    try:
-        os.link(src, dst)
-        return True
-    except OSError:
-        return False

@@ -365,12 +365,13 @@ def _write_single(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tupl
             for fd in fds.values():
                 os.close(fd)
         record = _record(plan, lay, None)
-        _write_json(tmp_json, record)
+        write_json(tmp_json, record)
     return SurgeryResult(out, False, len(lay.entries), len(lay.blocks), lay.report, lay.recurrent_layers, record,
                          [], fp.size, lay.layout_key)
 
 
-def _write_json(path: Path, d: dict[str, Any]) -> None:
+def write_json(path: Path, d: Any) -> None:
+    """`d` as indented JSON at `path`, fsynced (a manifest or a provenance record)."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(d, indent=1) + "\n")
         f.flush()
@@ -424,7 +425,7 @@ def _same_bytes(f: _OutFile, model: SourceModel) -> Path | None:
     return src if head == f.plan.padded_header() else None
 
 
-def _link(src: Path, dst: Path) -> bool:
+def share_file(src: Path, dst: Path) -> bool:
     """Share `src` as `dst`: a hard link, else a reflink (copy-on-write clone); False if neither works."""
     try:
         os.link(src, dst)
@@ -477,7 +478,7 @@ def _write_split(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tuple
         try:
             for f, (_, _, _, _, model) in zip(files, groups):
                 same = _same_bytes(f, model)
-                if same is not None and _link(same, tmp / f.name):
+                if same is not None and share_file(same, tmp / f.name):
                     f.linked = True
                     f.sha256 = model.file_sha256(same) or ""
                     linked.append(f.name)
@@ -546,7 +547,7 @@ def _write_split(plan: Plan, lay: _Layout, out: Path, force: bool, inputs: tuple
         record = _record(plan, lay, file_of)
         d = dataclasses.asdict(manifest)
         d["surgery"] = record
-        _write_json(tmp / MANIFEST_NAME, d)
+        write_json(tmp / MANIFEST_NAME, d)
     written = sum(f.plan.size for f in files if not f.linked)
     return SurgeryResult(out, True, len(lay.entries), len(lay.blocks), lay.report, lay.recurrent_layers, record,
                          linked, written, lay.layout_key)
