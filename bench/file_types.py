@@ -75,65 +75,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULT = "BENCH-RESULT "
 _keep_log_callback = None
 TYPES = ["MXFP4_MOE", "IQ4_XS", "IQ3_S", "IQ2_M", "Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16"]
-REQUIRES = "will require an imatrix"  # llama.cpp's dry-run warning
 
 
 # ---- workers (run in their own process; print one JSON line on stderr) ---------------------
 
 
-def _quantize_params(llama_cpp, ftype: int, threads: int, dry_run: bool):  # noqa: ANN001, ANN202
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.nthread, p.ftype, p.dry_run = threads, ftype, dry_run
-    return p
-
-
-def imatrix_of_ones(src: str):  # noqa: ANN201
-    """A `llama_model_imatrix_data` array (NULL-name terminated) with weight 1 for every column of
-    every matrix of `src`, n_per_row * n_expert values each, and the buffers it points into."""
-    import llama_cpp
+def imatrix_of_ones(src: str) -> dict:
+    """Weight 1 for every column of every matrix of `src`: n_per_row * n_expert values each."""
     import numpy as np
 
     from lemonslice.gguf.reader import GGUFReader
 
     with GGUFReader(src) as r:
         shapes = {t.name: t.shape for t in r.tensor_map.values() if len(t.shape) >= 2}
-    arr = (llama_cpp.llama_model_imatrix_data * (len(shapes) + 1))()
-    keep = []
-    for i, (name, shape) in enumerate(shapes.items()):
-        ones = np.ones(shape[0] * (shape[2] if len(shape) > 2 else 1), np.float32)
-        keep += [name.encode(), ones]
-        arr[i].name, arr[i].size = keep[-2], ones.size
-        arr[i].data = ones.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    arr[len(shapes)].name = None
-    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (arr, keep)
+    return {name: np.ones(shape[0] * (shape[2] if len(shape) > 2 else 1), np.float32)
+            for name, shape in shapes.items()}
 
 
 def worker_quantize(src: str, dst: str, ftype_name: str, threads: int) -> dict:
     """`llama_model_quantize(src, dst)` to the ftype; an importance matrix of ones only where a
     dry run without one says llama.cpp requires it."""
-    import llama_cpp
+    from lemonslice.surgery.quantizer import needs_imatrix, quantize_file
 
-    from lemonslice.surgery.quantizer import ftype_code
-
-    log: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        log.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    ftype = ftype_code(ftype_name)
-    dry = _quantize_params(llama_cpp, ftype, threads, dry_run=True)
-    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(dry)) != 0:
-        raise SystemExit(f"llama.cpp's dry run of {ftype_name} failed: {''.join(log)[-2000:]}")
-    needs = REQUIRES in "".join(log)
-    params = _quantize_params(llama_cpp, ftype, threads, dry_run=False)
-    if needs:
-        params.imatrix, _keep = imatrix_of_ones(src)
+    needs = needs_imatrix(src, ftype_name, n_threads=threads)
+    imatrix = imatrix_of_ones(src) if needs else None
     t0 = time.perf_counter()
-    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"llama.cpp could not quantize to {ftype_name}: {''.join(log)[-2000:]}")
+    quantize_file(src, dst, ftype_name, n_threads=threads, imatrix=imatrix)
     return {"quant_s": time.perf_counter() - t0, "imatrix": needs}
 
 

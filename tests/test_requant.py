@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli_util import one_line_error
@@ -276,3 +277,21 @@ def test_gemma_loads_in_llama_and_lemonslice(gemma, gemma_path):
     figure(f"Gemma 3 270M requantized, {len(prompts)}x{N_NEW} greedy ids: lemonslice vs llama.cpp, both on the "
            f"file itself: {agreement(ours, ref)} equal")
     assert ours == ref
+
+
+def test_importance_matrix_reaches_llama_cpp(qwen, tmp_path):
+    """llama.cpp's dry run says IQ2_XXS needs an importance matrix and Q8_0 does not; with one
+    (weights of 1 for every column) `quantize_file` writes IQ2_XXS tensors, which a refused
+    quantize without it does not."""
+    from lemonslice.surgery.quantizer import QuantizerError, needs_imatrix, quantize_file
+
+    src = qwen["src"]
+    assert needs_imatrix(src, "IQ2_XXS") and not needs_imatrix(src, "Q8_0")
+    with open_gguf(src) as r:
+        ones = {t.name: np.ones(t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1), np.float32)
+                for t in r.tensors if len(t.shape) >= 2}
+    out = quantize_file(src, tmp_path / "iq2.gguf", "IQ2_XXS", imatrix=ones)
+    types = {t for t, _ in tensor_bytes(out).values()}
+    assert "IQ2_XXS" in types
+    with pytest.raises(QuantizerError):
+        quantize_file(src, tmp_path / "no-imatrix.gguf", "IQ2_XXS")

@@ -19,7 +19,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -27,8 +27,8 @@ from ..errors import LemonsliceError
 from ..gguf.constants import GGMLType as Q
 
 __all__ = [
-    "FTYPES", "INSTALL_HINT", "QuantizerError", "TensorOverride", "ftype_code", "quantize_file", "quantize_rows",
-    "requires_imatrix",
+    "FTYPES", "INSTALL_HINT", "QuantizerError", "TensorOverride", "ftype_code", "needs_imatrix", "quantize_file",
+    "quantize_rows", "requires_imatrix",
 ]
 
 INSTALL_HINT = "pip install 'lemonslice[edit]'"
@@ -154,20 +154,22 @@ def quantize_file(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str | int, *,
     overrides: Sequence[TensorOverride] = (), pure: bool = False, allow_requantize: bool = False,
     output_type: int | None = None, embedding_type: int | None = None, n_threads: int = 0,
+    imatrix: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """`llama_model_quantize(src, dst)` with the ftype's mix (or one type with `pure`) and overrides."""
+    """`llama_model_quantize(src, dst)` with the ftype's mix (or one type with `pure`) and overrides;
+    `imatrix`: per-column importance weights by tensor name ([n_per_row] floats, times n_expert
+    for expert tensors), as `llama-quantize --imatrix` hands them over."""
     llama_cpp = _llama()
-    code = ftype_code(ftype) if isinstance(ftype, str) else int(ftype)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = n_threads or (os.cpu_count() or 1)
-    params.ftype = code
+    params = _params(ftype, n_threads)
+    keep: list[Any] = []
+    if imatrix:
+        params.imatrix = _imatrix_array(imatrix, keep)
     params.allow_requantize = allow_requantize
     params.pure = pure
     if output_type is not None:
         params.output_tensor_type = int(output_type)
     if embedding_type is not None:
         params.token_embedding_type = int(embedding_type)
-    keep: list[Any] = []
     if overrides:
         arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
         for i, o in enumerate(overrides):
@@ -184,3 +186,38 @@ def quantize_file(
         said = " ".join(s.strip() for s in log if "error" in s.lower() or "failed" in s.lower())
         raise QuantizerError(f"llama.cpp's quantizer failed on {src} (rc {rc}){': ' + said if said else ''}")
     return Path(dst)
+
+
+def needs_imatrix(src: str | os.PathLike[str], ftype: str | int, n_threads: int = 0) -> bool:
+    """Whether llama.cpp says the ftype's mix, on this model, requires an importance matrix (a dry
+    run: nothing is written)."""
+    llama_cpp = _llama()
+    params = _params(ftype, n_threads)
+    params.dry_run = True
+    with _captured_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise QuantizerError(f"llama.cpp's dry run of {ftype} on {src} failed (rc {rc})")
+    return any("will require an imatrix" in line for line in log)
+
+
+def _params(ftype: str | int, n_threads: int) -> Any:
+    llama_cpp = _llama()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = n_threads or (os.cpu_count() or 1)
+    params.ftype = ftype_code(ftype) if isinstance(ftype, str) else int(ftype)
+    return params
+
+
+def _imatrix_array(imatrix: Mapping[str, np.ndarray], keep: list[Any]) -> Any:
+    """A NULL-name-terminated `llama_model_imatrix_data` array; `keep` holds what it points into."""
+    llama_cpp = _llama()
+    arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for i, (name, values) in enumerate(imatrix.items()):
+        v = np.ascontiguousarray(values, dtype=np.float32)
+        keep += [name.encode(), v]
+        arr[i].name, arr[i].size = keep[-2], v.size
+        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    arr[len(imatrix)].name = None
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
