@@ -229,7 +229,7 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int) -> dict:
         return rc
 
     llama_cpp.llama_decode = timed_decode
-    r = engine.worker_llama(model, prompt, n, threads)
+    r = engine.worker_llama(model, prompt, n, threads, False)  # no repacked buffers (their AMX path crashes here)
     r["prefill_read_bytes"] = steps[0][1]
     r["decode_read_bytes"] = sum(read for _, read in steps[1:])
     return r
