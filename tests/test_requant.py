@@ -25,6 +25,7 @@ from cli_util import one_line_error
 from lemonslice.engine import Engine
 from lemonslice.errors import LemonsliceError
 from lemonslice.gguf.constants import block_index
+from lemonslice.gguf.constants import GGMLType
 from lemonslice.gguf.reader import open_gguf
 from lemonslice.ops import set_exact
 from lemonslice.slicing import merge_split, split_gguf
@@ -295,3 +296,31 @@ def test_importance_matrix_reaches_llama_cpp(qwen, tmp_path):
     assert "IQ2_XXS" in types
     with pytest.raises(QuantizerError):
         quantize_file(src, tmp_path / "no-imatrix.gguf", "IQ2_XXS")
+
+
+def test_a_signal_while_llama_cpp_runs_takes_effect_when_it_returns():
+    """SIGTERM during a quantize is noted, not run inside llama.cpp's log callback (where ctypes
+    would swallow the exception and the quantize carry on), and the process's handler runs once
+    llama.cpp has returned: here as the exception it raises."""
+    import signal
+
+    from lemonslice.surgery import quantizer
+
+    class Stop(Exception):
+        pass
+
+    def on_term(signum, frame):  # noqa: ANN001
+        raise Stop
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    reached = []
+    try:
+        with pytest.raises(Stop):
+            with quantizer._captured_log():
+                os.kill(os.getpid(), signal.SIGTERM)
+                quantizer.quantize_rows(np.ones((1, 32), np.float32), GGMLType.Q8_0)
+                reached.append(True)
+        assert reached == [True]
+        assert signal.getsignal(signal.SIGTERM) is on_term
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,9 @@ def _llama() -> Any:
 @contextlib.contextmanager
 def _captured_log() -> Iterator[list[str]]:
     """llama.cpp's log lines while the block runs, kept off stderr; the process's own callback
-    (a caller may have set one) is put back after."""
+    (a caller may have set one) is put back after. Ctrl-C and SIGTERM take effect when the block
+    ends: Python would run their handlers inside the log callback, where ctypes swallows the
+    exception and llama.cpp carries on."""
     llama_cpp = _llama()
     lines: list[str] = []
 
@@ -88,9 +91,28 @@ def _captured_log() -> Iterator[list[str]]:
     llama_cpp.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_data))
     llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     try:
-        yield lines
+        with _signals_noted() as noted:
+            yield lines
     finally:
         llama_cpp.llama_log_set(old_cb, old_data)
+    if noted:
+        signal.raise_signal(noted[0])  # now the process's own handler runs, outside llama.cpp
+
+
+@contextlib.contextmanager
+def _signals_noted() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM only noted while the block runs (signal handlers can be set in the
+    main thread only; elsewhere they are left as they are)."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    old = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _ggml() -> ctypes.CDLL:
