@@ -11,7 +11,7 @@ import sys
 
 from ..errors import LemonsliceError
 from ..gguf.errors import GGUFError
-from . import bench, chat, format, lora, mtp, peers, requant, run, serve, ship, surgery, sweep, text  # noqa: F401  (registers commands)
+from . import bench, chat, format, lora, mtp, peers, plan, requant, run, serve, ship, surgery, sweep, text  # noqa: F401  (registers commands)
 from ._app import app, err
 
 def _on_term(signum, frame):  # noqa: ANN001

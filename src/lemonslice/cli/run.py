@@ -277,6 +277,11 @@ def run(
     else:
         engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify,
                                    exact=exact, kv_types=(cache_type_k, cache_type_v))
+        if ctx_size is not None:
+            from ..text.generate import context_limit
+
+            # The KV cache for the whole context is claimed now, so a -c that does not fit fails at once.
+            engine.reserve_context(context_limit(engine, ctx_size))
     if expert_stats is not None:
         expert_cache_of(engine)  # no cache, no statistics: say so before generating
     speculator = None

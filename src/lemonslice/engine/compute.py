@@ -63,11 +63,16 @@ class Compute:
         self.prefill_chunk = prefill_chunk
         # Off unless a profiler sets it: each part then pays one `is None` test.
         self.probe: Probe | None = None
+        # Positions every new state's attention caches claim at once (0: they grow as needed).
+        self.reserve = 0
 
     def new_state(self) -> SequenceState:
         """A fresh state for the current playlist (made from hyper-parameters: no weight is read);
         positions outside the residency's range hold no cache."""
-        return SequenceState.new(self.residency.family, self.residency.cache_specs(), self.residency.positions)
+        state = SequenceState.new(self.residency.family, self.residency.cache_specs(), self.residency.positions)
+        if self.reserve:
+            state.reserve(self.reserve, self.prefill_chunk)
+        return state
 
     @torch.inference_mode()
     def forward(self, states: Sequence[SequenceState], inputs: Sequence[Input], *, start: int | None = None,

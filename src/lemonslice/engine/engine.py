@@ -145,6 +145,12 @@ class Engine:
         """A fresh sequence state for the current playlist; it shares this engine's weights."""
         return self.compute.new_state()
 
+    def reserve_context(self, n_positions: int) -> None:
+        """From now on every new sequence claims its attention caches for `n_positions` at once;
+        the default sequence starts afresh with that room."""
+        self.compute.reserve = n_positions
+        self.reset()
+
     def reset(self) -> None:
         """Forget the default sequence: fresh state for every playlist position."""
         self.state = self.new_state()

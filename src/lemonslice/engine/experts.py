@@ -81,7 +81,7 @@ def _span(start: int, n: int) -> tuple[int, int, int]:
     return a0, start - a0, a1 - a0
 
 
-class _Files:
+class DirectFiles:
     """Descriptors per file: O_DIRECT where the filesystem allows it, else buffered."""
 
     def __init__(self) -> None:
@@ -117,7 +117,7 @@ class ExpertReader:
 
     def __init__(self, threads: int = 4):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lemonslice-read")
-        self._files = _Files()
+        self._files = DirectFiles()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._busy_since = 0.0
@@ -196,6 +196,9 @@ class _Arena:
         self.cached = 0
         self._buf = mmap.mmap(-1, size * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._data = torch.frombuffer(self._buf, dtype=torch.uint8)
+        # Touched now: the cache's memory is taken at the start (a budget that cannot hold it
+        # fails at once, not tokens later) and the process's peak is what the plan said.
+        self._data.zero_()
         self._view = memoryview(self._buf)
         self.free = [self._slot(i) for i in reversed(range(n))]
 

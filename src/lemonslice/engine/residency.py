@@ -432,7 +432,9 @@ class Residency:
         if isinstance(self.plan, Budget):
             return self._build_budgeted(e)
         store, layer = self.source(e)
-        block = self.family.Block(self.args_of(e), layer, store.load_layer(layer, map_experts=self.plan.streaming))
+        # A block read to stay resident: its page cache would be charged to a cgroup a second time.
+        weights = store.load_layer(layer, map_experts=self.plan.streaming, drop_page_cache=not self.plan.streaming)
+        block = self.family.Block(self.args_of(e), layer, weights)
         ffn = getattr(block, "ffn", None)
         if self.plan.streaming and hasattr(ffn, "observe"):
             # Mapped experts are read when touched: count each routed expert once per call.
@@ -458,7 +460,8 @@ class Residency:
         """Embedding, final norm and LM head: read on first use (what this range uses), then resident."""
         if self._shared is None:
             read, mapped = self._shared_names(self.plan)
-            weights = self.store.load_shared(mapped, drop_page_cache=isinstance(self.plan, Budget))
+            weights = self.store.load_shared(mapped, drop_page_cache=isinstance(self.plan, Budget)
+                                             or not self.plan.streaming)
             self.shared_bytes = sum(self.store.info(n).n_bytes for n in read)
             self._shared = self.family.Shared(self.args, weights)
         return self._shared

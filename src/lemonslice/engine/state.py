@@ -59,6 +59,13 @@ class SequenceState:
         a, b = positions if positions is not None else (0, len(specs))
         return cls([family.new_cache(args, layer) if a <= i < b else Unused() for i, (args, layer) in enumerate(specs)])
 
+    def reserve(self, n_positions: int, chunk: int) -> None:
+        """Claim the attention caches' memory for a context of `n_positions` now (recurrent state
+        has a fixed size already)."""
+        for c in self.caches:
+            if isinstance(c, AttentionCache):
+                c.reserve(n_positions, chunk)
+
     @property
     def n_past(self) -> int:
         """Positions the state holds (a stage that ran only some playlist positions: the most of any)."""

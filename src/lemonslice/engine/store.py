@@ -10,6 +10,7 @@ still alive (`resident_bytes`, `peak_resident_bytes`) and every byte it read (`b
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import warnings
 import weakref
@@ -25,8 +26,12 @@ from ..gguf.model import Metadata, ModelFiles
 from ..models import Family, family
 from ..models.protocol import Args
 from ..ops import QuantWeight, check_runnable, dequantize
+from .experts import DirectFiles
 
 Weight = Union[QuantWeight, torch.Tensor]
+# Bytes per read call when a read's copy is to stay resident; O_DIRECT needs this alignment.
+_DROP_STEP = 32 << 20
+_ALIGN = 4096
 
 __all__ = ["Metadata", "Weight", "WeightStore"]
 
@@ -48,6 +53,11 @@ class WeightStore(ModelFiles):
         self._resident = 0
         self._peak = 0
         self._read_total = 0
+        self._direct = DirectFiles()  # O_DIRECT descriptors for reads whose copy stays resident
+
+    def close(self) -> None:
+        self._direct.close()
+        super().close()
 
     @functools.cached_property
     def family(self) -> Family:
@@ -87,21 +97,54 @@ class WeightStore(ModelFiles):
         """n bytes at absolute offset `start` of tensor `name`'s file, into a fresh buffer the
         store keeps count of."""
         path, fd = self.file_of(name), self.fd_of(name)
-        buf = np.empty(n, dtype=np.uint8)
-        view = memoryview(buf)
-        done = 0
-        while done < n:
-            got = os.preadv(fd, [view[done:]], start + done)
-            if got <= 0:
-                raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
-            done += got
-        if drop:
-            # The copy is what stays resident; under a memory cgroup the page cache's would count too.
-            os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
+        buf = self._read_direct(str(path), start, n) if drop else None
+        if buf is None:
+            buf = self._read_buffered(path, fd, start, n, drop)
         self._resident += n
         self._read_total += n
         self._peak = max(self._peak, self._resident)
         weakref.finalize(buf, self._released, n)
+        return buf
+
+    def _read_direct(self, path: str, start: int, n: int) -> np.ndarray | None:
+        """n bytes at `start` read with O_DIRECT (no page cache at all: under a memory cgroup a
+        resident copy is then charged once); None where the file system refuses it."""
+        fd, direct = self._direct.get(path)
+        if not direct:
+            return None
+        a = start - start % _ALIGN
+        size = -(-(start + n - a) // _ALIGN) * _ALIGN
+        raw = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned
+        view = memoryview(raw)
+        done = 0
+        try:
+            while done < start + n - a:
+                got = os.preadv(fd, [view[done : done + min(size - done, _DROP_STEP)]], a + done)
+                if got <= 0:
+                    raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
+                done += got
+        except OSError:
+            self._direct.buffered(path)
+            return None
+        finally:
+            view.release()
+        return np.frombuffer(raw, dtype=np.uint8, count=n, offset=start - a)
+
+    @staticmethod
+    def _read_buffered(path: Path, fd: int, start: int, n: int, drop: bool) -> np.ndarray:
+        buf = np.empty(n, dtype=np.uint8)
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            # With `drop`, a piece at a time: the copy is what stays resident, and under a memory
+            # cgroup the page cache of a whole 400 MB head would be charged on top of it.
+            step = min(n - done, _DROP_STEP) if drop else n - done
+            got = os.preadv(fd, [view[done : done + step]], start + done)
+            if got <= 0:
+                raise LemonsliceError(f"{path}: file ended while reading {n} bytes at {start}")
+            if drop:
+                os.posix_fadvise(fd, start + done, got, os.POSIX_FADV_DONTNEED)
+            done += got
         return buf
 
     def _map(self, path: Path, start: int, n: int) -> torch.Tensor:
@@ -138,11 +181,12 @@ class WeightStore(ModelFiles):
         info = self.info(name)
         return QuantWeight(self._map(self.file_of(name), info.data_start, info.n_bytes), info.ggml_type, info.shape)
 
-    def load_layer(self, layer: int, map_experts: bool | None = None) -> dict[str, Weight]:
+    def load_layer(self, layer: int, map_experts: bool | None = None,
+                   drop_page_cache: bool = False) -> dict[str, Weight]:
         names = self.tensor_names(layer)
         if not names:
             raise LemonsliceError(f"{self.path}: no block {layer}")
-        return {n: self.load(n, map_experts) for n in names}
+        return {n: self.load(n, map_experts, drop_page_cache) for n in names}
 
     def expert_range(self, name: str, expert: int) -> tuple[int, int]:
         """(absolute file offset, length) of expert `expert`'s bytes in a 3-D expert tensor."""

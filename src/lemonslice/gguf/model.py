@@ -39,6 +39,11 @@ class Metadata(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def count(self, key: str) -> int | None:
+        """The length of an array value without decoding it (None: absent or not an array)."""
+        e = self._entries.get(key)
+        return e.count if e is not None else None
+
     @property
     def entries(self) -> list[KVEntry]:
         """The raw KV records, in file order (lemonslice's own keys left out)."""

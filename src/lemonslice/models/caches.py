@@ -125,6 +125,18 @@ class AttentionCache:
         self.length += T
         return KVRows(self.k[:end], self.v[:end], self.start, self.types, self.n_head_kv, self.head_dim)
 
+    def reserve(self, n_positions: int, chunk: int) -> None:
+        """Claim (and touch) room for a context of `n_positions` now, as llama.cpp clears its KV
+        buffer at load: memory is taken at the start, not part-way through a reply. A sliding-
+        window layer needs its window plus one chunk of `chunk` positions."""
+        cap = min(n_positions, self.window + chunk) if self.window else n_positions
+        if cap <= self.k.shape[0]:
+            return
+        used = self.rows
+        fresh = lambda t, name: torch.cat((t[:used], kv.empty_rows(name, cap - used, self.n_head_kv,  # noqa: E731
+                                                                    self.head_dim).zero_()))
+        self.k, self.v = fresh(self.k, self.types[0]), fresh(self.v, self.types[1])
+
     def copy(self) -> "AttentionCache":
         return AttentionCache(self.k[: self.rows].clone(), self.v[: self.rows].clone(), self.n_head_kv,
                               self.head_dim, self.types, self.window, self.length, self.start, self._mark)
