@@ -21,10 +21,9 @@ from .facts import LayerFacts, ModelFacts
 # the 8-layer test model (706 KB) and generating 8 tokens peaks at 129 MB. llama-server, a
 # C++ program without Python, starts smaller.
 BASE = 129_000_000
-# Vocabulary in llama.cpp's memory: each token's text twice (the header's array and the id ->
-# token table, std::string plus heap) and a hash-map node, ~160 B; each BPE merge as a pair of
-# std::string in an ordered map node and in the header's array, ~150 B.
-PER_TOKEN = 160
+# Vocabulary in llama.cpp's memory beyond the mapped file, per token and per BPE merge: set from
+# bench/plan.py's runs (Gemma's 262,144 tokens and the test models' 248,320 came to 0-200 B each).
+PER_TOKEN = 100
 PER_MERGE = 150
 N_UBATCH = 512  # llama-server's default micro-batch
 KV_PAD = 256  # KV cells are allocated in multiples of this
@@ -70,9 +69,13 @@ def layer_kv(facts: ModelFacts, layer: LayerFacts, n_ctx: int, n_seq: int, types
     return int(kv_cells(layer, n_ctx, n_seq) * per_cell)
 
 
-def compute_buffer(facts: ModelFacts) -> int:
-    """The compute buffer as llama.cpp sizes it: logits of a whole micro-batch plus its activations."""
-    return 4 * N_UBATCH * (facts.n_vocab + 4 * facts.n_embd)
+def compute_buffer(facts: ModelFacts, n_ctx: int) -> int:
+    """The compute buffer as llama.cpp sizes it: a micro-batch's activations and logits, and its
+    attention mask over the context (f16, flash attention), which shares the logits' memory
+    unless it is the larger (llama.cpp's graph allocator; within 10% on the test models)."""
+    logits = 4 * N_UBATCH * facts.n_vocab
+    mask = 2 * N_UBATCH * _pad(n_ctx, KV_PAD) if any(x.kind != "recurrent" for x in facts.layers) else 0
+    return 4 * N_UBATCH * 4 * facts.n_embd + (logits if logits >= mask else mask + logits)
 
 
 def _touched_compute(facts: ModelFacts) -> int:
@@ -98,24 +101,24 @@ class _Offload:
     def on_gpu(self, facts: ModelFacts, i: int) -> bool:
         return i >= len(facts.layers) - self.n_gpu
 
-    def gpu_bytes(self, facts: ModelFacts, per_layer_cache: list[int]) -> int:
+    def gpu_bytes(self, facts: ModelFacts, per_layer_cache: list[int], n_ctx: int) -> int:
         head = sum(n for name, n in facts.shared.items() if name.startswith("output")) if self.output else 0
         return head + sum(x.dense_bytes + (x.expert_bytes if i >= self.cpu_moe else 0) + per_layer_cache[i]
-                          for i, x in enumerate(facts.layers) if self.on_gpu(facts, i)) + compute_buffer(facts)
+                          for i, x in enumerate(facts.layers) if self.on_gpu(facts, i)) + compute_buffer(facts, n_ctx)
 
 
-def _choose_offload(facts: ModelFacts, caches: list[int], room: int) -> _Offload | None:
+def _choose_offload(facts: ModelFacts, caches: list[int], room: int, n_ctx: int) -> _Offload | None:
     """The most bytes on the GPUs within `room`: for MoE every block with the fewest --n-cpu-moe,
     else (or when even that does not fit) the most blocks by -ngl."""
     n = len(facts.layers)
     if facts.is_moe:
         for cpu_moe in range(n + 1):
             o = _Offload(n, cpu_moe, True)
-            if o.gpu_bytes(facts, caches) <= room:
+            if o.gpu_bytes(facts, caches, n_ctx) <= room:
                 return o
     for k in range(n, 0, -1):
         o = _Offload(k, 0, k == n)
-        if o.gpu_bytes(facts, caches) <= room:
+        if o.gpu_bytes(facts, caches, n_ctx) <= room:
             return o
     return None
 
@@ -131,9 +134,9 @@ def plan_llama(facts: ModelFacts, ram: int | None, vram: list[int], ctx: int, pa
     offload = None
     if vram:
         room = sum(v - GPU_OVERHEAD - v // MARGIN_FRACTION for v in vram)
-        offload = _choose_offload(facts, caches, room)
+        offload = _choose_offload(facts, caches, room, n_ctx)
         if offload is None:
-            least = _Offload(1, 0, False).gpu_bytes(facts, caches) + GPU_OVERHEAD
+            least = _Offload(1, 0, False).gpu_bytes(facts, caches, n_ctx) + GPU_OVERHEAD
             raise LemonsliceError(f"a VRAM budget of {' + '.join(human(v) for v in vram)} cannot hold one block "
                                   f"with llama.cpp's compute buffer: that needs {human(least)} on a device")
     k, v = kv_types
@@ -144,11 +147,11 @@ def plan_llama(facts: ModelFacts, ram: int | None, vram: list[int], ctx: int, pa
     if len(vram) > 1:
         argv += ["-ts", ",".join(str(max(1, (x - GPU_OVERHEAD) >> 20)) for x in vram)]
     on_gpu = [offload is not None and offload.on_gpu(facts, i) for i in range(len(facts.layers))]
-    gpu_weights = 0 if offload is None else offload.gpu_bytes(facts, [0] * len(caches)) - compute_buffer(facts)
+    gpu_weights = 0 if offload is None else offload.gpu_bytes(facts, [0] * len(caches), n_ctx) - compute_buffer(facts, n_ctx)
     cpu = _cpu(facts, ram, n_ctx, facts.tensor_bytes - gpu_weights,
                sum(x for x, g in zip(kvs, on_gpu) if not g), sum(x for x, g in zip(rss, on_gpu) if not g),
                parallel, offload is not None)
-    gpus = _gpus(facts, vram, gpu_weights, sum(x for x, g in zip(caches, on_gpu) if g)) if offload else []
+    gpus = _gpus(facts, vram, gpu_weights, sum(x for x, g in zip(caches, on_gpu) if g), n_ctx) if offload else []
     notes = []
     if ram is not None and cpu.peak >= ram - ram // MARGIN_FRACTION:
         notes.append("the mapped weights do not all fit in RAM: llama.cpp reads the rest from disk for every "
@@ -159,7 +162,7 @@ def plan_llama(facts: ModelFacts, ram: int | None, vram: list[int], ctx: int, pa
 def _cpu(facts: ModelFacts, ram: int | None, n_ctx: int, weights: int, kv: int, rs: int, parallel: int,
          gpu: bool) -> Device:
     buffers = {"model (mapped)": weights, "KV": kv, "RS": rs, "output": 4 * facts.n_vocab * parallel,
-               "compute": 4 * N_UBATCH * facts.n_embd * 4 if gpu else compute_buffer(facts)}
+               "compute": 4 * N_UBATCH * facts.n_embd * 4 if gpu else compute_buffer(facts, n_ctx)}
     held = (BASE + PER_TOKEN * facts.n_vocab + PER_MERGE * facts.n_merges + kv + rs + buffers["output"]
             + min(buffers["compute"], _touched_compute(facts)))
     if ram is not None and held > ram - ram // MARGIN_FRACTION:
@@ -171,7 +174,7 @@ def _cpu(facts: ModelFacts, ram: int | None, n_ctx: int, weights: int, kv: int, 
     return Device("CPU", buffers, peak if ram is None else min(peak, ram), ram)
 
 
-def _gpus(facts: ModelFacts, vram: list[int], weights: int, caches: int) -> list[Device]:
+def _gpus(facts: ModelFacts, vram: list[int], weights: int, caches: int, n_ctx: int) -> list[Device]:
     """Per device: its share of the offloaded blocks by -ts (its VRAM less the overhead), the
     compute buffer on the first."""
     shares = [max(0, v - GPU_OVERHEAD) for v in vram]
@@ -179,6 +182,6 @@ def _gpus(facts: ModelFacts, vram: list[int], weights: int, caches: int) -> list
     for d, (v, s) in enumerate(zip(vram, shares)):
         f = s / sum(shares)
         buffers = {"model": int(weights * f), "KV + RS": int(caches * f),
-                   "compute": compute_buffer(facts) if d == 0 else 0, "CUDA context (estimate)": GPU_OVERHEAD}
+                   "compute": compute_buffer(facts, n_ctx) if d == 0 else 0, "CUDA context (estimate)": GPU_OVERHEAD}
         out.append(Device(f"CUDA{d}", buffers, sum(buffers.values()), v))
     return out

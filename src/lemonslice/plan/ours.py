@@ -104,17 +104,18 @@ def plan_lemonslice(store: WeightStore, facts: ModelFacts, ram: int | None, ctx:
         budget = None if ram is None else ram - ram // MARGIN_FRACTION - sum(fixed.values())
         return OurPlan("full", ctx, parallel, kv_types, {**fixed, "weights": weights}, budget)
     budget = ram - ram // MARGIN_FRACTION - sum(fixed.values())
-    need = sum(fixed.values()) + ram // MARGIN_FRACTION
     try:
         if budget <= 0:
             raise LemonsliceError("")
         tp = budget_plan(store, budget)
     except LemonsliceError:
         least = budget_plan(store, 1 << 62).minimum
+        # The smallest RAM whose budget (less its slack and the fixed parts) holds `least`.
+        need = -(-(sum(fixed.values()) + least) * MARGIN_FRACTION // (MARGIN_FRACTION - 1))
         raise LemonsliceError(
             f"a RAM budget of {human(ram)} cannot run this model at {ctx} tokens: lemonslice needs at least "
-            f"{human(need + least)} ({human(need)} for the process, caches and slack, {human(least)} for one "
-            f"layer's weights and the shared ones); {human(need + least - ram)} short") from None
+            f"{human(need)} ({human(sum(fixed.values()))} for the process and caches, {human(least)} for one "
+            f"layer's weights and the shared ones, 5% slack); {human(need - ram)} short") from None
     parts = {**fixed, "shared weights": tp.shared_bytes, "resident layer weights": tp.resident_bytes,
              "expert cache": tp.expert_cache, "streaming scratch": tp.scratch}
     return OurPlan("budget", ctx, parallel, kv_types, parts, budget, tp)
