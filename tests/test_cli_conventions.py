@@ -143,8 +143,14 @@ def test_chat_takes_the_same_sampling_names(tiny):
 def test_mistyped_option_gets_the_closest_real_one(tiny):
     r = cli("run", tiny, "-p", "hi", "--temperatur", "0.7")
     assert r.returncode == 2 and "No such option: --temperatur. Did you mean --temperature?" in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: No such option: --temperatur. Did you mean --temperature? (see 'lemonslice run -h')"]
     r = cli("run", tiny, "-p", "hi", "--tmp", "0.7")
     assert r.returncode == 2 and "Did you mean --temp?" in r.stderr
+    for args in (("run",), ("run", tiny, "-n", "abc"), ("frobnicate",)):
+        r = cli(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stdout == "", (args, r.stderr)
 
 
 def test_sweep_output_option_and_its_old_spelling(tiny, tmp_path):

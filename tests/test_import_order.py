@@ -1,6 +1,6 @@
 """Packages import only downwards: an AST scan of every module in src/lemonslice.
 
-Order, bottom to top: gguf, ops, models, engine, then slicing / convert / text / surgery
+Order, bottom to top: gguf, ops, models, engine, then slicing / convert / text / surgery / plan
 (one level), eval, server and pipeline, cli. Top-level modules (errors.py, paths.py) sit below everything and
 import no package; `testing` (test support) and `__main__` (the entry point) sit above
 everything, and no library package may import them. Imports inside functions count too.
@@ -16,7 +16,8 @@ import lemonslice
 
 SRC = Path(lemonslice.__file__).parent
 LEVELS = {
-    "gguf": 0, "ops": 1, "models": 2, "engine": 3, "slicing": 4, "convert": 4, "text": 4, "surgery": 4, "eval": 5,
+    "gguf": 0, "ops": 1, "models": 2, "engine": 3, "slicing": 4, "convert": 4, "text": 4, "surgery": 4, "plan": 4,
+    "eval": 5,
     "server": 5, "pipeline": 5,
     "cli": 6, "testing": 7, "__main__": 7,
 }

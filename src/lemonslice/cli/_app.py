@@ -9,8 +9,10 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Iterator
 
+import click
 import typer
 import typer.main
+import typer.rich_utils
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperCommand, TyperGroup
@@ -46,6 +48,7 @@ _EXAMPLES = {
     "pull": "lemonslice pull http://peer-a:8090 http://peer-b:8090 model-split/",
     "requant": "lemonslice requant model-f16.gguf mixed.gguf --plan 'shared=Q8_0; 0-9=Q4_K_M; 10-29=Q3_K_M'",
     "profile": "lemonslice profile model-split/ --tokens 32 --prompt 512 --json prof.json --png prof.png",
+    "plan": "lemonslice plan Qwen3.5-35B-A3B-Q4_K_M.gguf --ram 16GiB --vram 8GiB -c 32768",
     "bench": "lemonslice bench model.gguf --llama --depths 512,2048,8192 --turns 5 --png bench",
 }
 # Typer's own type labels, shown as upper-case metavariables like the arguments'.
@@ -150,6 +153,20 @@ app = new_app(no_args_is_help=True, help="Run and reshape GGUF models one layer 
 out = Console(soft_wrap=True, markup=False)
 err = Console(stderr=True, soft_wrap=True, markup=False)
 log = logging.getLogger("lemonslice")
+
+
+def _usage_error(e: click.ClickException) -> None:
+    """A usage error (unknown option, bad value, missing argument) as one line, like every other
+    error of the CLI, instead of typer's usage and boxed panel; the exit status stays click's 2."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # the help was printed already
+        return
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+    err.print(f"error: {e.format_message()}{hint}", highlight=False)
+
+
+# typer prints click's usage errors through this function when rich is installed.
+typer.rich_utils.rich_format_error = _usage_error
 
 
 def _human(n: int) -> str:

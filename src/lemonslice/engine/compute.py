@@ -112,7 +112,8 @@ class Compute:
             lengths = [p.shape[0] for p in parts]
             y = self._blocks(self._embed(parts), [states[i] for i in active], lengths, start, stop)
             for i, (s, e) in zip(active, spans(lengths)):
-                outs[i].append(y[s:e])
+                # Only the last row is wanted: a long prompt's earlier rows ([T, E] each) are not kept.
+                outs[i] = [y[s:e]] if logits == "last" else outs[i] + [y[s:e]]
         hidden = [o[0] if len(o) == 1 else torch.cat(o) for o in outs]
         if logits is None:
             return hidden

@@ -70,14 +70,18 @@ def kv_bytes(facts: ModelFacts, ctx: int, types: tuple[str, str], chunk: int = P
 
 
 def activations(facts: ModelFacts, ctx: int, chunk: int = PREFILL_CHUNK) -> int:
-    """Float32 scratch of one prefill chunk: the residual stream and its norms, the widest FFN's
-    gate, up and product, the attention's projections, a layer's keys and values decoded to
-    float32 for the whole context, and two rows of logits."""
+    """Scratch of one prefill chunk at a full context: the residual stream and its norms, the
+    widest FFN's gate, up and product (and a MoE's inputs copied per routed expert), the
+    attention's projections, a layer's keys and values decoded to float32 for the whole context
+    with the chunk's mask over it (bool, and float inside SDPA), and two rows of logits."""
     rows = min(chunk, ctx)
-    per_row = facts.n_embd * 8 + facts.n_ff * 3 + facts.n_head * _head_dim(facts) * 4
-    kv_float = max((min(ctx, x.window + chunk) if x.window else ctx) * x.n_head_kv * x.head_dim * 2
-                   for x in facts.layers if x.kind != "recurrent") if _has_attention(facts) else 0
-    return 4 * (rows * per_row + kv_float + 2 * facts.n_vocab)
+    per_row = (facts.n_embd * (8 + facts.n_expert_used) + facts.n_ff * 3
+               + facts.n_head * _head_dim(facts) * 4)
+    seen = [min(ctx, x.window + chunk) if x.window else ctx for x in facts.layers if x.kind != "recurrent"]
+    kv_float = max((s * x.n_head_kv * x.head_dim * 2 * 4 for s, x in
+                    zip(seen, [x for x in facts.layers if x.kind != "recurrent"])), default=0)
+    mask = rows * max(seen, default=0) * 5
+    return 4 * (rows * per_row + 2 * facts.n_vocab) + kv_float + mask
 
 
 def _head_dim(facts: ModelFacts) -> int:
