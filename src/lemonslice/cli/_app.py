@@ -9,7 +9,6 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Iterator
 
-import click
 import typer
 import typer.main
 import typer.rich_utils
@@ -155,9 +154,10 @@ err = Console(stderr=True, soft_wrap=True, markup=False)
 log = logging.getLogger("lemonslice")
 
 
-def _usage_error(e: click.ClickException) -> None:
-    """A usage error (unknown option, bad value, missing argument) as one line, like every other
-    error of the CLI, instead of typer's usage and boxed panel; the exit status stays click's 2."""
+def _usage_error(e: Exception) -> None:
+    """A usage error (a click.ClickException: unknown option, bad value, missing argument) as one
+    line, like every other error of the CLI, instead of typer's usage and boxed panel; the exit
+    status stays click's 2."""
     if type(e).__name__ == "NoArgsIsHelpError":  # the help was printed already
         return
     ctx = getattr(e, "ctx", None)
