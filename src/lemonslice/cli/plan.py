@@ -80,7 +80,7 @@ def _document(model: Path, facts: Any, ctx: int, parallel: int, cache_type: str,
                            "cache_type": cache_type, "weights": facts.tensor_bytes, "lemonslice": {},
                            "llama_cpp": {}}
     if ours is not None:
-        tp, flags = ours.tensors, ours.flags(str(model))
+        tp, flags = ours.tensors, ours.flags()
         doc["lemonslice"] = {
             "mode": ours.mode, "peak": ours.peak, "parts": ours.parts,
             "resident_tensors": None if tp is None else len(tp.resident),

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from ..errors import LemonsliceError
 from ..models import AttentionCache, Family
+from ..models.caches import held_rows
 from ..models.protocol import Args, LayerCache
 from ..ops import kv
 
@@ -102,15 +103,15 @@ class SequenceState:
                 c.commit()
 
 
-def kv_cache_bytes(family: Family, args: Args, n_positions: int, types: tuple[str, str]) -> int:
+def kv_cache_bytes(family: Family, args: Args, n_positions: int, types: tuple[str, str], chunk: int = 0) -> int:
     """Bytes the attention caches of one sequence of `n_positions` hold with these key and value
-    types: every position for a global layer, its window for a sliding-window one (a windowed
-    cache may hold up to about twice that plus a prefill chunk between clean-ups); recurrent
+    types: every position for a global layer, its window plus `chunk` for a sliding-window one
+    (`held_rows`; a reserved cache has room for a prefill chunk beyond the window); recurrent
     state is apart."""
     total = 0
     for layer in range(args.n_layer):
         c = family.new_cache(args, layer)
         if isinstance(c, AttentionCache):
-            n = min(n_positions, c.window) if c.window else n_positions
-            total += n * sum(kv.bytes_per_position(t, c.n_head_kv, c.head_dim) for t in types)
+            rows = held_rows(n_positions, c.window, chunk)
+            total += rows * sum(kv.bytes_per_position(t, c.n_head_kv, c.head_dim) for t in types)
     return total

@@ -35,6 +35,13 @@ def spans(lengths: Sequence[int]) -> list[tuple[int, int]]:
 _kv_types: list[str] = [kv.DEFAULT_KV_TYPE, kv.DEFAULT_KV_TYPE]
 
 
+def held_rows(n_positions: int, window: int, chunk: int) -> int:
+    """Rows an attention cache holds for a context of `n_positions`: all of them for a global
+    layer; for a sliding-window one its window plus `chunk`, the positions a prefill chunk adds
+    before the window's clean-up."""
+    return min(n_positions, window + chunk) if window else n_positions
+
+
 def set_kv_types(k_type: str, v_type: str) -> None:
     """Storage types of the keys and values of attention caches made from now on (ops.kv)."""
     _kv_types[:] = [kv.check_kv_type(k_type), kv.check_kv_type(v_type)]
@@ -129,7 +136,7 @@ class AttentionCache:
         """Claim (and touch) room for a context of `n_positions` now, as llama.cpp clears its KV
         buffer at load: memory is taken at the start, not part-way through a reply. A sliding-
         window layer needs its window plus one chunk of `chunk` positions."""
-        cap = min(n_positions, self.window + chunk) if self.window else n_positions
+        cap = held_rows(n_positions, self.window, chunk)
         if cap <= self.k.shape[0]:
             return
         used = self.rows

@@ -101,26 +101,24 @@ class _Offload:
     def on_gpu(self, facts: ModelFacts, i: int) -> bool:
         return i >= len(facts.layers) - self.n_gpu
 
-    def gpu_bytes(self, facts: ModelFacts, per_layer_cache: list[int], n_ctx: int) -> int:
+    def weights(self, facts: ModelFacts) -> int:
+        """Weight bytes on the GPUs."""
         head = sum(n for name, n in facts.shared.items() if name.startswith("output")) if self.output else 0
-        return head + sum(x.dense_bytes + (x.expert_bytes if i >= self.cpu_moe else 0) + per_layer_cache[i]
-                          for i, x in enumerate(facts.layers) if self.on_gpu(facts, i)) + compute_buffer(facts, n_ctx)
+        return head + sum(x.dense_bytes + (x.expert_bytes if i >= self.cpu_moe else 0)
+                          for i, x in enumerate(facts.layers) if self.on_gpu(facts, i))
+
+    def caches(self, facts: ModelFacts, per_layer: list[int]) -> int:
+        """KV and recurrent-state bytes on the GPUs (`per_layer`: each block's)."""
+        return sum(c for i, c in enumerate(per_layer) if self.on_gpu(facts, i))
 
 
-def _choose_offload(facts: ModelFacts, caches: list[int], room: int, n_ctx: int) -> _Offload | None:
-    """The most bytes on the GPUs within `room`: for MoE every block with the fewest --n-cpu-moe,
-    else (or when even that does not fit) the most blocks by -ngl."""
+def _choose_offload(facts: ModelFacts, caches: list[int], room: int) -> _Offload | None:
+    """The most bytes on the GPUs within `room` (less the compute buffer): for MoE every block
+    with the fewest --n-cpu-moe, else (or when even that does not fit) the most blocks by -ngl."""
     n = len(facts.layers)
-    if facts.is_moe:
-        for cpu_moe in range(n + 1):
-            o = _Offload(n, cpu_moe, True)
-            if o.gpu_bytes(facts, caches, n_ctx) <= room:
-                return o
-    for k in range(n, 0, -1):
-        o = _Offload(k, 0, k == n)
-        if o.gpu_bytes(facts, caches, n_ctx) <= room:
-            return o
-    return None
+    tries = [_Offload(n, m, True) for m in range(n + 1)] if facts.is_moe else []
+    tries += [_Offload(k, 0, k == n) for k in range(n, 0, -1)]
+    return next((o for o in tries if o.weights(facts) + o.caches(facts, caches) <= room), None)
 
 
 def plan_llama(facts: ModelFacts, ram: int | None, vram: list[int], ctx: int, parallel: int = 1,
@@ -133,10 +131,11 @@ def plan_llama(facts: ModelFacts, ram: int | None, vram: list[int], ctx: int, pa
     caches = [a + b for a, b in zip(kvs, rss)]
     offload = None
     if vram:
-        room = sum(v - GPU_OVERHEAD - v // MARGIN_FRACTION for v in vram)
-        offload = _choose_offload(facts, caches, room, n_ctx)
+        room = sum(v - GPU_OVERHEAD - v // MARGIN_FRACTION for v in vram) - compute_buffer(facts, n_ctx)
+        offload = _choose_offload(facts, caches, room)
         if offload is None:
-            least = _Offload(1, 0, False).gpu_bytes(facts, caches, n_ctx) + GPU_OVERHEAD
+            one = _Offload(1, 0, False)
+            least = one.weights(facts) + one.caches(facts, caches) + compute_buffer(facts, n_ctx) + GPU_OVERHEAD
             raise LemonsliceError(f"a VRAM budget of {' + '.join(human(v) for v in vram)} cannot hold one block "
                                   f"with llama.cpp's compute buffer: that needs {human(least)} on a device")
     k, v = kv_types
@@ -147,11 +146,11 @@ def plan_llama(facts: ModelFacts, ram: int | None, vram: list[int], ctx: int, pa
     if len(vram) > 1:
         argv += ["-ts", ",".join(str(max(1, (x - GPU_OVERHEAD) >> 20)) for x in vram)]
     on_gpu = [offload is not None and offload.on_gpu(facts, i) for i in range(len(facts.layers))]
-    gpu_weights = 0 if offload is None else offload.gpu_bytes(facts, [0] * len(caches), n_ctx) - compute_buffer(facts, n_ctx)
+    gpu_weights = 0 if offload is None else offload.weights(facts)
     cpu = _cpu(facts, ram, n_ctx, facts.tensor_bytes - gpu_weights,
                sum(x for x, g in zip(kvs, on_gpu) if not g), sum(x for x, g in zip(rss, on_gpu) if not g),
                parallel, offload is not None)
-    gpus = _gpus(facts, vram, gpu_weights, sum(x for x, g in zip(caches, on_gpu) if g), n_ctx) if offload else []
+    gpus = [] if offload is None else _gpus(facts, vram, gpu_weights, offload.caches(facts, caches), n_ctx)
     notes = []
     if ram is not None and cpu.peak >= ram - ram // MARGIN_FRACTION:
         notes.append("the mapped weights do not all fit in RAM: llama.cpp reads the rest from disk for every "

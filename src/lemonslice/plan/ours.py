@@ -15,6 +15,7 @@ from ..engine.compute import PREFILL_CHUNK
 from ..engine.residency import budget_plan
 from ..engine.store import WeightStore
 from ..errors import LemonsliceError
+from ..models.caches import held_rows
 from .facts import ModelFacts
 
 # Measured with ../shared/tools/capped.sh (page cache counted, cold): `lemonslice run -n 8` on the
@@ -54,7 +55,7 @@ class OurPlan:
         t = self.tensors
         return 0 if t is None else t.streamed_bytes_per_token + t.expert_bytes_per_token
 
-    def flags(self, model: str) -> list[str]:
+    def flags(self) -> list[str]:
         k, v = self.kv_types
         args = ["-c", str(self.ctx), "--cache-type-k", k, "--cache-type-v", v]
         if self.weight_budget is not None:
@@ -68,8 +69,7 @@ def kv_bytes(facts: ModelFacts, ctx: int, types: tuple[str, str], chunk: int = P
     total = 0
     for x in facts.layers:
         if x.kind != "recurrent":
-            rows = min(ctx, x.window + chunk) if x.window else ctx
-            total += rows * facts.kv_bytes_per_position(x, types)
+            total += held_rows(ctx, x.window, chunk) * facts.kv_bytes_per_position(x, types)
     return total
 
 
@@ -82,9 +82,9 @@ def activations(facts: ModelFacts, ctx: int, chunk: int = PREFILL_CHUNK) -> int:
     rows = min(chunk, ctx)
     per_row = (facts.n_embd * (8 + facts.n_expert_used) + facts.n_ff * 3
                + facts.n_head * _head_dim(facts) * 4)
-    seen = [min(ctx, x.window + chunk) if x.window else ctx for x in facts.layers if x.kind != "recurrent"]
-    kv_float = max((s * x.n_head_kv * x.head_dim * 2 * 4 for s, x in
-                    zip(seen, [x for x in facts.layers if x.kind != "recurrent"])), default=0)
+    attention = [x for x in facts.layers if x.kind != "recurrent"]
+    seen = [held_rows(ctx, x.window, chunk) for x in attention]
+    kv_float = max((s * x.n_head_kv * x.head_dim * 2 * 4 for s, x in zip(seen, attention)), default=0)
     mask = rows * max(seen, default=0) * 5
     return SCRATCH_FACTOR * (4 * (rows * per_row + 2 * facts.n_vocab) + kv_float + mask)
 
