@@ -446,3 +446,11 @@ def test_plan_stated_minimum_is_enough(gemma_path):
             plan_lemonslice(store, facts, 100 * 10**6, 4096)
         need = float(re.search(r"needs at least ([\d.]+) MiB", str(e.value))[1])
         plan_lemonslice(store, facts, int((need + 0.1) * MIB), 4096)  # the stated minimum (rounded up)
+
+
+def test_run_refuses_a_context_whose_kv_cache_cannot_fit(gemma_path):
+    # 100M positions of Gemma's 3 global layers: 3 x 1e8 x (256 + 256) x 2 bytes = 286.1 GiB, more
+    # than any machine here has free; refused before anything is claimed.
+    r = done(cli("run", gemma_path, "-p", "hi", "-n", "2", "-c", 100_000_000))
+    line = one_line_error(r)
+    assert "a context of 100000000 tokens needs 286.1 GiB of KV cache" in line and "free" in line, line

@@ -51,7 +51,7 @@ _RAY_HELP = "With --stages: the Ray cluster ('auto' or HOST:PORT). Default: star
 
 def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int], layers: Optional[str] = None,
                  text: bool = False, verify: bool = False, exact: bool = False,
-                 kv_types: tuple[str, str] = ("f16", "f16")):  # noqa: ANN202
+                 kv_types: tuple[str, str] = ("f16", "f16"), ctx_size: Optional[int] = None):  # noqa: ANN202
     """(engine, tokenizer or None). The tokenizer is built before any weight is read, so the
     scratch of building a 250k-token vocabulary does not stack on top of the weights."""
     from ..engine import Engine, WeightStore, runtime
@@ -78,6 +78,11 @@ def _open_engine(model: Path, max_memory: Optional[str], threads: Optional[int],
     tok = Tokenizer.from_gguf(store.metadata) if text else None
     engine = Engine(store, max_memory=budget, playlist=playlist)
     runtime.setup(threads=threads, compact_heap=engine.streaming)  # process-wide: once, here
+    if ctx_size is not None:
+        from ..text.generate import context_limit
+
+        # The KV cache for the whole context is claimed now, so a -c that does not fit fails at once.
+        engine.reserve_context(context_limit(engine, ctx_size))
     tp = engine.residency.tensor_plan
     if tp is not None:
         mode = (f"streaming, budget {_human(tp.budget)} ({origin}): {_human(tp.shared_bytes + tp.resident_bytes)} resident, "
@@ -276,12 +281,7 @@ def run(
                                      verify=verify, exact=exact, kv_types=(cache_type_k, cache_type_v))
     else:
         engine, tok = _open_engine(model, max_memory, threads, layers, text=prompt is not None, verify=verify,
-                                   exact=exact, kv_types=(cache_type_k, cache_type_v))
-        if ctx_size is not None:
-            from ..text.generate import context_limit
-
-            # The KV cache for the whole context is claimed now, so a -c that does not fit fails at once.
-            engine.reserve_context(context_limit(engine, ctx_size))
+                                   exact=exact, kv_types=(cache_type_k, cache_type_v), ctx_size=ctx_size)
     if expert_stats is not None:
         expert_cache_of(engine)  # no cache, no statistics: say so before generating
     speculator = None

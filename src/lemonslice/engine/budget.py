@@ -75,6 +75,13 @@ def cgroup_usage(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys
     return None
 
 
+def cgroup_room() -> int | None:
+    """What this process's memory cgroup may still charge (its limit less its usage); None
+    without a limit."""
+    limit, usage = cgroup_limit(), cgroup_usage()
+    return None if limit is None or usage is None else max(0, limit - usage)
+
+
 def _kib_field(path: str, key: str) -> int | None:
     """A "Key:   N kB" line of a /proc file, in bytes."""
     try:

@@ -33,9 +33,11 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import LemonsliceError
 from ..models import Family
 from ..models.protocol import Args, Head, LayerCache
 from . import runtime
+from .budget import available_memory, cgroup_room, human
 from .compute import PREFILL_CHUNK, Compute, Input, Logits
 from .residency import Plan, PlaylistEntry, Residency, block_args
 from .state import SequenceState
@@ -147,7 +149,13 @@ class Engine:
 
     def reserve_context(self, n_positions: int) -> None:
         """From now on every new sequence claims its attention caches for `n_positions` at once;
-        the default sequence starts afresh with that room."""
+        the default sequence starts afresh with that room. Refused, before any is claimed, when
+        the memory free now (MemAvailable, and the cgroup's limit less its usage) cannot hold it."""
+        need = self.new_state().reserve_bytes(n_positions, self.prefill_chunk)
+        free = [n for n in (available_memory(), cgroup_room()) if n is not None]
+        if free and need > min(free):
+            raise LemonsliceError(f"a context of {n_positions} tokens needs {human(need)} of KV cache; "
+                                  f"{human(min(free))} of memory is free")
         self.compute.reserve = n_positions
         self.reset()
 

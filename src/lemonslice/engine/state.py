@@ -60,6 +60,12 @@ class SequenceState:
         a, b = positions if positions is not None else (0, len(specs))
         return cls([family.new_cache(args, layer) if a <= i < b else Unused() for i, (args, layer) in enumerate(specs)])
 
+    def reserve_bytes(self, n_positions: int, chunk: int) -> int:
+        """What `reserve(n_positions, chunk)` would add to the attention caches."""
+        return sum(max(0, held_rows(n_positions, c.window, chunk) - c.k.shape[0])
+                   * sum(kv.bytes_per_position(t, c.n_head_kv, c.head_dim) for t in c.types)
+                   for c in self.caches if isinstance(c, AttentionCache))
+
     def reserve(self, n_positions: int, chunk: int) -> None:
         """Claim the attention caches' memory for a context of `n_positions` now (recurrent state
         has a fixed size already)."""
