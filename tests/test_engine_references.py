@@ -26,6 +26,7 @@ differ by about 1e-4 at a few positions of a long prompt; the bound has little s
 
 from __future__ import annotations
 
+import math
 import fcntl
 import json
 import os
@@ -302,7 +303,9 @@ def test_quantized_matches_llama_cpp(kind, ftype, refs):
            f"top-1 {itself:.2%}; lemonslice vs llama.cpp both on the {ftype} file: {direct_rel:.2e}, "
            f"top-1 {direct_agree:.2%}")
     assert torch.isfinite(direct).all()
-    assert fast_rel <= 1.5 * itself_rel and fast_agree >= itself - 0.05
+    # A top-1 rate over N_TEXT tokens has a standard error of sqrt(p(1-p)/N_TEXT), about 3% here:
+    # any change of float summation order reshuffles which near ties flip, so allow two of them.
+    assert fast_rel <= 1.5 * itself_rel and fast_agree >= itself - 2 * math.sqrt(itself * (1 - itself) / N_TEXT)
     assert direct_agree >= itself
 
 

@@ -175,11 +175,39 @@ def test_swiglu_experts_one_call_equals_twins(types, fused):
 @pytest.mark.parametrize("t", sorted(Q8_BLOCK), ids=lambda t: t.name)
 def test_8bit_rows_do_not_depend_on_the_batch(t):
     # Batched decoding must give each sequence the bits it gets alone.
+    # 21 weight rows: the main types go 8 rows at a time, the last group padded. Batches of 1-2
+    # and 1-7 rows take the unpacked path of the main types, larger ones the packed one.
     raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
     x = torch.randn(11, 768, generator=torch.Generator().manual_seed(3))
     together = kernels.qmatmul_q8(x, raw, t, 768)
     for i in range(11):
         assert torch.equal(kernels.qmatmul_q8(x[i : i + 1], raw, t, 768)[0], together[i])
+    for n in (2, 3, 7, 8, 9):
+        assert torch.equal(kernels.qmatmul_q8(x[:n], raw, t, 768), together[:n])
+    assert torch.equal(kernels.qmatmul_q8(x, raw[5:18], t, 768), together[:, 5:18])  # rows grouped otherwise
+
+
+PACKED = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def test_8bit_kernels_built_for_avx2_alone_give_the_same_bits(tmp_path):
+    # Without AVX-512 the kernels use maddubs for VNNI's dot product and signed Q8_0 codes; the
+    # integers are exact either way, so a CPU without VNNI gets this machine's bits.
+    import ctypes
+
+    so = tmp_path / "avx2.so"
+    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in kernels.FLAGS]
+    subprocess.run(["cc", *flags, *map(str, kernels.SOURCES), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    x = torch.randn(12, 512, generator=torch.Generator().manual_seed(2))
+    for t in PACKED:
+        raw = torch.from_numpy(blocks(t, 19, 512, seed=3))
+        for n in (1, 5, 12):
+            out = torch.empty(n, 19)
+            assert lib.ls_qmatmul_q8(int(t), raw.data_ptr(), raw.stride(0), 19, 512, x.data_ptr(), n, out.data_ptr(), 2) == 0
+            assert torch.equal(out, kernels.qmatmul_q8(x[:n], raw, t, 512)), (t.name, n)
 
 
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)

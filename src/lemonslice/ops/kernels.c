@@ -381,6 +381,9 @@ static void quant_x32(const float *x, int64_t n, xq32 *out) {
         const float amax = amax_avx(x + 32 * i, 32);
         out[i].d = amax / 127.0f;
         round_codes(x + 32 * i, 32, amax > 0.f ? 127.0f / amax : 0.f, out[i].q);
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += out[i].q[j];
+        out[i].sum = s;
     }
 }
 
@@ -398,172 +401,6 @@ static void quant_x256(const float *x, int64_t n, xq256 *out) {
 }
 
 
-/* The 32 signed codes of one 32-value block. */
-static inline __m256i codes_q8_0(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 2)); }
-
-static inline __m256i codes_q4_0(const uint8_t *b) {
-    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2));
-    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
-    return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
-}
-
-static inline __m256i codes_q5_0(const uint8_t *b) {
-    uint32_t qh;
-    memcpy(&qh, b + 2, 4);
-    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6));
-    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    /* code = nibble + 16 * bit - 16: subtract 16 where the fifth bit is clear */
-    return _mm256_mask_sub_epi8(nib, (__mmask32)~qh, nib, _mm256_set1_epi8(0x10));
-#else
-    const __m256i hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
-    return _mm256_sub_epi8(_mm256_or_si256(nib, hi), _mm256_set1_epi8(0x10));
-#endif
-}
-
-static inline float scale_f32(const uint8_t *b) { float d; memcpy(&d, b, 4); return d; }
-static inline __m256i codes_unpacked(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)(b + 4)); }
-
-ROW_I8_32(row_q8_0_i8, 34, codes_q8_0, scale_f16)
-ROW_I8_32(row_q4_0_i8, 18, codes_q4_0, scale_f16)
-ROW_I8_32(row_q5_0_i8, 22, codes_q5_0, scale_f16)
-/* A row unpacked by unpack_row_32 (as xq32 blocks): the same arithmetic, codes by plain loads. */
-ROW_I8_32(row_unpacked_i8, (int64_t)sizeof(xq32), codes_unpacked, scale_f32)
-
-/* A Q4_0/Q5_0 row as signed codes and float scales, decoded once for many activation rows. */
-static void unpack_row_32(int type, const uint8_t *row, int64_t nb, xq32 *out) {
-    const int bytes = type == T_Q4_0 ? 18 : 22;
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * bytes;
-        _mm256_storeu_si256((__m256i *)out[i].q, type == T_Q4_0 ? codes_q4_0(b) : codes_q5_0(b));
-        out[i].d = f16_to_f32(rd16(b));
-    }
-}
-
-/* The 6-bit scales and mins of a Q4_K/Q5_K block: scv[j] = sc_j in every int16 lane, and
-   mv = (m_0, m_0, m_1, m_1, ..., m_7, m_7) to pair with the activations' sums per 16.
-   The 12 bytes hold, per byte lane i of three words a, b, c: sc_i = a & 63 and m_i = b & 63
-   for i < 4; for i >= 4 the low nibbles of c plus the top two bits of a (scales) or b (mins). */
-static inline void k_scales(const uint8_t *scales, __m256i *scv, __m256i *mv) {
-    uint32_t a, b, c;
-    memcpy(&a, scales, 4);
-    memcpy(&b, scales + 4, 4);
-    memcpy(&c, scales + 8, 4);
-    const uint32_t sc_lo = a & 0x3f3f3f3fu, m_lo = b & 0x3f3f3f3fu;
-    const uint32_t sc_hi = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
-    const uint32_t m_hi = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
-    const __m128i sc16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
-    const __m128i m16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo));
-    *mv = _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
-    const __m256i both = _mm256_set_m128i(sc16, sc16);
-    for (int j = 0; j < 8; j++)  /* bytes 2j, 2j+1 of each lane: int16 sc_j everywhere */
-        scv[j] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
-}
-
-/* One Q4_K/Q5_K block, its codes q (sub-block j: 32 unsigned codes), scales and mins
-   decoded, against block i of every activation row (X already at block i): each row adds
-   d*dx*sum_j(sc_j q_j.x_j) - dmin*dx*sum_j(m_j sum(x_j)) to its accumulator. */
-static inline void k_block_dot(const __m256i q[8], const __m256i scv[8], __m256i mv, float d, float dmin,
-                               const xq256 *X, int64_t ldx, int T, __m256 *A) {
-    for (int t = 0; t < T; t++) {
-        const xq256 *x = X + t * ldx;
-        __m256i s = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) {
-            const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
-        }
-        /* lane j: m_j * (sum of the activation codes of sub-block j) */
-        const __m256i mins = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
-        A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
-        A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
-    }
-}
-
-/* Q4_K (five = 0, 144-byte blocks) and Q5_K (five = 1, 176 bytes): per 64 values one 32-byte
-   load of nibbles, low nibbles sub-block 2k and high ones 2k+1; Q5_K adds a fifth bit per value
-   from qh (bit 2k for sub-block 2k, 2k+1 for 2k+1). Value = d*sc*q - dmin*m. */
-static inline void row_k45_i8(int five, const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T,
-                              float *acc) {
-    __m256 A[Q8_ROWS];
-    zero_acc(A, T);
-    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    const int bytes = five ? 176 : 144, qs = five ? 48 : 16;
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * bytes;
-        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
-        __m256i scv[8], mv;
-        k_scales(b + 4, scv, &mv);
-        __m256i q[8];
-        for (int k = 0; k < 4; k++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + qs + 32 * k));
-            q[2 * k] = _mm256_and_si256(v, low4);
-            q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            if (five) {
-                const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
-                q[2 * k] = _mm256_or_si256(q[2 * k],
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4));
-                q[2 * k + 1] = _mm256_or_si256(
-                    q[2 * k + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4));
-            }
-        }
-        k_block_dot(q, scv, mv, d, dmin, X + i, ldx, T, A);
-    }
-    hsum_acc(A, T, acc);
-}
-
-static void row_q4_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    row_k45_i8(0, row, nb, X, ldx, T, acc);
-}
-
-static void row_q5_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    row_k45_i8(1, row, nb, X, ldx, T, acc);
-}
-
-/* Q6_K: unsigned 6-bit codes c (value = d*sc*(c-32)), one int8 scale per 16 values; the
-   -32 comes off through the activations' sums per 16. */
-static void row_q6_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    __m256 A[Q8_ROWS];
-    zero_acc(A, T);
-    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 210;
-        const int8_t *sc = (const int8_t *)(b + 192);
-        const float d = f16_to_f32(rd16(b + 208));
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
-        /* int16 scales 0-7 (and 8-15) in both 128-bit lanes, for per-lane shuffles */
-        const __m256i sc_lo8 = _mm256_permute2x128_si256(sc16, sc16, 0x00);
-        const __m256i sc_hi8 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-        __m256i q[8], scv[8];
-        for (int n = 0; n < 2; n++) {
-            const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-            for (int g = 0; g < 4; g++) {
-                const __m256i lo = g & 1 ? l1 : l0;
-                const __m256i nib = _mm256_and_si256(g < 2 ? lo : _mm256_srli_epi16(lo, 4), low4);
-                const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * g), two), 4);
-                q[4 * n + g] = _mm256_or_si256(nib, hi);
-                /* scales of values 16j..16j+15 (low lane) and the next 16 (high lane), j = 8n + 2g */
-                scv[4 * n + g] = _mm256_shuffle_epi8(n ? sc_hi8 : sc_lo8, _mm256_set_m128i(
-                    _mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * g + 1))), _mm_set1_epi16((short)(0x0100 + 0x0202 * (2 * g)))));
-            }
-        }
-        for (int t = 0; t < T; t++) {
-            const xq256 *x = X + t * ldx + i;
-            __m256i s = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++) {
-                const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
-            }
-            const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
-            s = _mm256_sub_epi32(s, _mm256_slli_epi32(off, 5));  /* the codes' -32 */
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
-        }
-    }
-    hsum_acc(A, T, acc);
-}
-
 static int q8_block(int type) {
     switch (type) {
     case T_Q4_0: case T_Q5_0: case T_Q8_0: return 32;
@@ -573,6 +410,36 @@ static int q8_block(int type) {
 }
 
 int ls_q8_supported(int type) { return q8_block(type) != 0; }
+
+/* Rows [W, W + nr) (nr <= 8, row_bytes apart) times quantized X [T rows] -> Y[t * ldy + k], k < nr.
+   The main types go 8 rows at a time (kernels_pack8.c, scratch `buf`); the others row by row. */
+static void rows_to(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XQ, int64_t T,
+                    float *Y, int64_t ldy, void *buf) {
+    if (pack8_supported(type)) {
+        pack8_group(type, W, row_bytes, nr, ncols, XQ, T, Y, ldy, buf);
+        return;
+    }
+    const int xb = q8_block(type);
+    const int64_t nb = ncols / xb;
+    const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    for (int k = 0; k < nr; k++)
+        for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
+            const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
+            float acc[Q8_ROWS] = {0};
+            types_row_q8(type, W + k * row_bytes, nb, (const char *)XQ + (size_t)(t0 * nb) * xs, nb, n, acc);
+            for (int t = 0; t < n; t++) Y[(t0 + t) * ldy + k] = acc[t];
+        }
+}
+
+static void quant_rows(int xb, const float *X, int64_t T, int64_t ncols, void *XQ) {
+    const int64_t nb = ncols / xb;
+    for (int64_t t = 0; t < T; t++) {
+        if (xb == 32) quant_x32(X + t * ncols, ncols, (xq32 *)XQ + t * nb);
+        else quant_x256(X + t * ncols, ncols, (xq256 *)XQ + t * nb);
+    }
+}
+
+static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
 
 /* Y [T, nrows] = round8(X) [T, ncols] @ W.T for any T; -1 for a type without an 8-bit path. */
 int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols,
@@ -586,98 +453,42 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            if (xb == 32) quant_x32(X + t * ncols, ncols, (xq32 *)XQ + t * nb);
-            else quant_x256(X + t * ncols, ncols, (xq256 *)XQ + t * nb);
-        }
+        for (int64_t t = 0; t < T; t++) quant_rows(xb, X + t * ncols, 1, ncols, (char *)XQ + (size_t)(t * nb) * xsize);
+        void *buf = scratch(pack8_bytes(type, ncols));
         /* Static halves: each thread streams one contiguous range, which the hardware
            prefetcher follows (2x dynamic chunks' bandwidth on a 178 MB LM head). */
-        /* With several passes over a Q4_0/Q5_0 row, its codes are unpacked once per row. */
-        const int unpack = T > Q8_ROWS && (type == T_Q4_0 || type == T_Q5_0);
-        xq32 *wbuf = unpack ? malloc((size_t)nb * sizeof(xq32)) : NULL;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < nrows; r++) {
-            const uint8_t *row = W + r * row_bytes;
-            if (wbuf) unpack_row_32(type, row, nb, wbuf);
-            for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
-                const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
-                float acc[Q8_ROWS] = {0};
-                const xq32 *x32 = (const xq32 *)XQ + t0 * nb;
-                const xq256 *x256 = (const xq256 *)XQ + t0 * nb;
-                if (wbuf) {
-                    row_unpacked_i8((const uint8_t *)wbuf, nb, x32, nb, n, acc);
-                    for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = acc[t];
-                    continue;
-                }
-                switch (type) {
-                case T_Q8_0: row_q8_0_i8(row, nb, x32, nb, n, acc); break;
-                case T_Q4_0: row_q4_0_i8(row, nb, x32, nb, n, acc); break;
-                case T_Q5_0: row_q5_0_i8(row, nb, x32, nb, n, acc); break;
-                case T_Q4_K: row_q4_k_i8(row, nb, x256, nb, n, acc); break;
-                case T_Q5_K: row_q5_k_i8(row, nb, x256, nb, n, acc); break;
-                case T_Q6_K: row_q6_k_i8(row, nb, x256, nb, n, acc); break;
-                default: types_row_q8(type, row, nb, (const char *)XQ + (size_t)(t0 * nb) * xsize, nb, n, acc); break;
-                }
-                for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = acc[t];
-            }
+        for (int64_t g = 0; g < (nrows + 7) / 8; g++) {
+            const int nr = (int)(nrows - 8 * g < 8 ? nrows - 8 * g : 8);
+            rows_to(type, W + 8 * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + 8 * g, nrows, buf);
         }
-        free(wbuf);
+        free(buf);
     }
     free(XQ);
     return 0;
 }
 
-/* One weight row against n <= Q8_ROWS quantized activation rows (xq: blocks of q8_block(type)). */
-static void row_dot_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc) {
-    switch (type) {
-    case T_Q8_0: row_q8_0_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
-    case T_Q4_0: row_q4_0_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
-    case T_Q5_0: row_q5_0_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
-    case T_Q4_K: row_q4_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_Q5_K: row_q5_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_Q6_K: row_q6_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    default: types_row_q8(type, row, nb, xq, ldx, n, acc); break;
-    }
-}
-
-static void quant_rows(int xb, const float *X, int64_t T, int64_t ncols, void *XQ) {
-    const int64_t nb = ncols / xb;
-    for (int64_t t = 0; t < T; t++) {
-        if (xb == 32) quant_x32(X + t * ncols, ncols, (xq32 *)XQ + t * nb);
-        else quant_x256(X + t * ncols, ncols, (xq256 *)XQ + t * nb);
-    }
-}
-
-/* One weight row times quantized X [T rows] -> column `col` of Y [T, ldy]. */
-static void row_to(int type, const uint8_t *row, int64_t ncols, const void *XQ, int64_t T, float *Y,
-                   int64_t ldy, int64_t col) {
-    const int xb = q8_block(type);
-    const int64_t nb = ncols / xb;
-    const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
-    for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
-        const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
-        float acc[Q8_ROWS] = {0};
-        row_dot_q8(type, row, nb, (const char *)XQ + (size_t)(t0 * nb) * xs, nb, n, acc);
-        for (int t = 0; t < n; t++) Y[(t0 + t) * ldy + col] = acc[t];
-    }
-}
-
 /* SwiGLU experts, all in one call: for expert j, Y_j [T_j, E] = down_j(silu(gate_j X_j) * up_j X_j)
  * with 8-bit activations. job j is 11 int64: gate type, gate W, gate row bytes, up W (0: gate
  * holds gate rows then up rows), up row bytes, down type, down W, down row bytes, X_j, T_j, Y_j.
- * E (model width) and F (expert width) are shared. Rows of all experts share the threads. */
+ * E (model width) and F (expert width) are shared. Groups of 8 rows of all experts share the threads. */
 int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
     int64_t tt = 0;
+    size_t pk = 0;
     for (int64_t j = 0; j < n_jobs; j++) {
         const int64_t *J = jobs + 11 * j;
         const int gb = q8_block((int)J[0]), db = q8_block((int)J[5]);
         if (!gb || !db || E % gb || F % db || J[9] < 1) return -1;
         tt += J[9];
+        const size_t g = pack8_bytes((int)J[0], E), d = pack8_bytes((int)J[5], F);
+        pk = g > pk ? g : pk;
+        pk = d > pk ? d : pk;
     }
     const int gb = q8_block((int)jobs[0]), db = q8_block((int)jobs[5]);
     for (int64_t j = 0; j < n_jobs; j++)
         if (q8_block((int)jobs[11 * j]) != gb || q8_block((int)jobs[11 * j + 5]) != db) return -1;
     const size_t gxs = gb == 32 ? sizeof(xq32) : sizeof(xq256), dxs = db == 32 ? sizeof(xq32) : sizeof(xq256);
+    const int64_t fg = (F + 7) / 8, eg = (E + 7) / 8; /* groups of 8 rows in a gate (or up) and a down */
     char *XQ = malloc((size_t)tt * (size_t)(E / gb) * gxs);
     float *H = malloc((size_t)tt * (size_t)(2 * F) * sizeof(float));
     char *HQ = malloc((size_t)tt * (size_t)(F / db) * dxs);
@@ -687,18 +498,21 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
     for (int64_t j = 0; j < n_jobs; j++) start[j + 1] = start[j] + jobs[11 * j + 9];
 #pragma omp parallel num_threads(nthreads)
     {
+        void *buf = scratch(pk);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n_jobs; j++)
             quant_rows(gb, (const float *)jobs[11 * j + 8], jobs[11 * j + 9], E,
                        XQ + (size_t)(start[j] * (E / gb)) * gxs);
         /* gate and up rows of every expert: H_j [T_j, 2F], gate in columns [0, F) */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n_jobs * 2 * F; i++) {
-            const int64_t j = i / (2 * F), r = i % (2 * F);
+        for (int64_t i = 0; i < n_jobs * 2 * fg; i++) {
+            const int64_t j = i / (2 * fg), g = i % (2 * fg), up = g >= fg, r = 8 * (g - up * fg);
             const int64_t *J = jobs + 11 * j;
-            const uint8_t *row = J[3] && r >= F ? (const uint8_t *)J[3] + (r - F) * J[4]
-                                                : (const uint8_t *)J[1] + r * J[2];
-            row_to((int)J[0], row, E, XQ + (size_t)(start[j] * (E / gb)) * gxs, J[9], H + start[j] * 2 * F, 2 * F, r);
+            const int nr = (int)(F - r < 8 ? F - r : 8);
+            const uint8_t *row = !up ? (const uint8_t *)J[1] + r * J[2]
+                                     : J[3] ? (const uint8_t *)J[3] + r * J[4] : (const uint8_t *)J[1] + (F + r) * J[2];
+            rows_to((int)J[0], row, up && J[3] ? J[4] : J[2], nr, E, XQ + (size_t)(start[j] * (E / gb)) * gxs, J[9],
+                    H + start[j] * 2 * F + up * F + r, 2 * F, buf);
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tt; t++) {
@@ -707,12 +521,13 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
             quant_rows(db, h, 1, F, HQ + (size_t)(t * (F / db)) * dxs);
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n_jobs * E; i++) {
-            const int64_t j = i / E, r = i % E;
+        for (int64_t i = 0; i < n_jobs * eg; i++) {
+            const int64_t j = i / eg, r = 8 * (i % eg);
             const int64_t *J = jobs + 11 * j;
-            row_to((int)J[5], (const uint8_t *)J[6] + r * J[7], F, HQ + (size_t)(start[j] * (F / db)) * dxs, J[9],
-                   (float *)J[10], E, r);
+            rows_to((int)J[5], (const uint8_t *)J[6] + r * J[7], J[7], (int)(E - r < 8 ? E - r : 8), F,
+                    HQ + (size_t)(start[j] * (F / db)) * dxs, J[9], (float *)J[10] + r, E, buf);
         }
+        free(buf);
     }
     free(XQ); free(H); free(HQ); free(start);
     return 0;

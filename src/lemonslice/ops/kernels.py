@@ -1,6 +1,6 @@
 """The C kernels in kernels.c, compiled on first use and called through ctypes.
 
-The library (kernels.c and kernels_types.c, sharing kernels_common.h) is built once per
+The library (kernels.c, kernels_types.c and kernels_pack8.c, sharing kernels_common.h) is built once per
 source/compiler/CPU into the cache directory
 ($LEMONSLICE_CACHE, default ~/.cache/lemonslice) with -march=native, like llama.cpp's own
 CPU build. If no C compiler is found, or LEMONSLICE_KERNELS=ref, `library()` is None and
@@ -29,7 +29,7 @@ from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("kernels.c", "kernels_types.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("kernels.c", "kernels_types.c", "kernels_pack8.c"))
 # Every file the build reads: the cache key covers them all.
 KEYED = (*SOURCES, Path(__file__).with_name("kernels_common.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")

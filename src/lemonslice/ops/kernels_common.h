@@ -82,7 +82,7 @@ static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, 
 #if defined(__AVX2__) && defined(__FMA__)
 #define Q8_ROWS 8 /* activation rows per pass over a weight row (accumulators in registers) */
 
-typedef struct { float d; int8_t q[32]; } xq32;
+typedef struct { float d; int32_t sum; int8_t q[32]; } xq32; /* sum: of the codes */
 typedef struct { float d; int16_t bsum[16]; int8_t q[256]; } xq256;
 
 /* int32 lanes of sums of 4 products; u holds unsigned bytes, s signed ones. */
@@ -170,6 +170,12 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
 
 static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
 #endif
+
+/* kernels_pack8.c: the main types, 8 weight rows at a time (rows nr < 8 padded). */
+int pack8_supported(int type);
+size_t pack8_bytes(int type, int64_t ncols);
+void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XQ, int64_t T,
+                 float *Y, int64_t ldy, void *buf);
 
 /* The types of kernels_types.c, asked by kernels.c where its own switches end. */
 int types_info(int type, int *block, int *bytes, deq_fn *fn);

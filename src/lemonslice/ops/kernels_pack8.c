@@ -1,0 +1,471 @@
+/* The 8-bit path of the main types (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K), eight weight rows at a time.
+ *
+ * A group of 8 weight rows is first packed: every block's codes as unsigned bytes, transposed
+ * so that one 32-byte vector holds 4 consecutive codes of each row (int32 lane r = row r), and
+ * the rows' scales side by side. Four activation codes, broadcast, then meet all 8 rows in one
+ * u8 x s8 dot product (`vpdpbusd`, or `maddubs` + `madd` without VNNI): a lane sums its own
+ * row's block with no horizontal reduction, and the packed group is reused for every
+ * activation row of the call (prefill reads it from L1/L2 instead of decoding it T times).
+ *
+ * The arithmetic of one weight row against one activation row is fixed, whatever T is and
+ * however rows are grouped: exact integer sums per block, then block after block
+ * acc = fma(float(isum), d*dx, acc) (K-quants with mins: then acc = acc - float(imin)*(dmin*dx)).
+ * So a row's result has the same bits in a batch of any size.
+ */
+#include "kernels_common.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#define SIGNED_Q8 0 /* Q8_0 codes + 128 as unsigned bytes: u8 x s8 sums in int32, no saturation */
+#else
+#define DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#define DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
+#define SIGNED_Q8 1 /* maddubs would saturate on 255 * 127 pairs: Q8_0 keeps signed codes */
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+/* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
+#define PACK_MIN_T 8
+#define PACK_MIN_T_32 3
+
+/* One packed block of a group of 8 rows; q[k] lane r = codes 4k..4k+3 of row r. */
+typedef struct { uint8_t q[8][32]; float d[8]; } pk32;
+typedef struct { uint8_t q[64][32]; int32_t sc[8][8]; int32_t m2[8][8]; float d[8], dmin[8]; } pk45;
+typedef struct { uint8_t q[64][32]; int32_t sc[16][8]; int32_t sc2[8][8]; float d[8]; } pk6;
+
+int pack8_supported(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
+    default: return 0;
+    }
+}
+
+size_t pack8_bytes(int type, int64_t ncols) {
+    switch (type) {
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: return (size_t)(ncols / 32) * sizeof(pk32);
+    case T_Q4_K: case T_Q5_K: return (size_t)(ncols / 256) * sizeof(pk45);
+    case T_Q6_K: return (size_t)(ncols / 256) * sizeof(pk6);
+    default: return 0;
+    }
+}
+
+/* 8 vectors of 8 int32 (row r: v[r]) -> out[k] lane r = v[r] lane k. */
+static ALWAYS_INLINE void transpose8(const __m256i v[8], __m256i *out) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) {
+        const __m256i *a = t + 4 * h;
+        u[4 * h + 0] = _mm256_unpacklo_epi64(a[0], a[2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(a[0], a[2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(a[1], a[3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(a[1], a[3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_si256(out + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
+        _mm256_storeu_si256(out + 4 + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
+    }
+}
+
+/* ---- packing ---- */
+
+/* The 32 unsigned codes of a Q4_0/Q5_0/Q8_0 block (value = d * (code - offset)). */
+static ALWAYS_INLINE __m256i ucodes32(int type, const uint8_t *b) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    if (type == T_Q8_0) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 2));
+        return SIGNED_Q8 ? q : _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
+    }
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + (type == T_Q5_0 ? 6 : 2)));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
+    if (type == T_Q4_0) return nib;
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    return _mm256_or_si256(nib, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+}
+
+static void pack_32(int type, const uint8_t *const rows[8], int64_t nb, pk32 *out) {
+    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i v[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * bytes;
+            v[r] = ucodes32(type, b);
+            out[i].d[r] = f16_to_f32(rd16(b));
+        }
+        transpose8(v, (__m256i *)out[i].q);
+    }
+}
+
+/* Q4_K/Q5_K: the 8 sub-blocks' unsigned codes of one block, its 6-bit scales and mins. */
+static ALWAYS_INLINE void k45_codes(int five, const uint8_t *b, __m256i q[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+    for (int k = 0; k < 4; k++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (five ? 48 : 16) + 32 * k));
+        q[2 * k] = _mm256_and_si256(v, low4);
+        q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if (five) { /* the fifth bit of sub-block j is bit j of qh */
+            q[2 * k] = _mm256_or_si256(q[2 * k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4));
+            q[2 * k + 1] = _mm256_or_si256(q[2 * k + 1],
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4));
+        }
+    }
+}
+
+static void pack_k45(int five, const uint8_t *const rows[8], int64_t nb, pk45 *out) {
+    const int bytes = five ? 176 : 144;
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i q[8][8];  /* [row][sub-block] */
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * bytes;
+            const uint8_t *s6 = b + 4;
+            k45_codes(five, b, q[r]);
+            out[i].d[r] = f16_to_f32(rd16(b));
+            out[i].dmin[r] = f16_to_f32(rd16(b + 2));
+            for (int j = 0; j < 8; j++) {
+                const int sc = j < 4 ? s6[j] & 63 : (s6[j + 4] & 0xF) | ((s6[j - 4] >> 6) << 4);
+                const int m = j < 4 ? s6[j + 4] & 63 : (s6[j + 4] >> 4) | ((s6[j] >> 6) << 4);
+                out[i].sc[j][r] = sc;
+                out[i].m2[j][r] = m | (m << 16); /* m_j against both sums per 16 of sub-block j */
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            __m256i v[8];
+            for (int r = 0; r < 8; r++) v[r] = q[r][j];
+            transpose8(v, (__m256i *)out[i].q[8 * j]);
+        }
+    }
+}
+
+/* Q6_K: sub-block k (values 32k..32k+31) of unsigned 6-bit codes (value = d*sc*(code-32)). */
+static ALWAYS_INLINE void q6_codes(const uint8_t *b, __m256i q[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        for (int g = 0; g < 4; g++) {
+            const __m256i lo = g & 1 ? l1 : l0;
+            const __m256i nib = _mm256_and_si256(g < 2 ? lo : _mm256_srli_epi16(lo, 4), low4);
+            q[4 * n + g] = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * g), two), 4));
+        }
+    }
+}
+
+static void pack_q6(const uint8_t *const rows[8], int64_t nb, pk6 *out) {
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i q[8][8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * 210;
+            const int8_t *sc = (const int8_t *)(b + 192);
+            q6_codes(b, q[r]);
+            out[i].d[r] = f16_to_f32(rd16(b + 208));
+            for (int j = 0; j < 16; j++) out[i].sc[j][r] = sc[j];
+            for (int j = 0; j < 8; j++) out[i].sc2[j][r] = (int32_t)(uint16_t)sc[2 * j] | ((int32_t)sc[2 * j + 1] << 16);
+        }
+        for (int k = 0; k < 8; k++) {
+            __m256i v[8];
+            for (int r = 0; r < 8; r++) v[r] = q[r][k];
+            transpose8(v, (__m256i *)out[i].q[8 * k]);
+        }
+    }
+}
+
+/* ---- products: a packed group against n activation rows (n is a constant where inlined) ---- */
+
+static ALWAYS_INLINE __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Four codes of each of 8 rows (c) times four activation codes (x): int32 lane r += row r's part. */
+static ALWAYS_INLINE __m256i dot4(__m256i acc, __m256i c, __m256i x, int sgn) {
+    if (sgn) return DPBUSD(acc, _mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+    return DPBUSD(acc, c, x);
+}
+
+static ALWAYS_INLINE void run_32(int type, const pk32 *P, int64_t nb, const xq32 *X, int64_t ldx, const int n,
+                                 __m256 *acc) {
+    const int sgn = type == T_Q8_0 && SIGNED_Q8;
+    const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : sgn ? 0 : 128;
+    for (int t = 0; t < n; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i s[4];
+        for (int t = 0; t < n; t++) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            const __m256i c = _mm256_loadu_si256((const __m256i *)P[i].q[k]);
+            for (int t = 0; t < n; t++) s[t] = dot4(s[t], c, bcast4(X[t * ldx + i].q + 4 * k), sgn);
+        }
+        const __m256 d = _mm256_loadu_ps(P[i].d);
+        for (int t = 0; t < n; t++) {
+            const xq32 *x = X + t * ldx + i;
+            if (off) s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32(off * x->sum));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(x->d)), acc[t]);
+        }
+    }
+}
+
+static ALWAYS_INLINE void run_k45(const pk45 *P, int64_t nb, const xq256 *X, int64_t ldx, const int n, __m256 *acc) {
+    for (int t = 0; t < n; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i is[4], mn[4];
+        for (int t = 0; t < n; t++) is[t] = mn[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i p[4];
+            for (int t = 0; t < n; t++) p[t] = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)P[i].q[8 * j + k]);
+                for (int t = 0; t < n; t++) p[t] = DPBUSD(p[t], c, bcast4(X[t * ldx + i].q + 32 * j + 4 * k));
+            }
+            const __m256i sc = _mm256_loadu_si256((const __m256i *)P[i].sc[j]);
+            const __m256i m2 = _mm256_loadu_si256((const __m256i *)P[i].m2[j]);
+            for (int t = 0; t < n; t++) {
+                is[t] = _mm256_add_epi32(is[t], _mm256_mullo_epi32(p[t], sc));
+                mn[t] = DPWSSD(mn[t], m2, bcast4((const int8_t *)(X[t * ldx + i].bsum + 2 * j)));
+            }
+        }
+        const __m256 d = _mm256_loadu_ps(P[i].d), dmin = _mm256_loadu_ps(P[i].dmin);
+        for (int t = 0; t < n; t++) {
+            const __m256 xd = _mm256_set1_ps(X[t * ldx + i].d);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(d, xd), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mn[t]), _mm256_mul_ps(dmin, xd), acc[t]);
+        }
+    }
+}
+
+static ALWAYS_INLINE void run_q6(const pk6 *P, int64_t nb, const xq256 *X, int64_t ldx, const int n, __m256 *acc) {
+    for (int t = 0; t < n; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i is[4], o[4];
+        for (int t = 0; t < n; t++) is[t] = o[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 16; j++) { /* 16 values, one scale */
+            __m256i p[4];
+            for (int t = 0; t < n; t++) p[t] = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)P[i].q[4 * j + k]);
+                for (int t = 0; t < n; t++) p[t] = DPBUSD(p[t], c, bcast4(X[t * ldx + i].q + 16 * j + 4 * k));
+            }
+            const __m256i sc = _mm256_loadu_si256((const __m256i *)P[i].sc[j]);
+            for (int t = 0; t < n; t++) is[t] = _mm256_add_epi32(is[t], _mm256_mullo_epi32(p[t], sc));
+        }
+        for (int j = 0; j < 8; j++) { /* the codes' -32: 32 * sum_j sc_j * (sum of activation codes of j) */
+            const __m256i sc2 = _mm256_loadu_si256((const __m256i *)P[i].sc2[j]);
+            for (int t = 0; t < n; t++) o[t] = DPWSSD(o[t], sc2, bcast4((const int8_t *)(X[t * ldx + i].bsum + 2 * j)));
+        }
+        const __m256 d = _mm256_loadu_ps(P[i].d);
+        for (int t = 0; t < n; t++) {
+            is[t] = _mm256_sub_epi32(is[t], _mm256_slli_epi32(o[t], 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(d, _mm256_set1_ps(X[t * ldx + i].d)), acc[t]);
+        }
+    }
+}
+
+static ALWAYS_INLINE void run_n(int type, const void *P, int64_t nb, const void *X, int64_t ldx, const int n,
+                                __m256 *acc) {
+    switch (type) {
+    case T_Q4_K: case T_Q5_K: run_k45((const pk45 *)P, nb, (const xq256 *)X, ldx, n, acc); break;
+    case T_Q6_K: run_q6((const pk6 *)P, nb, (const xq256 *)X, ldx, n, acc); break;
+    case T_Q4_0: run_32(T_Q4_0, (const pk32 *)P, nb, (const xq32 *)X, ldx, n, acc); break;
+    case T_Q5_0: run_32(T_Q5_0, (const pk32 *)P, nb, (const xq32 *)X, ldx, n, acc); break;
+    default: run_32(T_Q8_0, (const pk32 *)P, nb, (const xq32 *)X, ldx, n, acc); break;
+    }
+}
+
+/* ---- the same sums for a few activation rows, from the rows as stored ----
+ * Packing costs more than it saves below PACK_MIN_T activation rows (decode, MTP's verify,
+ * an expert's few tokens). There each row's block gives 8 int32 lanes of partial sums, and
+ * hsum8 turns 8 rows' lanes into one vector of the 8 rows' exact block sums: the same
+ * integers as the packed path, so the same float arithmetic follows. */
+
+static ALWAYS_INLINE __m256i hsum8(const __m256i v[8]) {
+    const __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i c = _mm256_hadd_epi32(v[4], v[5]), e = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i ab = _mm256_hadd_epi32(a, b), ce = _mm256_hadd_epi32(c, e); /* halves of rows 0-3, 4-7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, ce, 0x20), _mm256_permute2x128_si256(ab, ce, 0x31));
+}
+
+/* The float16 at byte `at` of block i of each of the 8 rows, as 8 floats. */
+static ALWAYS_INLINE __m256 halves8(const uint8_t *const rows[8], int64_t off) {
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(rows[0] + off), (short)rd16(rows[1] + off), (short)rd16(rows[2] + off),
+                                          (short)rd16(rows[3] + off), (short)rd16(rows[4] + off), (short)rd16(rows[5] + off),
+                                          (short)rd16(rows[6] + off), (short)rd16(rows[7] + off)));
+}
+
+static ALWAYS_INLINE void nat_32(int type, const uint8_t *const rows[8], int64_t nb, const xq32 *X, int64_t ldx, const int T, __m256 *acc) {
+    const int sgn = type == T_Q8_0 && SIGNED_Q8;
+    const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : sgn ? 0 : 128;
+    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i S[PACK_MIN_T][8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * bytes;
+            const __m256i u = ucodes32(type, b);
+            for (int t = 0; t < T; t++)
+                S[t][r] = dot4(_mm256_setzero_si256(), u, _mm256_loadu_si256((const __m256i *)X[t * ldx + i].q), sgn);
+        }
+        const __m256 d = halves8(rows, i * bytes);
+        for (int t = 0; t < T; t++) {
+            const xq32 *x = X + t * ldx + i;
+            __m256i s = hsum8(S[t]);
+            if (off) s = _mm256_sub_epi32(s, _mm256_set1_epi32(off * x->sum));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(x->d)), acc[t]);
+        }
+    }
+}
+
+/* The 6-bit scales and mins of a Q4_K/Q5_K block as madd operands: scv[j] = sc_j in every int16
+   lane, mv = (m_0, m_0, m_1, m_1, ..., m_7, m_7) against the activations' sums per 16. The 12
+   bytes hold, per byte lane i of three words a, b, c: sc_i = a & 63 and m_i = b & 63 for i < 4;
+   for i >= 4 the low nibbles of c plus the top two bits of a (scales) or b (mins). */
+static ALWAYS_INLINE void k_scales(const uint8_t *scales, __m256i scv[8], __m256i *mv) {
+    uint32_t a, b, c;
+    memcpy(&a, scales, 4);
+    memcpy(&b, scales + 4, 4);
+    memcpy(&c, scales + 8, 4);
+    const uint32_t sc_lo = a & 0x3f3f3f3fu, m_lo = b & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
+    const uint32_t m_hi = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+    const __m128i sc16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
+    const __m128i m16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo));
+    *mv = _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
+    const __m256i both = _mm256_set_m128i(sc16, sc16);
+    for (int j = 0; j < 8; j++) /* bytes 2j, 2j+1 of each lane: int16 sc_j everywhere */
+        scv[j] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
+}
+
+static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T,
+                    __m256 *acc) {
+    const int bytes = five ? 176 : 144;
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i S[PACK_MIN_T][8], M[PACK_MIN_T][8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * bytes;
+            __m256i q[8], scv[8], mv;
+            k45_codes(five, b, q);
+            k_scales(b + 4, scv, &mv);
+            for (int t = 0; t < T; t++) {
+                const xq256 *x = X + t * ldx + i;
+                __m256i s = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
+                }
+                S[t][r] = s;
+                M[t][r] = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
+            }
+        }
+        const __m256 d = halves8(rows, i * bytes), dmin = halves8(rows, i * bytes + 2);
+        for (int t = 0; t < T; t++) {
+            const __m256 xd = _mm256_set1_ps(X[t * ldx + i].d);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(S[t])), _mm256_mul_ps(d, xd), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hsum8(M[t])), _mm256_mul_ps(dmin, xd), acc[t]);
+        }
+    }
+}
+
+static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T, __m256 *acc) {
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i S[PACK_MIN_T][8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * 210;
+            __m256i q[8], scv[8];
+            q6_codes(b, q);
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+            /* sub-block k: scale 2k on its first 16 values (low lane), 2k+1 on the next 16 */
+            const __m256i lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+            for (int k = 0; k < 8; k++)
+                scv[k] = _mm256_shuffle_epi8(k < 4 ? lo : hi, _mm256_set_m128i(
+                    _mm_set1_epi16((short)(0x0100 + 0x0202 * ((2 * k + 1) & 7))), _mm_set1_epi16((short)(0x0100 + 0x0202 * ((2 * k) & 7)))));
+            for (int t = 0; t < T; t++) {
+                const xq256 *x = X + t * ldx + i;
+                __m256i s = _mm256_setzero_si256();
+                for (int k = 0; k < 8; k++) {
+                    const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(x->q + 32 * k)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
+                }
+                const __m256i o = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
+                S[t][r] = _mm256_sub_epi32(s, _mm256_slli_epi32(o, 5));
+            }
+        }
+        const __m256 d = halves8(rows, i * 210 + 208);
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(S[t])), _mm256_mul_ps(d, _mm256_set1_ps(X[t * ldx + i].d)),
+                                     acc[t]);
+    }
+}
+
+static ALWAYS_INLINE void nat_t(int type, const uint8_t *const rows[8], int64_t nb, const void *X, int64_t ldx,
+                                const int T, __m256 *acc) {
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    switch (type) {
+    case T_Q4_K: nat_k45(0, rows, nb, (const xq256 *)X, ldx, T, acc); break;
+    case T_Q5_K: nat_k45(1, rows, nb, (const xq256 *)X, ldx, T, acc); break;
+    case T_Q6_K: nat_q6(rows, nb, (const xq256 *)X, ldx, T, acc); break;
+    default: nat_32(type, rows, nb, (const xq32 *)X, ldx, T, acc); break;
+    }
+}
+
+/* T < PACK_MIN_T, each count compiled on its own so the partial sums stay in registers. */
+static void nat_group(int type, const uint8_t *const rows[8], int64_t nb, const void *X, int64_t ldx, int T,
+                      __m256 *acc) {
+    switch (T) {
+    case 1: nat_t(type, rows, nb, X, ldx, 1, acc); break;
+    case 2: nat_t(type, rows, nb, X, ldx, 2, acc); break;
+    case 3: nat_t(type, rows, nb, X, ldx, 3, acc); break;
+    case 4: nat_t(type, rows, nb, X, ldx, 4, acc); break;
+    case 5: nat_t(type, rows, nb, X, ldx, 5, acc); break;
+    case 6: nat_t(type, rows, nb, X, ldx, 6, acc); break;
+    default: nat_t(type, rows, nb, X, ldx, 7, acc); break;
+    }
+}
+
+static void store_rows(const __m256 *acc, int n, int nr, float *Y, int64_t ldy) {
+    for (int t = 0; t < n; t++) {
+        float v[8];
+        _mm256_storeu_ps(v, acc[t]);
+        for (int r = 0; r < nr; r++) Y[t * ldy + r] = v[r];
+    }
+}
+
+void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XQ, int64_t T,
+                 float *Y, int64_t ldy, void *buf) {
+    const uint8_t *rows[8];
+    for (int r = 0; r < 8; r++) rows[r] = W + (r < nr ? r : nr - 1) * row_bytes; /* pad with the last row */
+    const int xb = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 256 : 32;
+    const int64_t nb = ncols / xb;
+    const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    if (T < (xb == 32 ? PACK_MIN_T_32 : PACK_MIN_T)) {
+        __m256 acc[PACK_MIN_T];
+        nat_group(type, rows, nb, XQ, nb, (int)T, acc);
+        store_rows(acc, (int)T, nr, Y, ldy);
+        return;
+    }
+    switch (type) {
+    case T_Q4_K: pack_k45(0, rows, nb, buf); break;
+    case T_Q5_K: pack_k45(1, rows, nb, buf); break;
+    case T_Q6_K: pack_q6(rows, nb, buf); break;
+    default: pack_32(type, rows, nb, buf); break;
+    }
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) {
+        __m256 acc[4];
+        run_n(type, buf, nb, (const char *)XQ + (size_t)(t * nb) * xs, nb, 4, acc);
+        store_rows(acc, 4, nr, Y + t * ldy, ldy);
+    }
+    for (; t < T; t++) {
+        __m256 acc[1];
+        run_n(type, buf, nb, (const char *)XQ + (size_t)(t * nb) * xs, nb, 1, acc);
+        store_rows(acc, 1, nr, Y + t * ldy, ldy);
+    }
+}
+
+#else
+int pack8_supported(int type) { (void)type; return 0; }
+#endif
