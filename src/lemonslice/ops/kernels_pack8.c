@@ -28,7 +28,7 @@
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 /* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
 #define PACK_MIN_T 8
-#define PACK_MIN_T_32 3
+#define PACK_MIN_T_32 2
 
 /* One packed block of a group of 8 rows; q[k] lane r = codes 4k..4k+3 of row r. */
 typedef struct { uint8_t q[8][32]; float d[8]; } pk32;
@@ -43,10 +43,21 @@ int pack8_supported(int type) {
 }
 
 size_t pack8_bytes(int type, int64_t ncols) {
+    /* the larger of a packed group and the unpacked path's lane sums (8 rows x T < threshold) */
+    const size_t lanes = 8 * sizeof(__m256i);
     switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: return (size_t)(ncols / 32) * sizeof(pk32);
-    case T_Q4_K: case T_Q5_K: return (size_t)(ncols / 256) * sizeof(pk45);
-    case T_Q6_K: return (size_t)(ncols / 256) * sizeof(pk6);
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: {
+        const size_t pk = sizeof(pk32), nat = (PACK_MIN_T_32 - 1) * 8 * sizeof(int32_t) + 8 * sizeof(float);
+        return (size_t)(ncols / 32) * (pk > nat ? pk : nat);
+    }
+    case T_Q4_K: case T_Q5_K: {
+        const size_t pk = sizeof(pk45), nat = 2 * (PACK_MIN_T - 1) * lanes + 16 * sizeof(float);
+        return (size_t)(ncols / 256) * (pk > nat ? pk : nat);
+    }
+    case T_Q6_K: {
+        const size_t pk = sizeof(pk6), nat = (PACK_MIN_T - 1) * lanes + 8 * sizeof(float);
+        return (size_t)(ncols / 256) * (pk > nat ? pk : nat);
+    }
     default: return 0;
     }
 }
@@ -85,7 +96,11 @@ static ALWAYS_INLINE __m256i ucodes32(int type, const uint8_t *b) {
     if (type == T_Q4_0) return nib;
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_mask_add_epi8(nib, (__mmask32)qh, nib, _mm256_set1_epi8(0x10)); /* + 16 where the fifth bit is set */
+#else
     return _mm256_or_si256(nib, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+#endif
 }
 
 static void pack_32(int type, const uint8_t *const rows[8], int64_t nb, pk32 *out) {
@@ -291,29 +306,71 @@ static ALWAYS_INLINE __m256i hsum8(const __m256i v[8]) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(ab, ce, 0x20), _mm256_permute2x128_si256(ab, ce, 0x31));
 }
 
-/* The float16 at byte `at` of block i of each of the 8 rows, as 8 floats. */
-static ALWAYS_INLINE __m256 halves8(const uint8_t *const rows[8], int64_t off) {
-    return _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(rows[0] + off), (short)rd16(rows[1] + off), (short)rd16(rows[2] + off),
-                                          (short)rd16(rows[3] + off), (short)rd16(rows[4] + off), (short)rd16(rows[5] + off),
-                                          (short)rd16(rows[6] + off), (short)rd16(rows[7] + off)));
+/* hsum8 of v[0], v[stride], ..., v[7 * stride]. */
+static ALWAYS_INLINE __m256i hsum8s(const __m256i *v, int64_t stride) {
+    __m256i w[8];
+    for (int r = 0; r < 8; r++) w[r] = _mm256_load_si256(v + r * stride);
+    return hsum8(w);
 }
 
-static ALWAYS_INLINE void nat_32(int type, const uint8_t *const rows[8], int64_t nb, const xq32 *X, int64_t ldx, const int T, __m256 *acc) {
+/* Phase 1 reads each row once from start to end, as stored (a weight streamed from memory is then
+   read sequentially, which the prefetchers follow), leaving lane sums S[(r*nb + i)*T + t] and the
+   scales; phase 2 reduces them block by block into the float chain without reading a row again. */
+/* Four vectors of lane sums -> their four totals (exact integers). */
+static ALWAYS_INLINE __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i v = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+}
+
+static ALWAYS_INLINE int32_t hsum1(__m256i a) {
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    const __m128i q = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+    return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 1)));
+}
+
+/* Phase 1 reads the 8 rows one after the other, each from start to end as stored: one sequential
+   stream through the weight, which the prefetchers follow (rows of 640 values are 11 cache lines,
+   too short for a stream per row). It leaves each row's exact block sums, four blocks reduced
+   together, in Si[(t*8 + r)*nb + i], and the scales in dh; phase 2 gathers the 8 rows' sums of a
+   block and runs the float chain block by block. */
+static ALWAYS_INLINE void nat_32(int type, const uint8_t *const rows[8], int64_t nb, const xq32 *X, int64_t ldx,
+                                 const int T, __m256 *acc, int32_t *Si) {
     const int sgn = type == T_Q8_0 && SIGNED_Q8;
     const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : sgn ? 0 : 128;
     const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
-    for (int64_t i = 0; i < nb; i++) {
-        __m256i S[PACK_MIN_T][8];
-        for (int r = 0; r < 8; r++) {
-            const uint8_t *b = rows[r] + i * bytes;
-            const __m256i u = ucodes32(type, b);
-            for (int t = 0; t < T; t++)
-                S[t][r] = dot4(_mm256_setzero_si256(), u, _mm256_loadu_si256((const __m256i *)X[t * ldx + i].q), sgn);
+    uint16_t *dh = (uint16_t *)(Si + 8 * nb * T); /* [nb][8] the rows' float16 scales, as stored */
+    const __m256i z = _mm256_setzero_si256();
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *row = rows[r]; /* a local: the vector stores below may alias rows[] */
+        int64_t i = 0;
+        for (; i + 4 <= nb; i += 4) {
+            __m256i u[4];
+            for (int k = 0; k < 4; k++) {
+                u[k] = ucodes32(type, row + (i + k) * bytes);
+                memcpy(dh + (i + k) * 8 + r, row + (i + k) * bytes, 2);
+            }
+            for (int t = 0; t < T; t++) {
+                const xq32 *x = X + t * ldx + i;
+                _mm_storeu_si128((__m128i *)(Si + (t * 8 + r) * nb + i),
+                                 hsum4(dot4(z, u[0], _mm256_loadu_si256((const __m256i *)x[0].q), sgn),
+                                       dot4(z, u[1], _mm256_loadu_si256((const __m256i *)x[1].q), sgn),
+                                       dot4(z, u[2], _mm256_loadu_si256((const __m256i *)x[2].q), sgn),
+                                       dot4(z, u[3], _mm256_loadu_si256((const __m256i *)x[3].q), sgn)));
+            }
         }
-        const __m256 d = halves8(rows, i * bytes);
+        for (; i < nb; i++) {
+            const __m256i u = ucodes32(type, row + i * bytes);
+            memcpy(dh + i * 8 + r, row + i * bytes, 2);
+            for (int t = 0; t < T; t++)
+                Si[(t * 8 + r) * nb + i] = hsum1(dot4(z, u, _mm256_loadu_si256((const __m256i *)X[t * ldx + i].q), sgn));
+        }
+    }
+    const __m256i rows8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)nb));
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + i * 8)));
         for (int t = 0; t < T; t++) {
             const xq32 *x = X + t * ldx + i;
-            __m256i s = hsum8(S[t]);
+            __m256i s = _mm256_i32gather_epi32((const int *)(Si + t * 8 * nb + i), rows8, 4);
             if (off) s = _mm256_sub_epi32(s, _mm256_set1_epi32(off * x->sum));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(x->d)), acc[t]);
         }
@@ -340,13 +397,15 @@ static ALWAYS_INLINE void k_scales(const uint8_t *scales, __m256i scv[8], __m256
         scv[j] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
 }
 
-static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T,
-                    __m256 *acc) {
+static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx,
+                                  const int T, __m256 *acc, __m256i *S) {
     const int bytes = five ? 176 : 144;
-    for (int64_t i = 0; i < nb; i++) {
-        __m256i S[PACK_MIN_T][8], M[PACK_MIN_T][8];
-        for (int r = 0; r < 8; r++) {
+    __m256i *M = S + nb * T * 8;
+    uint32_t *dh = (uint32_t *)(M + nb * T * 8); /* [nb][8] the rows' float16 d and dmin, as stored */
+    for (int r = 0; r < 8; r++)
+        for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = rows[r] + i * bytes;
+            memcpy(dh + i * 8 + r, b, 4);
             __m256i q[8], scv[8], mv;
             k45_codes(five, b, q);
             k_scales(b + 4, scv, &mv);
@@ -357,24 +416,30 @@ static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_
                     const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
                 }
-                S[t][r] = s;
-                M[t][r] = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
+                S[(r * nb + i) * T + t] = s;
+                M[(r * nb + i) * T + t] = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
             }
         }
-        const __m256 d = halves8(rows, i * bytes), dmin = halves8(rows, i * bytes + 2);
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(dh + i * 8)); /* d | dmin << 16 per row */
+        const __m256i lo = _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)), hi = _mm256_srli_epi32(h, 16);
+        const __m256 d = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1)));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
         for (int t = 0; t < T; t++) {
             const __m256 xd = _mm256_set1_ps(X[t * ldx + i].d);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(S[t])), _mm256_mul_ps(d, xd), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hsum8(M[t])), _mm256_mul_ps(dmin, xd), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8s(S + i * T + t, nb * T)), _mm256_mul_ps(d, xd), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hsum8s(M + i * T + t, nb * T)), _mm256_mul_ps(dmin, xd), acc[t]);
         }
     }
 }
 
-static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T, __m256 *acc) {
-    for (int64_t i = 0; i < nb; i++) {
-        __m256i S[PACK_MIN_T][8];
-        for (int r = 0; r < 8; r++) {
+static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T,
+                                 __m256 *acc, __m256i *S) {
+    uint16_t *dh = (uint16_t *)(S + nb * T * 8); /* [nb][8] the rows' float16 d, as stored */
+    for (int r = 0; r < 8; r++)
+        for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = rows[r] + i * 210;
+            memcpy(dh + i * 8 + r, b + 208, 2);
             __m256i q[8], scv[8];
             q6_codes(b, q);
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
@@ -391,38 +456,41 @@ static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
                 }
                 const __m256i o = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
-                S[t][r] = _mm256_sub_epi32(s, _mm256_slli_epi32(o, 5));
+                S[(r * nb + i) * T + t] = _mm256_sub_epi32(s, _mm256_slli_epi32(o, 5));
             }
         }
-        const __m256 d = halves8(rows, i * 210 + 208);
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + i * 8)));
         for (int t = 0; t < T; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(S[t])), _mm256_mul_ps(d, _mm256_set1_ps(X[t * ldx + i].d)),
-                                     acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8s(S + i * T + t, nb * T)),
+                                     _mm256_mul_ps(d, _mm256_set1_ps(X[t * ldx + i].d)), acc[t]);
     }
 }
 
 static ALWAYS_INLINE void nat_t(int type, const uint8_t *const rows[8], int64_t nb, const void *X, int64_t ldx,
-                                const int T, __m256 *acc) {
+                                const int T, __m256 *acc, __m256i *S) {
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     switch (type) {
-    case T_Q4_K: nat_k45(0, rows, nb, (const xq256 *)X, ldx, T, acc); break;
-    case T_Q5_K: nat_k45(1, rows, nb, (const xq256 *)X, ldx, T, acc); break;
-    case T_Q6_K: nat_q6(rows, nb, (const xq256 *)X, ldx, T, acc); break;
-    default: nat_32(type, rows, nb, (const xq32 *)X, ldx, T, acc); break;
+    case T_Q4_K: nat_k45(0, rows, nb, (const xq256 *)X, ldx, T, acc, S); break;
+    case T_Q5_K: nat_k45(1, rows, nb, (const xq256 *)X, ldx, T, acc, S); break;
+    case T_Q6_K: nat_q6(rows, nb, (const xq256 *)X, ldx, T, acc, S); break;
+    case T_Q4_0: nat_32(T_Q4_0, rows, nb, (const xq32 *)X, ldx, T, acc, (int32_t *)S); break;
+    case T_Q5_0: nat_32(T_Q5_0, rows, nb, (const xq32 *)X, ldx, T, acc, (int32_t *)S); break;
+    default: nat_32(T_Q8_0, rows, nb, (const xq32 *)X, ldx, T, acc, (int32_t *)S); break;
     }
 }
 
 /* T < PACK_MIN_T, each count compiled on its own so the partial sums stay in registers. */
 static void nat_group(int type, const uint8_t *const rows[8], int64_t nb, const void *X, int64_t ldx, int T,
-                      __m256 *acc) {
+                      __m256 *acc, __m256i *S) {
     switch (T) {
-    case 1: nat_t(type, rows, nb, X, ldx, 1, acc); break;
-    case 2: nat_t(type, rows, nb, X, ldx, 2, acc); break;
-    case 3: nat_t(type, rows, nb, X, ldx, 3, acc); break;
-    case 4: nat_t(type, rows, nb, X, ldx, 4, acc); break;
-    case 5: nat_t(type, rows, nb, X, ldx, 5, acc); break;
-    case 6: nat_t(type, rows, nb, X, ldx, 6, acc); break;
-    default: nat_t(type, rows, nb, X, ldx, 7, acc); break;
+    case 1: nat_t(type, rows, nb, X, ldx, 1, acc, S); break;
+    case 2: nat_t(type, rows, nb, X, ldx, 2, acc, S); break;
+    case 3: nat_t(type, rows, nb, X, ldx, 3, acc, S); break;
+    case 4: nat_t(type, rows, nb, X, ldx, 4, acc, S); break;
+    case 5: nat_t(type, rows, nb, X, ldx, 5, acc, S); break;
+    case 6: nat_t(type, rows, nb, X, ldx, 6, acc, S); break;
+    default: nat_t(type, rows, nb, X, ldx, 7, acc, S); break;
     }
 }
 
@@ -443,7 +511,7 @@ void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
     const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
     if (T < (xb == 32 ? PACK_MIN_T_32 : PACK_MIN_T)) {
         __m256 acc[PACK_MIN_T];
-        nat_group(type, rows, nb, XQ, nb, (int)T, acc);
+        nat_group(type, rows, nb, XQ, nb, (int)T, acc, buf);
         store_rows(acc, (int)T, nr, Y, ldy);
         return;
     }
