@@ -3,6 +3,7 @@ by side in one run, on the same file with the same thread count.
 
     python bench/engine.py --layers 4 --vocab 32000 --threads 2 --prompt 64 -n 8
     python bench/engine.py --gguf gemma --threads 2 --prompt 64 -n 32   # the real Gemma 3 270M
+    python bench/engine.py --gguf gemma --repeat 5   # each rate the median of 5 runs per engine, taking turns
 
 The model is a synthetic qwen35moe with the real Qwen3.5-35B-A3B layer shapes and Q4_K_M-like
 types (about 0.55 GB a layer), random weights with finite scales, and a reduced vocabulary
@@ -35,6 +36,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -267,6 +269,8 @@ def main() -> None:
     ap.add_argument("--llama-build", choices=["installed", "avx2", "both"], default="installed",
                     help="llama.cpp to race: the installed wheel, one built for AVX2 without AMX, or both")
     ap.add_argument("--exact", action="store_true", help="lemonslice with float activations")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each configuration, taking turns; the ratios use each rate's median")
     # worker mode
     ap.add_argument("--worker", choices=["lemonslice", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -317,19 +321,30 @@ def main() -> None:
     head = (f"{'engine':24} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12} "
             f"{'wall s':>7}  first tokens")
     print(head)
-    for key, (kind, path, mem, extra, pythonpath, _) in runs.items():
-        if args.only and key.split("-")[0] not in args.only:
-            continue
-        r = run_worker(kind, path, args, prompt, mem, extra, pythonpath, fatal=not key.endswith("-repacked"))
-        if r is None:
-            continue
-        results[key] = r
-        r["prefill_tps"] = r["prefill_tokens"] / r["prefill_s"] if r["prefill_s"] else 0.0
-        r["decode_tps"] = r["decode_tokens"] / r["decode_s"] if r["decode_s"] else 0.0
-        if kind == "lemonslice" and (r["mode"] == "streaming") != (key == "streaming"):
-            sys.exit(f"{labels[key]}: the engine chose {r['mode']} mode")
-        print(f"{labels[key]:24} {r['load_s']:>7.2f} {r['prefill_tps']:>14.2f} {r['decode_tps']:>13.3f} "
-              f"{r['peak_rss'] / 1e6:>12.0f} {r['wall_s']:>7.1f}  {' '.join(map(str, r['ids'][:6]))}", flush=True)
+    every: dict[str, list[dict]] = {}
+    # --repeat: the configurations take turns, so a slow spell of a shared machine hits them alike
+    for _ in range(args.repeat):
+        for key, (kind, path, mem, extra, pythonpath, _) in runs.items():
+            if args.only and key.split("-")[0] not in args.only:
+                continue
+            r = run_worker(kind, path, args, prompt, mem, extra, pythonpath, fatal=not key.endswith("-repacked"))
+            if r is None:
+                continue
+            every.setdefault(key, []).append(r)
+            r["prefill_tps"] = r["prefill_tokens"] / r["prefill_s"] if r["prefill_s"] else 0.0
+            r["decode_tps"] = r["decode_tokens"] / r["decode_s"] if r["decode_s"] else 0.0
+            if kind == "lemonslice" and (r["mode"] == "streaming") != (key == "streaming"):
+                sys.exit(f"{labels[key]}: the engine chose {r['mode']} mode")
+            print(f"{labels[key]:24} {r['load_s']:>7.2f} {r['prefill_tps']:>14.2f} {r['decode_tps']:>13.3f} "
+                  f"{r['peak_rss'] / 1e6:>12.0f} {r['wall_s']:>7.1f}  {' '.join(map(str, r['ids'][:6]))}", flush=True)
+    for key, rs in every.items():
+        # each rate's median over the runs (the first run's other fields)
+        results[key] = dict(rs[0], prefill_tps=statistics.median(r["prefill_tps"] for r in rs),
+                            decode_tps=statistics.median(r["decode_tps"] for r in rs))
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} runs each:")
+        for key, r in results.items():
+            print(f"{labels[key]:24} prefill {r['prefill_tps']:.2f} tok/s, decode {r['decode_tps']:.3f} tok/s")
 
     llamas = [r for k, r in results.items() if k.startswith("llama")]
     if llamas:

@@ -63,7 +63,9 @@ def delta_rule_recurrent(
     return out, s
 
 
-# Up to this many tokens (decode, an MTP verify pass) the rule runs token by token in C.
+# Without the C kernels, up to this many tokens (decode, an MTP verify pass) the rule runs token
+# by token in torch, and longer prompts in chunks. With them, every forward runs token by token in
+# C: 2.3x the chunked form's speed at 64 tokens and 2.6x at 256 (32 heads of 128 x 128, 2 threads).
 STEP_MAX = 16
 
 
@@ -78,7 +80,7 @@ def delta_rule_steps(
 
 def pick_rule(T: int):  # noqa: ANN201
     """The rule a forward over T tokens uses (and a rewind replays, to get the same state)."""
-    return delta_rule_steps if T <= STEP_MAX else delta_rule_chunked
+    return delta_rule_steps if T <= STEP_MAX or kernels.library() is not None else delta_rule_chunked
 
 
 def delta_rule_chunked(

@@ -448,12 +448,15 @@ class MoE:
         experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
         experts_l, counts_l = experts.tolist(), counts.tolist()
         arriving = self.experts.fetch(experts_l, counts_l)
-        xs = x[order // k]  # [T*k, E] each slot's input, grouped by expert
+        # [T*k + T, E]: each slot's input grouped by expert, then the tokens for the shared expert
+        inputs = x.new_empty((T * k + T, E))
+        xs = torch.index_select(x, 0, order // k, out=inputs[: T * k])
+        inputs[T * k :] = x
         gate = torch.sigmoid(linear(x, self.shexp_gate_w))  # [T, 1]
         if self.experts.resident:
             # Every expert at once, the shared one as one more: one kernel call for all of them.
             got = dict(arriving)
-            both = swiglu_experts(torch.cat((xs, x)), [*counts_l, T], [*(got[e] for e in experts_l), self.shexp.parts])
+            both = swiglu_experts(inputs, [*counts_l, T], [*(got[e] for e in experts_l), self.shexp.parts])
             ys, shared = both[: T * k], gate * both[T * k :]
         else:
             # The shared expert first: an expert cache reads the missing experts meanwhile.
@@ -464,8 +467,9 @@ class MoE:
             for e, parts in arriving:
                 s, t = rows[e]
                 ys[s:t] = swiglu_experts(xs[s:t], [t - s], [parts])
-        d = torch.empty_like(ys)
-        d[order] = ys  # back to slot order; the slots are summed in a fixed order below
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel())
+        d = ys.index_select(0, back)  # back to slot order; the slots are summed in a fixed order below
         routed = (d.view(T, k, E) * w.unsqueeze(-1)).sum(1)  # [T, E]
         return routed + shared
 
