@@ -187,6 +187,17 @@ def test_8bit_rows_do_not_depend_on_the_batch(t):
     assert torch.equal(kernels.qmatmul_q8(x, raw[5:18], t, 768), together[:, 5:18])  # rows grouped otherwise
 
 
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_8bit_long_rows_do_not_depend_on_the_batch(t):
+    # Rows of more than 16 blocks take the unpacked path's scalar variant for 1-7 activation rows.
+    raw = torch.from_numpy(blocks(t, 11, 17 * 256, seed=8))
+    x = torch.randn(9, 17 * 256, generator=torch.Generator().manual_seed(4))
+    together = kernels.qmatmul_q8(x, raw, t, 17 * 256)  # 9 rows: packed
+    for n in (1, 2, 7):
+        assert torch.equal(kernels.qmatmul_q8(x[:n], raw, t, 17 * 256), together[:n])
+    assert_close_rel(together, linear_q8_ref(x, QuantWeight(raw, t, (17 * 256, 11))), rel=2e-6)
+
+
 PACKED = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 
 

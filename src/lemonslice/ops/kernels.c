@@ -439,7 +439,19 @@ static void quant_rows(int xb, const float *X, int64_t T, int64_t ncols, void *X
     }
 }
 
-static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
+/* A thread's scratch of at least `bytes`, kept for its next call: a fresh allocation past malloc's
+   mmap threshold (128 KiB: a group of 8 rows of 9216 values) was mapped, faulted in and unmapped
+   on every call, which cost the product of such rows 1.8x its time. */
+static void *scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t size;
+    if (bytes > size) {
+        size = (bytes + 4095) / 4096 * 4096;
+        buf = aligned_alloc(64, size);
+        if (!buf) size = 0;
+    }
+    return buf;
+}
 
 /* Y [T, nrows] = round8(X) [T, ncols] @ W.T for any T; -1 for a type without an 8-bit path. */
 int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols,
@@ -450,22 +462,26 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
     const size_t xsize = xb == 32 ? sizeof(xq32) : sizeof(xq256);
     void *XQ = malloc((size_t)(T * nb) * xsize);
     if (!XQ) return -2;
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) quant_rows(xb, X + t * ncols, 1, ncols, (char *)XQ + (size_t)(t * nb) * xsize);
         void *buf = scratch(pack8_bytes(type, ncols));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
         /* Static halves: each thread streams one contiguous range, which the hardware
            prefetcher follows (2x dynamic chunks' bandwidth on a 178 MB LM head). */
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < (nrows + 7) / 8; g++) {
             const int nr = (int)(nrows - 8 * g < 8 ? nrows - 8 * g : 8);
-            rows_to(type, W + 8 * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + 8 * g, nrows, buf);
+            if (buf) rows_to(type, W + 8 * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + 8 * g, nrows, buf);
         }
-        free(buf);
     }
     free(XQ);
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* SwiGLU experts, all in one call: for expert j, Y_j [T_j, E] = down_j(silu(gate_j X_j) * up_j X_j)
@@ -496,9 +512,14 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
     if (!XQ || !H || !HQ || !start) { free(XQ); free(H); free(HQ); free(start); return -2; }
     start[0] = 0;
     for (int64_t j = 0; j < n_jobs; j++) start[j + 1] = start[j] + jobs[11 * j + 9];
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         void *buf = scratch(pk);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n_jobs; j++)
             quant_rows(gb, (const float *)jobs[11 * j + 8], jobs[11 * j + 9], E,
@@ -511,7 +532,7 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
             const int nr = (int)(F - r < 8 ? F - r : 8);
             const uint8_t *row = !up ? (const uint8_t *)J[1] + r * J[2]
                                      : J[3] ? (const uint8_t *)J[3] + r * J[4] : (const uint8_t *)J[1] + (F + r) * J[2];
-            rows_to((int)J[0], row, up && J[3] ? J[4] : J[2], nr, E, XQ + (size_t)(start[j] * (E / gb)) * gxs, J[9],
+            if (buf) rows_to((int)J[0], row, up && J[3] ? J[4] : J[2], nr, E, XQ + (size_t)(start[j] * (E / gb)) * gxs, J[9],
                     H + start[j] * 2 * F + up * F + r, 2 * F, buf);
         }
 #pragma omp for schedule(static)
@@ -524,13 +545,12 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
         for (int64_t i = 0; i < n_jobs * eg; i++) {
             const int64_t j = i / eg, r = 8 * (i % eg);
             const int64_t *J = jobs + 11 * j;
-            rows_to((int)J[5], (const uint8_t *)J[6] + r * J[7], J[7], (int)(E - r < 8 ? E - r : 8), F,
+            if (buf) rows_to((int)J[5], (const uint8_t *)J[6] + r * J[7], J[7], (int)(E - r < 8 ? E - r : 8), F,
                     HQ + (size_t)(start[j] * (F / db)) * dxs, J[9], (float *)J[10] + r, E, buf);
         }
-        free(buf);
     }
     free(XQ); free(H); free(HQ); free(start);
-    return 0;
+    return failed ? -2 : 0;
 }
 #else
 int ls_q8_supported(int type) { (void)type; return 0; }

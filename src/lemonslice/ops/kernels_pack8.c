@@ -397,6 +397,16 @@ static ALWAYS_INLINE void k_scales(const uint8_t *scales, __m256i scv[8], __m256
         scv[j] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
 }
 
+/* Lane sums of a Q4_K/Q5_K block's codes times their scales against activation block x. */
+static ALWAYS_INLINE __m256i k45_lanes(const __m256i q[8], const __m256i scv[8], const xq256 *x) {
+    __m256i s = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+        const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
+    }
+    return s;
+}
+
 static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx,
                                   const int T, __m256 *acc, __m256i *S) {
     const int bytes = five ? 176 : 144;
@@ -411,12 +421,7 @@ static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_
             k_scales(b + 4, scv, &mv);
             for (int t = 0; t < T; t++) {
                 const xq256 *x = X + t * ldx + i;
-                __m256i s = _mm256_setzero_si256();
-                for (int j = 0; j < 8; j++) {
-                    const __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(x->q + 32 * j)));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[j]));
-                }
-                S[(r * nb + i) * T + t] = s;
+                S[(r * nb + i) * T + t] = k45_lanes(q, scv, x);
                 M[(r * nb + i) * T + t] = _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum));
             }
         }
@@ -433,6 +438,66 @@ static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_
     }
 }
 
+/* The totals of two vectors of lane sums, as floats (total of a, total of b) in lanes 0 and 1. */
+static ALWAYS_INLINE __m128 hsum2f(__m256i a, __m256i b) {
+    const __m256i v = _mm256_hadd_epi32(a, b);
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    return _mm_cvtepi32_ps(_mm_hadd_epi32(h, h));
+}
+
+/* nat_k45 for long rows (more than 16 blocks): nothing is stored while a row streams by (with
+   the lane sums stored, a 9216-value row ran at half the bandwidth); each row's float chain runs
+   in lane 0 of a scalar register with the scalar forms of the vector operations (the same IEEE
+   operations on the same values, so the same bits). */
+static ALWAYS_INLINE void nat_k45_long(int five, const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx,
+                                       const int T, __m256 *acc) {
+    const int bytes = five ? 176 : 144;
+    float out[PACK_MIN_T][8];
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *row = rows[r];
+        __m128 a[PACK_MIN_T];
+        for (int t = 0; t < T; t++) a[t] = _mm_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *b = row + i * bytes;
+            const __m128 d = _mm_set_ss(f16_to_f32(rd16(b))), dmin = _mm_set_ss(f16_to_f32(rd16(b + 2)));
+            __m256i q[8], scv[8], mv;
+            k45_codes(five, b, q);
+            k_scales(b + 4, scv, &mv);
+            for (int t = 0; t < T; t++) {
+                const xq256 *x = X + t * ldx + i;
+                const __m128 f = hsum2f(k45_lanes(q, scv, x), _mm256_madd_epi16(mv, _mm256_loadu_si256((const __m256i *)x->bsum)));
+                const __m128 xd = _mm_set_ss(x->d);
+                a[t] = _mm_fmadd_ss(f, _mm_mul_ss(d, xd), a[t]);
+                a[t] = _mm_fnmadd_ss(_mm_movehdup_ps(f), _mm_mul_ss(dmin, xd), a[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) out[t][r] = _mm_cvtss_f32(a[t]);
+    }
+    for (int t = 0; t < T; t++) acc[t] = _mm256_loadu_ps(out[t]);
+}
+
+/* A Q6_K block's codes and scales as madd operands: sub-block k (32 values) has scale 2k on its
+   first 16 values (low lane) and 2k+1 on the next 16. */
+static ALWAYS_INLINE void q6_prep(const uint8_t *b, __m256i q[8], __m256i scv[8], __m256i *sc16) {
+    q6_codes(b, q);
+    *sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+    const __m256i lo = _mm256_permute2x128_si256(*sc16, *sc16, 0x00), hi = _mm256_permute2x128_si256(*sc16, *sc16, 0x11);
+    for (int k = 0; k < 8; k++)
+        scv[k] = _mm256_shuffle_epi8(k < 4 ? lo : hi, _mm256_set_m128i(
+            _mm_set1_epi16((short)(0x0100 + 0x0202 * ((2 * k + 1) & 7))), _mm_set1_epi16((short)(0x0100 + 0x0202 * ((2 * k) & 7)))));
+}
+
+/* Lane sums of a prepared Q6_K block against activation block x, the codes' -32 taken off. */
+static ALWAYS_INLINE __m256i q6_lanes(const __m256i q[8], const __m256i scv[8], __m256i sc16, const xq256 *x) {
+    __m256i s = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) {
+        const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(x->q + 32 * k)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
+    }
+    const __m256i o = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
+    return _mm256_sub_epi32(s, _mm256_slli_epi32(o, 5));
+}
+
 static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T,
                                  __m256 *acc, __m256i *S) {
     uint16_t *dh = (uint16_t *)(S + nb * T * 8); /* [nb][8] the rows' float16 d, as stored */
@@ -440,24 +505,9 @@ static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const
         for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = rows[r] + i * 210;
             memcpy(dh + i * 8 + r, b + 208, 2);
-            __m256i q[8], scv[8];
-            q6_codes(b, q);
-            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-            /* sub-block k: scale 2k on its first 16 values (low lane), 2k+1 on the next 16 */
-            const __m256i lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-            for (int k = 0; k < 8; k++)
-                scv[k] = _mm256_shuffle_epi8(k < 4 ? lo : hi, _mm256_set_m128i(
-                    _mm_set1_epi16((short)(0x0100 + 0x0202 * ((2 * k + 1) & 7))), _mm_set1_epi16((short)(0x0100 + 0x0202 * ((2 * k) & 7)))));
-            for (int t = 0; t < T; t++) {
-                const xq256 *x = X + t * ldx + i;
-                __m256i s = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k++) {
-                    const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(x->q + 32 * k)));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
-                }
-                const __m256i o = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
-                S[(r * nb + i) * T + t] = _mm256_sub_epi32(s, _mm256_slli_epi32(o, 5));
-            }
+            __m256i q[8], scv[8], sc16;
+            q6_prep(b, q, scv, &sc16);
+            for (int t = 0; t < T; t++) S[(r * nb + i) * T + t] = q6_lanes(q, scv, sc16, X + t * ldx + i);
         }
     for (int64_t i = 0; i < nb; i++) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + i * 8)));
@@ -467,13 +517,46 @@ static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const
     }
 }
 
+/* nat_q6 for long rows, as nat_k45_long. */
+static ALWAYS_INLINE void nat_q6_long(const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx,
+                                      const int T, __m256 *acc) {
+    float out[PACK_MIN_T][8];
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *row = rows[r];
+        __m128 a[PACK_MIN_T];
+        for (int t = 0; t < T; t++) a[t] = _mm_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *b = row + i * 210;
+            const __m128 d = _mm_set_ss(f16_to_f32(rd16(b + 208)));
+            __m256i q[8], scv[8], sc16;
+            q6_prep(b, q, scv, &sc16);
+            for (int t = 0; t < T; t++) {
+                const xq256 *x = X + t * ldx + i;
+                const __m128 f = _mm_cvtsi32_ss(_mm_setzero_ps(), hsum1(q6_lanes(q, scv, sc16, x)));
+                a[t] = _mm_fmadd_ss(f, _mm_mul_ss(d, _mm_set_ss(x->d)), a[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) out[t][r] = _mm_cvtss_f32(a[t]);
+    }
+    for (int t = 0; t < T; t++) acc[t] = _mm256_loadu_ps(out[t]);
+}
+
 static ALWAYS_INLINE void nat_t(int type, const uint8_t *const rows[8], int64_t nb, const void *X, int64_t ldx,
                                 const int T, __m256 *acc, __m256i *S) {
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     switch (type) {
-    case T_Q4_K: nat_k45(0, rows, nb, (const xq256 *)X, ldx, T, acc, S); break;
-    case T_Q5_K: nat_k45(1, rows, nb, (const xq256 *)X, ldx, T, acc, S); break;
-    case T_Q6_K: nat_q6(rows, nb, (const xq256 *)X, ldx, T, acc, S); break;
+    case T_Q4_K:
+        if (nb > 16) nat_k45_long(0, rows, nb, (const xq256 *)X, ldx, T, acc);
+        else nat_k45(0, rows, nb, (const xq256 *)X, ldx, T, acc, S);
+        break;
+    case T_Q5_K:
+        if (nb > 16) nat_k45_long(1, rows, nb, (const xq256 *)X, ldx, T, acc);
+        else nat_k45(1, rows, nb, (const xq256 *)X, ldx, T, acc, S);
+        break;
+    case T_Q6_K:
+        if (nb > 16) nat_q6_long(rows, nb, (const xq256 *)X, ldx, T, acc);
+        else nat_q6(rows, nb, (const xq256 *)X, ldx, T, acc, S);
+        break;
     case T_Q4_0: nat_32(T_Q4_0, rows, nb, (const xq32 *)X, ldx, T, acc, (int32_t *)S); break;
     case T_Q5_0: nat_32(T_Q5_0, rows, nb, (const xq32 *)X, ldx, T, acc, (int32_t *)S); break;
     default: nat_32(T_Q8_0, rows, nb, (const xq32 *)X, ldx, T, acc, (int32_t *)S); break;
