@@ -28,7 +28,7 @@
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 /* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
 #define PACK_MIN_T 8
-#define PACK_MIN_T_32 2
+#define PACK_MIN_T_32 3
 
 /* One packed block of a group of 8 rows; q[k] lane r = codes 4k..4k+3 of row r. */
 typedef struct { uint8_t q[8][32]; float d[8]; } pk32;
