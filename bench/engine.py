@@ -50,13 +50,15 @@ _keep_log_callback = None
 
 
 def worker_lemonslice(model: str, prompt: list[int], n: int, threads: int, max_memory: int | None,
-                      exact: bool) -> dict:
+                      exact: bool, warmup: bool = False) -> dict:
     from lemonslice.engine import Engine, runtime
 
     t0 = time.perf_counter()
     engine = Engine(model, max_memory=max_memory)
     load_s = time.perf_counter() - t0
     runtime.setup(threads=threads, compact_heap=engine.streaming, exact=exact)  # as the CLI does
+    if warmup:  # the prompt and one decode token once, untimed (generate starts a fresh sequence)
+        engine.generate(prompt, 2)
     # n + 1 tokens: the first comes out of the prefill, the other n from n decode forwards.
     ids = engine.generate(prompt, n + 1)
     s = engine.stats
@@ -71,7 +73,7 @@ LLAMA_KV = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml type ids
 
 
 def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_bufts: bool,
-                 cache_type: str | None = None) -> dict:
+                 cache_type: str | None = None, warmup: bool = False) -> dict:
     """llama.cpp on `prompt` then n greedy tokens. cache_type None: F32 KV cache, flash attention
     off and the prompt in one batch (the engine comparison); a type name: that KV type and
     llama.cpp's own defaults for the rest (2048-token batches of 512-token micro-batches)."""
@@ -133,6 +135,9 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_buft
         row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, len(part) - 1), shape=(n_vocab,))
         return int(np.argmax(row))
 
+    if warmup:  # the prompt and one decode token once, untimed, then an empty cache again
+        decode([decode(prompt, 0)], len(prompt))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     t0 = time.perf_counter()
     ids = [decode(prompt, 0)]
     prefill_s = time.perf_counter() - t0
@@ -219,6 +224,8 @@ def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[in
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model),
            "--threads", str(args.threads), "-n", str(args.n), "--prompt-ids", ",".join(map(str, prompt)), *extra]
+    if args.warmup:
+        cmd.append("--warmup")
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
     saved = os.environ.get("PYTHONPATH")
@@ -269,6 +276,9 @@ def main() -> None:
     ap.add_argument("--llama-build", choices=["installed", "avx2", "both"], default="installed",
                     help="llama.cpp to race: the installed wheel, one built for AVX2 without AMX, or both")
     ap.add_argument("--exact", action="store_true", help="lemonslice with float activations")
+    ap.add_argument("--warmup", action="store_true",
+                    help="each engine runs the prompt and one token once, untimed, before the timed run (as "
+                         "llama-bench does); without it the timed prompt is the process's first")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each configuration, taking turns; the ratios use each rate's median")
     # worker mode
@@ -282,9 +292,10 @@ def main() -> None:
     if args.worker:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
         if args.worker == "lemonslice":
-            r = worker_lemonslice(args.model, prompt, args.n, args.threads, args.max_memory, args.exact)
+            r = worker_lemonslice(args.model, prompt, args.n, args.threads, args.max_memory, args.exact,
+                                  args.warmup)
         else:
-            r = worker_llama(args.model, prompt, args.n, args.threads, args.extra_bufts)
+            r = worker_llama(args.model, prompt, args.n, args.threads, args.extra_bufts, warmup=args.warmup)
         print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
         return
 
