@@ -341,9 +341,10 @@ class GatedDeltaNet:
         a = self.args
         B, G, Hv, Dk, Dv = qkv.shape[0], a.ssm_n_group, a.ssm_dt_rank, a.ssm_d_state, a.ssm_head_v_dim
         xs = torch.cat((torch.stack([c.conv for c in caches]), qkv[:, None]), dim=1)  # [B, K, C]
-        y = xs[:, 0] * self.conv_w[:, 0]
+        taps = self.conv_w.t().contiguous()  # [K, C]: causal_conv's products, term for term
+        y = xs[:, 0] * taps[0]
         for j in range(1, xs.shape[1]):
-            y = y + xs[:, j] * self.conv_w[:, j]
+            y.add_(xs[:, j] * taps[j])
         y = F.silu(y)  # [B, conv_dim]
         q, k, v = y.split((G * Dk, G * Dk, Hv * Dv), dim=-1)
         q = l2_normalize(q.reshape(B, G, Dk), a.rms_eps).repeat(1, Hv // G, 1) * Dk**-0.5  # [B, Hv, Dk]
