@@ -313,9 +313,6 @@ static ALWAYS_INLINE __m256i hsum8s(const __m256i *v, int64_t stride) {
     return hsum8(w);
 }
 
-/* Phase 1 reads each row once from start to end, as stored (a weight streamed from memory is then
-   read sequentially, which the prefetchers follow), leaving lane sums S[(r*nb + i)*T + t] and the
-   scales; phase 2 reduces them block by block into the float chain without reading a row again. */
 /* Four vectors of lane sums -> their four totals (exact integers). */
 static ALWAYS_INLINE __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
     const __m256i v = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
@@ -407,6 +404,9 @@ static ALWAYS_INLINE __m256i k45_lanes(const __m256i q[8], const __m256i scv[8],
     return s;
 }
 
+/* K-quant rows of up to 16 blocks: phase 1 reads each row once from start to end, as stored,
+   leaving lane sums S[(r*nb + i)*T + t] (and M for the mins) and the raw scales; phase 2 reduces
+   8 rows' lanes at a time (hsum8) into the float chain, without reading a row again. */
 static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx,
                                   const int T, __m256 *acc, __m256i *S) {
     const int bytes = five ? 176 : 144;
@@ -498,6 +498,7 @@ static ALWAYS_INLINE __m256i q6_lanes(const __m256i q[8], const __m256i scv[8], 
     return _mm256_sub_epi32(s, _mm256_slli_epi32(o, 5));
 }
 
+/* As nat_k45, for Q6_K. */
 static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const xq256 *X, int64_t ldx, const int T,
                                  __m256 *acc, __m256i *S) {
     uint16_t *dh = (uint16_t *)(S + nb * T * 8); /* [nb][8] the rows' float16 d, as stored */
@@ -563,7 +564,7 @@ static ALWAYS_INLINE void nat_t(int type, const uint8_t *const rows[8], int64_t 
     }
 }
 
-/* T < PACK_MIN_T, each count compiled on its own so the partial sums stay in registers. */
+/* T below the packing threshold: each count compiled on its own, with constant loop bounds. */
 static void nat_group(int type, const uint8_t *const rows[8], int64_t nb, const void *X, int64_t ldx, int T,
                       __m256 *acc, __m256i *S) {
     switch (T) {
