@@ -227,6 +227,17 @@ static ALWAYS_INLINE void run_32(int type, const pk32 *P, int64_t nb, const xq32
     }
 }
 
+/* p[t] lane r = sum over `groups` packed code vectors q[k] (4 codes of each of 8 rows) times the
+   activation codes at value offset off + 4k of block X[t * ldx], for n activation rows. */
+static ALWAYS_INLINE void group_dots(const uint8_t (*q)[32], const int groups, const xq256 *X, int64_t ldx, int off,
+                                     const int n, __m256i *p) {
+    for (int t = 0; t < n; t++) p[t] = _mm256_setzero_si256();
+    for (int k = 0; k < groups; k++) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)q[k]);
+        for (int t = 0; t < n; t++) p[t] = DPBUSD(p[t], c, bcast4(X[t * ldx].q + off + 4 * k));
+    }
+}
+
 static ALWAYS_INLINE void run_k45(const pk45 *P, int64_t nb, const xq256 *X, int64_t ldx, const int n, __m256 *acc) {
     for (int t = 0; t < n; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
@@ -234,11 +245,7 @@ static ALWAYS_INLINE void run_k45(const pk45 *P, int64_t nb, const xq256 *X, int
         for (int t = 0; t < n; t++) is[t] = mn[t] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             __m256i p[4];
-            for (int t = 0; t < n; t++) p[t] = _mm256_setzero_si256();
-            for (int k = 0; k < 8; k++) {
-                const __m256i c = _mm256_loadu_si256((const __m256i *)P[i].q[8 * j + k]);
-                for (int t = 0; t < n; t++) p[t] = DPBUSD(p[t], c, bcast4(X[t * ldx + i].q + 32 * j + 4 * k));
-            }
+            group_dots(P[i].q[8 * j], 8, X + i, ldx, 32 * j, n, p);
             const __m256i sc = _mm256_loadu_si256((const __m256i *)P[i].sc[j]);
             const __m256i m2 = _mm256_loadu_si256((const __m256i *)P[i].m2[j]);
             for (int t = 0; t < n; t++) {
@@ -262,11 +269,7 @@ static ALWAYS_INLINE void run_q6(const pk6 *P, int64_t nb, const xq256 *X, int64
         for (int t = 0; t < n; t++) is[t] = o[t] = _mm256_setzero_si256();
         for (int j = 0; j < 16; j++) { /* 16 values, one scale */
             __m256i p[4];
-            for (int t = 0; t < n; t++) p[t] = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                const __m256i c = _mm256_loadu_si256((const __m256i *)P[i].q[4 * j + k]);
-                for (int t = 0; t < n; t++) p[t] = DPBUSD(p[t], c, bcast4(X[t * ldx + i].q + 16 * j + 4 * k));
-            }
+            group_dots(P[i].q[4 * j], 4, X + i, ldx, 16 * j, n, p);
             const __m256i sc = _mm256_loadu_si256((const __m256i *)P[i].sc[j]);
             for (int t = 0; t < n; t++) is[t] = _mm256_add_epi32(is[t], _mm256_mullo_epi32(p[t], sc));
         }
