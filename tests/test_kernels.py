@@ -201,6 +201,22 @@ def test_8bit_long_rows_do_not_depend_on_the_batch(t):
 PACKED = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
+def test_first_8bit_product_of_a_process_may_be_any_type():
+    # Types outside the 8-row path need no scratch: a fresh thread's first such product once
+    # failed (its empty scratch read as an allocation failure).
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests');"
+        "from test_kernels import blocks, T; from lemonslice.ops import kernels, QuantWeight, linear_q8_ref;"
+        "raw = torch.from_numpy(blocks(T.Q2_K, 8, 256, seed=1)); x = torch.randn(3, 256);"
+        "y = kernels.qmatmul_q8(x, raw, T.Q2_K, 256);"
+        "ref = linear_q8_ref(x, QuantWeight(raw, T.Q2_K, (256, 8)));"
+        "print(float((y - ref).abs().max() / ref.abs().max()))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) <= 2e-6
+
+
 def test_8bit_kernels_built_for_avx2_alone_give_the_same_bits(tmp_path):
     # Without AVX-512 the kernels use maddubs for VNNI's dot product and signed Q8_0 codes; the
     # integers are exact either way, so a CPU without VNNI gets this machine's bits.

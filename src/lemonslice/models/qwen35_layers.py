@@ -468,9 +468,7 @@ class MoE:
             for e, parts in arriving:
                 s, t = rows[e]
                 ys[s:t] = swiglu_experts(xs[s:t], [t - s], [parts])
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel())
-        d = ys.index_select(0, back)  # back to slot order; the slots are summed in a fixed order below
+        d = ys.index_select(0, order.argsort())  # back to slot order; the slots are summed in a fixed order below
         routed = (d.view(T, k, E) * w.unsqueeze(-1)).sum(1)  # [T, E]
         return routed + shared
 

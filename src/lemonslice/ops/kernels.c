@@ -11,15 +11,6 @@
  */
 #include "kernels_common.h"
 
-static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
 
 /* ---- block decoders: one block of bytes -> float32 values (ggml's arithmetic) ---- */
 
@@ -445,8 +436,9 @@ static void quant_rows(int xb, const float *X, int64_t T, int64_t ncols, void *X
 static void *scratch(size_t bytes) {
     static __thread void *buf;
     static __thread size_t size;
-    if (bytes > size) {
-        size = (bytes + 4095) / 4096 * 4096;
+    if (!buf || bytes > size) { /* never NULL on success, also for 0 bytes (types that need none) */
+        free(buf);
+        size = (bytes / 4096 + 1) * 4096;
         buf = aligned_alloc(64, size);
         if (!buf) size = 0;
     }

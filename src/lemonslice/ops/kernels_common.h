@@ -50,6 +50,17 @@ static inline float bf16_to_f32(uint16_t h) {
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
+/* Scale and min j of a Q4_K/Q5_K block's 12 packed 6-bit pairs (ggml's get_scale_min_k4). */
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
 /* One block of bytes -> its float32 values. */
 typedef void (*deq_fn)(const uint8_t *, float *);
 

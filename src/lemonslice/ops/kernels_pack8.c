@@ -138,15 +138,14 @@ static void pack_k45(int five, const uint8_t *const rows[8], int64_t nb, pk45 *o
         __m256i q[8][8];  /* [row][sub-block] */
         for (int r = 0; r < 8; r++) {
             const uint8_t *b = rows[r] + i * bytes;
-            const uint8_t *s6 = b + 4;
             k45_codes(five, b, q[r]);
             out[i].d[r] = f16_to_f32(rd16(b));
             out[i].dmin[r] = f16_to_f32(rd16(b + 2));
             for (int j = 0; j < 8; j++) {
-                const int sc = j < 4 ? s6[j] & 63 : (s6[j + 4] & 0xF) | ((s6[j - 4] >> 6) << 4);
-                const int m = j < 4 ? s6[j + 4] & 63 : (s6[j + 4] >> 4) | ((s6[j] >> 6) << 4);
+                uint8_t sc, m;
+                scale_min_k4(j, b + 4, &sc, &m);
                 out[i].sc[j][r] = sc;
-                out[i].m2[j][r] = m | (m << 16); /* m_j against both sums per 16 of sub-block j */
+                out[i].m2[j][r] = m | ((int32_t)m << 16); /* m_j against both sums per 16 of sub-block j */
             }
         }
         for (int j = 0; j < 8; j++) {
