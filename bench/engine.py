@@ -299,6 +299,8 @@ def main() -> None:
         print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
         return
 
+    if args.repeat < 1:
+        sys.exit(f"--repeat must be at least 1, got {args.repeat}")
     if not args.gguf and args.layers < 4 and (not args.only or "llama" in args.only):
         # Layer i is full attention when (i + 1) % 4 == 0: with fewer layers there is none, and
         # llama.cpp aborts (GGML_ASSERT(buffer) in ggml-backend.cpp) making an empty KV cache.
