@@ -73,7 +73,7 @@ LLAMA_KV = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml type ids
 
 
 def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_bufts: bool,
-                 cache_type: str | None = None, warmup: bool = False) -> dict:
+                 cache_type: str | None = None, warmup: bool = False, ftz: bool = False) -> dict:
     """llama.cpp on `prompt` then n greedy tokens. cache_type None: F32 KV cache, flash attention
     off and the prompt in one batch (the engine comparison); a type name: that KV type and
     llama.cpp's own defaults for the rest (2048-token batches of 512-token micro-batches)."""
@@ -92,6 +92,10 @@ def worker_llama(model: str, prompt: list[int], n: int, threads: int, extra_buft
     global _keep_log_callback
     _keep_log_callback = on_log  # llama.cpp may log until the process exits
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    if ftz:  # denormals flushed in this thread and the ones it starts (they inherit MXCSR)
+        import torch
+
+        torch.set_flush_denormal(True)
     llama_cpp.llama_backend_init()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = 0
@@ -226,6 +230,8 @@ def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[in
            "--threads", str(args.threads), "-n", str(args.n), "--prompt-ids", ",".join(map(str, prompt)), *extra]
     if args.warmup:
         cmd.append("--warmup")
+    if getattr(args, "llama_ftz", False) and kind == "llama":
+        cmd.append("--llama-ftz")
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
     saved = os.environ.get("PYTHONPATH")
@@ -286,6 +292,9 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--max-memory", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--llama-ftz", action="store_true",
+                    help="llama.cpp with denormals flushed to zero, as lemonslice's delta rule runs (the "
+                         "random bench models' DeltaNet decays underflow into denormals, a slow path on x86)")
     ap.add_argument("--extra-bufts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -295,7 +304,8 @@ def main() -> None:
             r = worker_lemonslice(args.model, prompt, args.n, args.threads, args.max_memory, args.exact,
                                   args.warmup)
         else:
-            r = worker_llama(args.model, prompt, args.n, args.threads, args.extra_bufts, warmup=args.warmup)
+            r = worker_llama(args.model, prompt, args.n, args.threads, args.extra_bufts, warmup=args.warmup,
+                             ftz=args.llama_ftz)
         print(RESULT + json.dumps(r), file=sys.stderr, flush=True)
         return
 

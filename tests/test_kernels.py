@@ -159,12 +159,14 @@ def test_swiglu_experts_one_call_equals_twins(types, fused):
             half = lambda r: QuantWeight(g.raw[r], gate_t, (E, Fe))  # noqa: E731
             parts.append((half(slice(0, Fe)), half(slice(Fe, 2 * Fe)), down.expert(e)))
     gen = torch.Generator().manual_seed(5)
-    counts = [1, 3, 9, 2]
+    counts = [1, 3, 20, 2]  # 20 rows: a prompt chunk's expert goes through the AMX tiles alone, where they exist
     x = torch.randn(sum(counts), E, generator=gen)
     got = swiglu_experts(x, counts, parts)
     # the SiLU output is rounded to 8 bits again: a one-ulp SiLU difference can move a code
     assert_close_rel(got, swiglu_experts_q8_ref(x, counts, parts), rel=2e-4)
     assert torch.equal(swiglu_experts(x[1:4], [3], parts[1:2]), got[1:4])  # an expert alone: the same bits
+    for i in (4, 13, 23):  # a row of the big expert alone: the same bits
+        assert torch.equal(swiglu_experts(x[i : i + 1], [1], parts[2:3]), got[i : i + 1])
     set_exact(True)
     try:
         assert_close_rel(swiglu_experts(x, counts, parts), swiglu_experts_ref(x, counts, parts), rel=2e-6)
@@ -228,13 +230,38 @@ def test_8bit_kernels_built_for_avx2_alone_give_the_same_bits(tmp_path):
     lib = ctypes.CDLL(str(so))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    x = torch.randn(12, 512, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(2))
     for t in PACKED:
         raw = torch.from_numpy(blocks(t, 19, 512, seed=3))
-        for n in (1, 5, 12):
+        for n in (1, 5, 12, 40):  # 40: the AMX tiles here, where the CPU has them
             out = torch.empty(n, 19)
             assert lib.ls_qmatmul_q8(int(t), raw.data_ptr(), raw.stride(0), 19, 512, x.data_ptr(), n, out.data_ptr(), 2) == 0
             assert torch.equal(out, kernels.qmatmul_q8(x[:n], raw, t, 512)), (t.name, n)
+
+
+def _amx_here() -> bool:
+    return "amx_int8" in open("/proc/cpuinfo").read()
+
+
+@pytest.mark.parametrize("t", PACKED, ids=lambda t: t.name)
+def test_amx_tiles_give_the_bits_of_the_8_row_path(t):
+    # Prompt chunks go through AMX tiles 16 rows at a time where the CPU has them: the same
+    # integers and float steps, so a row's bits do not depend on the path or the batch.
+    cols = 17 * 256 if t in (T.Q4_K, T.Q5_K, T.Q6_K) else 768
+    raw = torch.from_numpy(blocks(t, 37, cols, seed=9))
+    x = torch.randn(70, cols, generator=torch.Generator().manual_seed(5))
+    try:
+        assert kernels.set_amx(True) == _amx_here()
+        tiles = kernels.qmatmul_q8(x, raw, t, cols)
+        kernels.set_amx(False)
+        assert torch.equal(kernels.qmatmul_q8(x, raw, t, cols), tiles)
+    finally:
+        kernels.set_amx(True)
+    for n in (16, 33, 64):
+        assert torch.equal(kernels.qmatmul_q8(x[:n], raw, t, cols), tiles[:n])
+    assert torch.equal(kernels.qmatmul_q8(x[7:8], raw, t, cols), tiles[7:8])
+    assert torch.equal(kernels.qmatmul_q8(x, raw[3:30], t, cols), tiles[:, 3:30])  # rows grouped otherwise
+    assert_close_rel(tiles, linear_q8_ref(x, QuantWeight(raw, t, (cols, 37))), rel=2e-6)
 
 
 @pytest.mark.parametrize("t", C_TYPES, ids=lambda t: t.name)
@@ -261,6 +288,24 @@ def test_delta_rule_in_c_equals_the_recurrent_twin(T):
     assert_close_rel(o, o_ref, rel=1e-5)
     assert_close_rel(s, s_ref, rel=1e-5)
     assert torch.equal(state, before)  # a rewind keeps the old state: it is not written
+
+
+def test_delta_rule_in_c_flushes_denormal_states():
+    # exp(-95) is a denormal: a state decayed by it would run on x86's slow path for denormals.
+    from lemonslice.models.gated_delta import delta_rule_recurrent, delta_rule_steps
+
+    gen = torch.Generator().manual_seed(1)
+    H, D, T = 2, 16, 1
+    q, k = (torch.nn.functional.normalize(torch.randn(T, H, D, generator=gen), dim=-1) for _ in range(2))
+    v, beta = torch.zeros(T, H, D), torch.rand(T, H, generator=gen)
+    g = torch.full((T, H), -95.0)
+    state = torch.randn(H, D, D, generator=gen)
+    o, s = delta_rule_steps(q, k, v, g, beta, state)
+    o_ref, s_ref = delta_rule_recurrent(q, k, v, g, beta, state)
+    assert ((s_ref != 0) & (s_ref.abs() < torch.finfo(torch.float32).tiny)).any()  # the twin keeps denormals
+    assert torch.equal(s, torch.zeros_like(s)) and torch.equal(o, torch.zeros_like(o))
+    assert float((s - s_ref).abs().max()) < torch.finfo(torch.float32).tiny
+    assert torch.equal(torch.tensor([1e-40]) * 1, torch.tensor([1e-40]))  # the caller's thread is left as it was
 
 
 def test_rms_norm_and_one_position_attention_in_c_equal_torch():

@@ -10,6 +10,9 @@
  * (built with -ffp-contract=off so products are rounded as theirs are).
  */
 #include "kernels_common.h"
+#if defined(__SSE__)
+#include <xmmintrin.h> /* _mm_setcsr: the delta rule flushes denormals */
+#endif
 
 
 /* ---- block decoders: one block of bytes -> float32 values (ggml's arithmetic) ---- */
@@ -445,34 +448,56 @@ static void *scratch(size_t bytes) {
     return buf;
 }
 
-/* Y [T, nrows] = round8(X) [T, ncols] @ W.T for any T; -1 for a type without an 8-bit path. */
+/* Y [T, nrows] = round8(X) [T, ncols] @ W.T for any T; -1 for a type without an 8-bit path.
+   Prompt chunks of the main types go through AMX tiles where the CPU has them (kernels_amx.c). */
 int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols,
                   const float *X, int64_t T, float *Y, int nthreads) {
     const int xb = q8_block(type);
     if (!xb || ncols % xb || T < 1) return -1;
     const int64_t nb = ncols / xb;
     const size_t xsize = xb == 32 ? sizeof(xq32) : sizeof(xq256);
-    void *XQ = malloc((size_t)(T * nb) * xsize);
-    if (!XQ) return -2;
+    const int amx = amx_supported(type, T);
+    const int64_t tp = amx ? (T + 15) / 16 * 16 : T; /* activation rows, padded for the tiles */
+    void *XQ = malloc((size_t)(tp * nb) * xsize);
+    void *XA = amx ? malloc(amx_x_bytes(type, tp, ncols) + 64) : NULL; /* + 64: never 0 bytes */
+    if (!XQ || (amx && !XA)) { free(XQ); free(XA); return -2; }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) quant_rows(xb, X + t * ncols, 1, ncols, (char *)XQ + (size_t)(t * nb) * xsize);
-        void *buf = scratch(pack8_bytes(type, ncols));
+        for (int64_t t = 0; t < tp; t++) {
+            char *row = (char *)XQ + (size_t)(t * nb) * xsize;
+            if (t < T) quant_rows(xb, X + t * ncols, 1, ncols, row);
+            else memset(row, 0, (size_t)nb * xsize);
+        }
+        if (amx) {
+#pragma omp for schedule(static)
+            for (int64_t tg = 0; tg < tp / 16; tg++) amx_prepare_x(type, XQ, nb, tg, XA);
+        }
+        void *buf = scratch(amx ? amx_bytes(type, ncols) : pack8_bytes(type, ncols));
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
         }
         /* Static halves: each thread streams one contiguous range, which the hardware
            prefetcher follows (2x dynamic chunks' bandwidth on a 178 MB LM head). */
+        if (amx) {
 #pragma omp for schedule(static)
-        for (int64_t g = 0; g < (nrows + 7) / 8; g++) {
-            const int nr = (int)(nrows - 8 * g < 8 ? nrows - 8 * g : 8);
-            if (buf) rows_to(type, W + 8 * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + 8 * g, nrows, buf);
+            for (int64_t g = 0; g < (nrows + 15) / 16; g++) {
+                const int nr = (int)(nrows - 16 * g < 16 ? nrows - 16 * g : 16);
+                if (buf) amx_group16(type, W + 16 * g * row_bytes, row_bytes, nr, ncols, xb == 32 ? XQ : XA, T, Y + 16 * g,
+                                     nrows, buf);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < (nrows + 7) / 8; g++) {
+                const int nr = (int)(nrows - 8 * g < 8 ? nrows - 8 * g : 8);
+                if (buf) rows_to(type, W + 8 * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + 8 * g, nrows, buf);
+            }
         }
     }
     free(XQ);
+    free(XA);
     return failed ? -2 : 0;
 }
 
@@ -480,7 +505,56 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
  * with 8-bit activations. job j is 11 int64: gate type, gate W, gate row bytes, up W (0: gate
  * holds gate rows then up rows), up row bytes, down type, down W, down row bytes, X_j, T_j, Y_j.
  * E (model width) and F (expert width) are shared. Groups of 8 rows of all experts share the threads. */
+static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads);
+
+static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+/* One job of ls_swiglu_experts_q8 (11 int64, see there) as three products: a prompt chunk's
+   shared expert or dense FFN, whose rows go through the AMX tiles. Same bits as the fused path. */
+static int swiglu_job_alone(const int64_t *J, int64_t E, int64_t F, int nthreads) {
+    const int64_t T = J[9];
+    float *H = malloc((size_t)(T * 2 * F) * sizeof(float)), *U = H + T * F;
+    if (!H) return -2;
+    int rc;
+    if (J[3]) {
+        rc = ls_qmatmul_q8((int)J[0], (const uint8_t *)J[1], J[2], F, E, (const float *)J[8], T, H, nthreads);
+        if (!rc) rc = ls_qmatmul_q8((int)J[0], (const uint8_t *)J[3], J[4], F, E, (const float *)J[8], T, U, nthreads);
+        if (!rc) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+            for (int64_t i = 0; i < T * F; i++) H[i] = silu_mul(H[i], U[i]);
+        }
+    } else { /* gate rows then up rows: H [T, 2F], made [T, F] in place row by row */
+        rc = ls_qmatmul_q8((int)J[0], (const uint8_t *)J[1], J[2], 2 * F, E, (const float *)J[8], T, H, nthreads);
+        if (!rc) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t c = 0; c < F; c++) H[t * 2 * F + c] = silu_mul(H[t * 2 * F + c], H[t * 2 * F + F + c]);
+            for (int64_t t = 1; t < T; t++) memmove(H + t * F, H + t * 2 * F, (size_t)F * sizeof(float));
+        }
+    }
+    if (!rc) rc = ls_qmatmul_q8((int)J[5], (const uint8_t *)J[6], J[7], E, F, H, T, (float *)J[10], nthreads);
+    free(H);
+    return rc;
+}
+
 int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
+    /* A job of a prompt chunk's size goes alone through the tiles, before the others. */
+    int64_t *own = malloc((size_t)(11 * n_jobs + 1) * sizeof(int64_t)), kept = 0;
+    if (!own) return -2;
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const int64_t *J = jobs + 11 * j;
+        const int rc = q8_block((int)J[0]) && q8_block((int)J[5]) && amx_supported((int)J[0], J[9])
+                           ? swiglu_job_alone(J, E, F, nthreads) : 1;
+        if (rc < 0) { free(own); return rc; }
+        if (rc) memcpy(own + 11 * kept++, J, 11 * sizeof(int64_t));
+    }
+    const int rc = kept ? swiglu_experts_fused(kept, own, E, F, nthreads) : 0;
+    free(own);
+    return rc;
+}
+
+/* ls_swiglu_experts_q8 for jobs of a few rows each: one parallel region for all. */
+static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
     int64_t tt = 0;
     size_t pk = 0;
     for (int64_t j = 0; j < n_jobs; j++) {
@@ -530,7 +604,7 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tt; t++) {
             float *h = H + t * 2 * F;
-            for (int64_t c = 0; c < F; c++) h[c] = h[c] / (1.0f + expf(-h[c])) * h[F + c];
+            for (int64_t c = 0; c < F; c++) h[c] = silu_mul(h[c], h[F + c]);
             quant_rows(db, h, 1, F, HQ + (size_t)(t * (F / db)) * dxs);
         }
 #pragma omp for schedule(static)
@@ -562,38 +636,56 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
  * S <- S + k u^T; o = S^T q. Heads are independent and share the threads. s_in is read,
  * s_out written (the caller keeps the old state for rewinding). Twin: delta_rule_recurrent.
  */
+/* One value head h over T tokens (the body of ls_delta_rule). */
+static void delta_rule_head(int64_t h, int64_t T, int64_t H, int64_t Dk, int64_t Dv, const float *q, const float *k,
+                            const float *v, const float *g, const float *beta, const float *s_in, float *s_out,
+                            float *out) {
+    float *S = s_out + h * Dk * Dv;
+    memcpy(S, s_in + h * Dk * Dv, sizeof(float) * (size_t)(Dk * Dv));
+    float kv[1024], u[1024];
+    for (int64_t t = 0; t < T; t++) {
+        const float *kt = k + (t * H + h) * Dk, *qt = q + (t * H + h) * Dk, *vt = v + (t * H + h) * Dv;
+        const float decay = expf(g[t * H + h]), b = beta[t * H + h];
+        for (int64_t j = 0; j < Dv; j++) kv[j] = 0.f;
+        for (int64_t i = 0; i < Dk; i++) {
+            float *row = S + i * Dv;
+            const float ki = kt[i];
+            for (int64_t j = 0; j < Dv; j++) {
+                row[j] *= decay;
+                kv[j] += ki * row[j];
+            }
+        }
+        for (int64_t j = 0; j < Dv; j++) u[j] = (vt[j] - kv[j]) * b;
+        float *o = out + (t * H + h) * Dv;
+        for (int64_t j = 0; j < Dv; j++) o[j] = 0.f;
+        for (int64_t i = 0; i < Dk; i++) {
+            float *row = S + i * Dv;
+            const float ki = kt[i], qi = qt[i];
+            for (int64_t j = 0; j < Dv; j++) {
+                row[j] += ki * u[j];
+                o[j] += qi * row[j];
+            }
+        }
+    }
+}
+
 int ls_delta_rule(int64_t T, int64_t H, int64_t Dk, int64_t Dv, const float *q, const float *k, const float *v,
                   const float *g, const float *beta, const float *s_in, float *s_out, float *out, int nthreads) {
     if (T < 1 || H < 1 || Dk < 1 || Dv < 1 || Dv > 1024) return -1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t h = 0; h < H; h++) {
-        float *S = s_out + h * Dk * Dv;
-        memcpy(S, s_in + h * Dk * Dv, sizeof(float) * (size_t)(Dk * Dv));
-        float kv[1024], u[1024];
-        for (int64_t t = 0; t < T; t++) {
-            const float *kt = k + (t * H + h) * Dk, *qt = q + (t * H + h) * Dk, *vt = v + (t * H + h) * Dv;
-            const float decay = expf(g[t * H + h]), b = beta[t * H + h];
-            for (int64_t j = 0; j < Dv; j++) kv[j] = 0.f;
-            for (int64_t i = 0; i < Dk; i++) {
-                float *row = S + i * Dv;
-                const float ki = kt[i];
-                for (int64_t j = 0; j < Dv; j++) {
-                    row[j] *= decay;
-                    kv[j] += ki * row[j];
-                }
-            }
-            for (int64_t j = 0; j < Dv; j++) u[j] = (vt[j] - kv[j]) * b;
-            float *o = out + (t * H + h) * Dv;
-            for (int64_t j = 0; j < Dv; j++) o[j] = 0.f;
-            for (int64_t i = 0; i < Dk; i++) {
-                float *row = S + i * Dv;
-                const float ki = kt[i], qi = qt[i];
-                for (int64_t j = 0; j < Dv; j++) {
-                    row[j] += ki * u[j];
-                    o[j] += qi * row[j];
-                }
-            }
-        }
+#pragma omp parallel num_threads(nthreads)
+    {
+#if defined(__SSE__)
+        /* A strong decay (exp(g) below FLT_MIN) makes denormal states, and each x86 operation on
+           a denormal takes a slow path: 30x this rule's time on a random model. They are flushed
+           to zero (FTZ | DAZ), a change below 1.2e-38. */
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040);
+#endif
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++) delta_rule_head(h, T, H, Dk, Dv, q, k, v, g, beta, s_in, s_out, out);
+#if defined(__SSE__)
+        _mm_setcsr(csr);
+#endif
     }
     return 0;
 }

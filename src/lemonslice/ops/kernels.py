@@ -1,6 +1,6 @@
 """The C kernels in kernels.c, compiled on first use and called through ctypes.
 
-The library (kernels.c, kernels_types.c and kernels_pack8.c, sharing kernels_common.h) is built once per
+The library (kernels.c, kernels_types.c, kernels_pack8.c and kernels_amx.c, sharing kernels_common.h) is built once per
 source/compiler/CPU into the cache directory
 ($LEMONSLICE_CACHE, default ~/.cache/lemonslice) with -march=native, like llama.cpp's own
 CPU build. If no C compiler is found, or LEMONSLICE_KERNELS=ref, `library()` is None and
@@ -29,7 +29,8 @@ from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("kernels.c", "kernels_types.c", "kernels_pack8.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("kernels.c", "kernels_types.c", "kernels_pack8.c",
+                                                      "kernels_amx.c"))
 # Every file the build reads: the cache key covers them all.
 KEYED = (*SOURCES, Path(__file__).with_name("kernels_common.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
@@ -101,6 +102,9 @@ def library() -> ctypes.CDLL | None:
         if lib.ls_set_table(which, table.ctypes.data, table.nbytes):
             raise OSError(f"the kernels refused the table for type {which}")
     lib.ls_deltanet_gates.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.ls_amx_enable.argtypes = [ctypes.c_int]
+    # AMX tiles for prompt chunks where the CPU and kernel have them; LEMONSLICE_AMX=0 turns them off.
+    lib.ls_amx_enable(int(os.environ.get("LEMONSLICE_AMX", "1") != "0"))
     lib.ls_attend_one_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_float, ptr, ctypes.c_int]
     return lib
@@ -118,6 +122,13 @@ def _grid_tables() -> list[tuple[int, np.ndarray]]:
         out.append((int(cls.qtype), np.ascontiguousarray(cls.grid.reshape(cls.grid_shape).astype(np.int8))))
     out.append((0, np.frombuffer(q.IQ2_XXS.ksigns, dtype=np.uint8).copy()))
     return out
+
+
+def set_amx(on: bool) -> bool:
+    """Turns the AMX path of prompt chunks on or off (where the CPU has it); whether it is on now.
+    Either way a row's result has the same bits."""
+    lib = library()
+    return lib is not None and bool(lib.ls_amx_enable(int(on)))
 
 
 @lru_cache(maxsize=None)

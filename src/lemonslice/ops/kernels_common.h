@@ -180,12 +180,92 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
     }
 
 static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
+
+/* ---- the codes of the main types, shared by kernels_pack8.c and kernels_amx.c ---- */
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* 8 vectors of 8 int32 (row r: v[r]) -> out[k] lane r = v[r] lane k. */
+static ALWAYS_INLINE void transpose8(const __m256i v[8], __m256i *out) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) {
+        const __m256i *a = t + 4 * h;
+        u[4 * h + 0] = _mm256_unpacklo_epi64(a[0], a[2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(a[0], a[2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(a[1], a[3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(a[1], a[3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_si256(out + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
+        _mm256_storeu_si256(out + 4 + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
+    }
+}
+
+/* The 32 unsigned codes of a Q4_0/Q5_0 block (value = d * (code - offset)). */
+static ALWAYS_INLINE __m256i codes_q45_0(int type, const uint8_t *b) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + (type == T_Q5_0 ? 6 : 2)));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
+    if (type == T_Q4_0) return nib;
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_mask_add_epi8(nib, (__mmask32)qh, nib, _mm256_set1_epi8(0x10)); /* + 16 where the fifth bit is set */
+#else
+    return _mm256_or_si256(nib, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+#endif
+}
+
+/* Q4_K/Q5_K: the 8 sub-blocks' unsigned codes of one block, its 6-bit scales and mins. */
+static ALWAYS_INLINE void k45_codes(int five, const uint8_t *b, __m256i q[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+    for (int k = 0; k < 4; k++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (five ? 48 : 16) + 32 * k));
+        q[2 * k] = _mm256_and_si256(v, low4);
+        q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if (five) { /* the fifth bit of sub-block j is bit j of qh */
+            q[2 * k] = _mm256_or_si256(q[2 * k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4));
+            q[2 * k + 1] = _mm256_or_si256(q[2 * k + 1],
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4));
+        }
+    }
+}
+
+/* Q6_K: sub-block k (values 32k..32k+31) of unsigned 6-bit codes (value = d*sc*(code-32)). */
+static ALWAYS_INLINE void q6_codes(const uint8_t *b, __m256i q[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    for (int n = 0; n < 2; n++) {
+        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        for (int g = 0; g < 4; g++) {
+            const __m256i lo = g & 1 ? l1 : l0;
+            const __m256i nib = _mm256_and_si256(g < 2 ? lo : _mm256_srli_epi16(lo, 4), low4);
+            q[4 * n + g] = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * g), two), 4));
+        }
+    }
+}
+
 #endif
 
 /* kernels_pack8.c: the main types, 8 weight rows at a time (rows nr < 8 padded). */
 int pack8_supported(int type);
 size_t pack8_bytes(int type, int64_t ncols);
 void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XQ, int64_t T,
+                 float *Y, int64_t ldy, void *buf);
+
+/* kernels_amx.c: the main types on AMX tiles, 16 weight rows at a time, for prompt chunks; the
+   quantized activations (padded to a multiple of 16 rows) are prepared 16 rows at a time. */
+int amx_supported(int type, int64_t T);
+size_t amx_bytes(int type, int64_t ncols);
+size_t amx_x_bytes(int type, int64_t tp, int64_t ncols);
+void amx_prepare_x(int type, void *XQ, int64_t nb, int64_t tg, void *XA);
+void amx_group16(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XA, int64_t T,
                  float *Y, int64_t ldy, void *buf);
 
 /* The types of kernels_types.c, asked by kernels.c where its own switches end. */

@@ -25,7 +25,13 @@
 #define SIGNED_Q8 1 /* maddubs would saturate on 255 * 127 pairs: Q8_0 keeps signed codes */
 #endif
 
-#define ALWAYS_INLINE inline __attribute__((always_inline))
+/* Weight bytes fetched ahead of the unpacked path's reads (PF_AHEAD, two lines at a time). */
+#ifndef PF_AHEAD
+#define PF_AHEAD 2048
+#endif
+#define PREFETCH(p) (_mm_prefetch((const char *)(p) + PF_AHEAD, _MM_HINT_T0), \
+                     _mm_prefetch((const char *)(p) + PF_AHEAD + 64, _MM_HINT_T0))
+
 /* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
 #define PACK_MIN_T 8
 #define PACK_MIN_T_32 3
@@ -62,45 +68,15 @@ size_t pack8_bytes(int type, int64_t ncols) {
     }
 }
 
-/* 8 vectors of 8 int32 (row r: v[r]) -> out[k] lane r = v[r] lane k. */
-static ALWAYS_INLINE void transpose8(const __m256i v[8], __m256i *out) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 4; i++) {
-        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-    }
-    for (int h = 0; h < 2; h++) {
-        const __m256i *a = t + 4 * h;
-        u[4 * h + 0] = _mm256_unpacklo_epi64(a[0], a[2]);
-        u[4 * h + 1] = _mm256_unpackhi_epi64(a[0], a[2]);
-        u[4 * h + 2] = _mm256_unpacklo_epi64(a[1], a[3]);
-        u[4 * h + 3] = _mm256_unpackhi_epi64(a[1], a[3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        _mm256_storeu_si256(out + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
-        _mm256_storeu_si256(out + 4 + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
-    }
-}
-
 /* ---- packing ---- */
 
 /* The 32 unsigned codes of a Q4_0/Q5_0/Q8_0 block (value = d * (code - offset)). */
 static ALWAYS_INLINE __m256i ucodes32(int type, const uint8_t *b) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     if (type == T_Q8_0) {
         const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 2));
         return SIGNED_Q8 ? q : _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
     }
-    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + (type == T_Q5_0 ? 6 : 2)));
-    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
-    if (type == T_Q4_0) return nib;
-    uint32_t qh;
-    memcpy(&qh, b + 2, 4);
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    return _mm256_mask_add_epi8(nib, (__mmask32)qh, nib, _mm256_set1_epi8(0x10)); /* + 16 where the fifth bit is set */
-#else
-    return _mm256_or_si256(nib, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
-#endif
+    return codes_q45_0(type, b);
 }
 
 static void pack_32(int type, const uint8_t *const rows[8], int64_t nb, pk32 *out) {
@@ -113,22 +89,6 @@ static void pack_32(int type, const uint8_t *const rows[8], int64_t nb, pk32 *ou
             out[i].d[r] = f16_to_f32(rd16(b));
         }
         transpose8(v, (__m256i *)out[i].q);
-    }
-}
-
-/* Q4_K/Q5_K: the 8 sub-blocks' unsigned codes of one block, its 6-bit scales and mins. */
-static ALWAYS_INLINE void k45_codes(int five, const uint8_t *b, __m256i q[8]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
-    for (int k = 0; k < 4; k++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (five ? 48 : 16) + 32 * k));
-        q[2 * k] = _mm256_and_si256(v, low4);
-        q[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        if (five) { /* the fifth bit of sub-block j is bit j of qh */
-            q[2 * k] = _mm256_or_si256(q[2 * k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), one), 4));
-            q[2 * k + 1] = _mm256_or_si256(q[2 * k + 1],
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k + 1), one), 4));
-        }
     }
 }
 
@@ -152,22 +112,6 @@ static void pack_k45(int five, const uint8_t *const rows[8], int64_t nb, pk45 *o
             __m256i v[8];
             for (int r = 0; r < 8; r++) v[r] = q[r][j];
             transpose8(v, (__m256i *)out[i].q[8 * j]);
-        }
-    }
-}
-
-/* Q6_K: sub-block k (values 32k..32k+31) of unsigned 6-bit codes (value = d*sc*(code-32)). */
-static ALWAYS_INLINE void q6_codes(const uint8_t *b, __m256i q[8]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
-    for (int n = 0; n < 2; n++) {
-        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-        const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-        for (int g = 0; g < 4; g++) {
-            const __m256i lo = g & 1 ? l1 : l0;
-            const __m256i nib = _mm256_and_si256(g < 2 ? lo : _mm256_srli_epi16(lo, 4), low4);
-            q[4 * n + g] = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * g), two), 4));
         }
     }
 }
@@ -344,6 +288,7 @@ static ALWAYS_INLINE void nat_32(int type, const uint8_t *const rows[8], int64_t
         int64_t i = 0;
         for (; i + 4 <= nb; i += 4) {
             __m256i u[4];
+            PREFETCH(row + i * bytes);
             for (int k = 0; k < 4; k++) {
                 u[k] = ucodes32(type, row + (i + k) * bytes);
                 memcpy(dh + (i + k) * 8 + r, row + (i + k) * bytes, 2);
@@ -417,6 +362,7 @@ static ALWAYS_INLINE void nat_k45(int five, const uint8_t *const rows[8], int64_
     for (int r = 0; r < 8; r++)
         for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
             memcpy(dh + i * 8 + r, b, 4);
             __m256i q[8], scv[8], mv;
             k45_codes(five, b, q);
@@ -461,6 +407,7 @@ static ALWAYS_INLINE void nat_k45_long(int five, const uint8_t *const rows[8], i
         for (int t = 0; t < T; t++) a[t] = _mm_setzero_ps();
         for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = row + i * bytes;
+            PREFETCH(b);
             const __m128 d = _mm_set_ss(f16_to_f32(rd16(b))), dmin = _mm_set_ss(f16_to_f32(rd16(b + 2)));
             __m256i q[8], scv[8], mv;
             k45_codes(five, b, q);
@@ -507,6 +454,7 @@ static ALWAYS_INLINE void nat_q6(const uint8_t *const rows[8], int64_t nb, const
     for (int r = 0; r < 8; r++)
         for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = rows[r] + i * 210;
+            PREFETCH(b);
             memcpy(dh + i * 8 + r, b + 208, 2);
             __m256i q[8], scv[8], sc16;
             q6_prep(b, q, scv, &sc16);
@@ -530,6 +478,7 @@ static ALWAYS_INLINE void nat_q6_long(const uint8_t *const rows[8], int64_t nb, 
         for (int t = 0; t < T; t++) a[t] = _mm_setzero_ps();
         for (int64_t i = 0; i < nb; i++) {
             const uint8_t *b = row + i * 210;
+            PREFETCH(b);
             const __m128 d = _mm_set_ss(f16_to_f32(rd16(b + 208)));
             __m256i q[8], scv[8], sc16;
             q6_prep(b, q, scv, &sc16);
