@@ -131,6 +131,14 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
     }
 }
 
+/* Weight bytes fetched ahead of a row-streaming kernel's reads, two lines at a time: on this
+   VM the hardware prefetchers alone left a 9216-value Q4_K row product at half its speed. */
+#ifndef PF_AHEAD
+#define PF_AHEAD 2048
+#endif
+#define PREFETCH(p) (_mm_prefetch((const char *)(p) + PF_AHEAD, _MM_HINT_T0), \
+                     _mm_prefetch((const char *)(p) + PF_AHEAD + 64, _MM_HINT_T0))
+
 /* One weight row of a 32-value type (its scale at byte 0, read by SCALE) against T <= Q8_ROWS rows. */
 #define ROW_I8_32(NAME, BYTES, CODES, SCALE)                                                                     \
     static void NAME(const uint8_t *row, int64_t nb, const xq32 *X, int64_t ldx, int T, float *acc) {     \
@@ -140,6 +148,7 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
             int64_t i = 0;                                                                                \
             for (; i + 1 < nb; i += 2) {                                                                  \
                 const uint8_t *b0 = row + i * (BYTES), *b1 = b0 + (BYTES);                                \
+                PREFETCH(b0);                                                                             \
                 const __m256i w0 = CODES(b0), w1 = CODES(b1);                                             \
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)X[i + 1].q);                       \
@@ -165,6 +174,7 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
         zero_acc(B, T);                                                                                   \
         for (int64_t i = 0; i < nb; i++) {                                                                \
             const uint8_t *b = row + i * (BYTES);                                                         \
+            PREFETCH(b);                                                                                  \
             const __m256i w = CODES(b);                                                                   \
             const __m256i aw = _mm256_sign_epi8(w, w);                                                    \
             const float dw = SCALE(b);                                                                    \

@@ -25,13 +25,6 @@
 #define SIGNED_Q8 1 /* maddubs would saturate on 255 * 127 pairs: Q8_0 keeps signed codes */
 #endif
 
-/* Weight bytes fetched ahead of the unpacked path's reads (PF_AHEAD, two lines at a time). */
-#ifndef PF_AHEAD
-#define PF_AHEAD 2048
-#endif
-#define PREFETCH(p) (_mm_prefetch((const char *)(p) + PF_AHEAD, _MM_HINT_T0), \
-                     _mm_prefetch((const char *)(p) + PF_AHEAD + 64, _MM_HINT_T0))
-
 /* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
 #define PACK_MIN_T 8
 #define PACK_MIN_T_32 3

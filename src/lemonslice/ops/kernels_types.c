@@ -414,6 +414,7 @@ static void row_q2_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
     const __m128i low4 = _mm_set1_epi8(0x0F);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * 84;
+        PREFETCH(b);
         const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
         const __m128i sc = _mm_loadu_si128((const __m128i *)b);
         const __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), low4));
@@ -452,6 +453,7 @@ static void row_q3_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t 
     const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * 110;
+        PREFETCH(b);
         const float d = f16_to_f32(rd16(b + 108));
         const __m256i sc16 = q3_k_scales16(b + 96);
         __m256i q[8], scv[8];
@@ -481,6 +483,7 @@ static void row_iq4_xs_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_
     zero_acc(A, T);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * 136;
+        PREFETCH(b);
         const float d = f16_to_f32(rd16(b));
         int16_t ls[8];
         iq4_xs_scales(b, ls);
@@ -664,6 +667,7 @@ static inline __attribute__((always_inline)) void row_iq_i8(iq_vec_fn vec, int b
     zero_acc(A, T);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * bytes;
+        PREFETCH(b);
         __m256i g[8], sg[8], scv[8];
         pair_scales(vec(b, g, sg), scv);
         const float dm = iq_d(kind, b) * unit;
@@ -729,6 +733,7 @@ static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, in
     int64_t c = 0;
     for (; c + 64 <= ncols; c += 64) {
         __m256 v[8];
+        PREFETCH(w + 2 * c);
         for (int k = 0; k < 8; k++) v[k] = load_half8(bf, w + 2 * (c + 8 * k));
         for (int t = 0; t < n; t++)
             for (int k = 0; k < 8; k++)
