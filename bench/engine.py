@@ -228,7 +228,7 @@ def run_worker(kind: str, model: Path, args: argparse.Namespace, prompt: list[in
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model),
            "--threads", str(args.threads), "-n", str(args.n), "--prompt-ids", ",".join(map(str, prompt)), *extra]
-    if args.warmup:
+    if getattr(args, "warmup", False):  # bench/file_types.py's arguments have neither option
         cmd.append("--warmup")
     if getattr(args, "llama_ftz", False) and kind == "llama":
         cmd.append("--llama-ftz")
