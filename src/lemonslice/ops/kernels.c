@@ -501,10 +501,6 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
     return failed ? -2 : 0;
 }
 
-/* SwiGLU experts, all in one call: for expert j, Y_j [T_j, E] = down_j(silu(gate_j X_j) * up_j X_j)
- * with 8-bit activations. job j is 11 int64: gate type, gate W, gate row bytes, up W (0: gate
- * holds gate rows then up rows), up row bytes, down type, down W, down row bytes, X_j, T_j, Y_j.
- * E (model width) and F (expert width) are shared. Groups of 8 rows of all experts share the threads. */
 static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads);
 
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
@@ -513,8 +509,9 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
    shared expert or dense FFN, whose rows go through the AMX tiles. Same bits as the fused path. */
 static int swiglu_job_alone(const int64_t *J, int64_t E, int64_t F, int nthreads) {
     const int64_t T = J[9];
-    float *H = malloc((size_t)(T * 2 * F) * sizeof(float)), *U = H + T * F;
+    float *H = malloc((size_t)(T * 2 * F) * sizeof(float));
     if (!H) return -2;
+    float *U = H + T * F;
     int rc;
     if (J[3]) {
         rc = ls_qmatmul_q8((int)J[0], (const uint8_t *)J[1], J[2], F, E, (const float *)J[8], T, H, nthreads);
@@ -537,14 +534,30 @@ static int swiglu_job_alone(const int64_t *J, int64_t E, int64_t F, int nthreads
     return rc;
 }
 
+/* Whether the jobs are well formed (types with an 8-bit path that divide E and F, rows, one block
+   size for every gate and every down), checked before any work. */
+static int swiglu_jobs_valid(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F) {
+    const int gb = q8_block((int)jobs[0]), db = q8_block((int)jobs[5]);
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const int64_t *J = jobs + 11 * j;
+        if (q8_block((int)J[0]) != gb || q8_block((int)J[5]) != db || J[9] < 1) return 0;
+    }
+    return gb && db && E % gb == 0 && F % db == 0;
+}
+
+/* SwiGLU experts, all in one call: for expert j, Y_j [T_j, E] = down_j(silu(gate_j X_j) * up_j X_j)
+ * with 8-bit activations. job j is 11 int64: gate type, gate W, gate row bytes, up W (0: gate
+ * holds gate rows then up rows), up row bytes, down type, down W, down row bytes, X_j, T_j, Y_j.
+ * E (model width) and F (expert width) are shared. Groups of 8 rows of all experts share the threads. */
 int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
+    if (n_jobs < 1) return n_jobs == 0 ? 0 : -1; /* no expert has rows: nothing to do */
+    if (!swiglu_jobs_valid(n_jobs, jobs, E, F)) return -1;
     /* A job of a prompt chunk's size goes alone through the tiles, before the others. */
-    int64_t *own = malloc((size_t)(11 * n_jobs + 1) * sizeof(int64_t)), kept = 0;
+    int64_t *own = malloc((size_t)(11 * n_jobs) * sizeof(int64_t)), kept = 0;
     if (!own) return -2;
     for (int64_t j = 0; j < n_jobs; j++) {
         const int64_t *J = jobs + 11 * j;
-        const int rc = q8_block((int)J[0]) && q8_block((int)J[5]) && amx_supported((int)J[0], J[9])
-                           ? swiglu_job_alone(J, E, F, nthreads) : 1;
+        const int rc = amx_supported((int)J[0], J[9]) ? swiglu_job_alone(J, E, F, nthreads) : 1;
         if (rc < 0) { free(own); return rc; }
         if (rc) memcpy(own + 11 * kept++, J, 11 * sizeof(int64_t));
     }
@@ -557,18 +570,14 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
 static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
     int64_t tt = 0;
     size_t pk = 0;
-    for (int64_t j = 0; j < n_jobs; j++) {
+    for (int64_t j = 0; j < n_jobs; j++) { /* checked by the caller: swiglu_jobs_valid */
         const int64_t *J = jobs + 11 * j;
-        const int gb = q8_block((int)J[0]), db = q8_block((int)J[5]);
-        if (!gb || !db || E % gb || F % db || J[9] < 1) return -1;
         tt += J[9];
         const size_t g = pack8_bytes((int)J[0], E), d = pack8_bytes((int)J[5], F);
         pk = g > pk ? g : pk;
         pk = d > pk ? d : pk;
     }
     const int gb = q8_block((int)jobs[0]), db = q8_block((int)jobs[5]);
-    for (int64_t j = 0; j < n_jobs; j++)
-        if (q8_block((int)jobs[11 * j]) != gb || q8_block((int)jobs[11 * j + 5]) != db) return -1;
     const size_t gxs = gb == 32 ? sizeof(xq32) : sizeof(xq256), dxs = db == 32 ? sizeof(xq32) : sizeof(xq256);
     const int64_t fg = (F + 7) / 8, eg = (E + 7) / 8; /* groups of 8 rows in a gate (or up) and a down */
     char *XQ = malloc((size_t)tt * (size_t)(E / gb) * gxs);

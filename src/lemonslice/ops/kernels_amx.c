@@ -1,10 +1,13 @@
 /* The 8-bit path of the main types on AMX tiles, 16 weight rows at a time, for prompt chunks.
  *
- * One tile product (`tdpbusd`) multiplies 16 activation rows by 16 weight rows over one
- * sub-block (32 values; 16 for Q6_K): A holds the activation codes as unsigned bytes (x + 128,
- * made in place by amx_bias_rows), B the weight codes as signed bytes, 4 codes of each of the
- * 16 rows per 64-byte tile row (the layout of kernels_pack8.c, 16 rows wide). The +128 comes off
- * as 128 * (sum of the row's codes), known when the group is packed.
+ * One tile product multiplies 16 activation rows by 16 weight rows over up to 64 values, into
+ * exact int32 sums:
+ * - Q4_K/Q5_K (`tdpbusd`, weights as A): each row's codes times one digit of their sub-block's
+ *   6-bit scale (sc = hi * base + lo, both products below 256), so two tiles per 64 values add
+ *   up sum_j sc_j * dot_j with no multiply after them; B holds the activation codes.
+ * - Q4_0/Q5_0/Q8_0 (weights as B, 4 codes of each of 16 rows per 64-byte row): one tile per
+ *   block, A the activation codes as unsigned bytes (x + 128, made in place), the +128 taken
+ *   off as 128 * (sum of the row's codes), known when the group is packed.
  *
  * The integers are the ones kernels_pack8.c forms, exactly (per block: sum_j sc_j * dot_j and
  * the mins' sum), and the float steps after them are the same operations in the same order, so
@@ -39,8 +42,8 @@ int amx_supported(int type, int64_t T) {
     }
 }
 
-/* One packed block of a group of 16 rows: q[s][k] = codes 4k..4k+3 of sub-block s of rows 0..15
-   (a B tile), with the rows' scales side by side and k128 = 128 * sum_s sc_s * (sum of its codes). */
+/* One packed block of a group of 16 rows of a 32-value type: q[k] = codes 4k..4k+3 of rows 0..15
+   (a B tile), the rows' scales, and w128 = 128 * (sum of the row's codes). */
 typedef struct { int8_t q[8][64]; int32_t w128[16]; float d[16]; } ak32;
 /* Q4_K/Q5_K are the other way round: A holds 16 weight rows' codes times a digit of their
    sub-block's scale (sc = hi * base + lo, both products below 256), so the scales need no
@@ -77,17 +80,12 @@ static ALWAYS_INLINE void transpose16(const __m256i v[16], int8_t *out) {
     }
 }
 
-/* Sums of 32 signed bytes, and of 16 unsigned ones. */
+/* The sum of 32 signed bytes. */
 static ALWAYS_INLINE int32_t sum_s8(__m256i v) {
     const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
     __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
     return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
-}
-
-static ALWAYS_INLINE int32_t sum_u8(__m128i v) {
-    const __m128i s = _mm_sad_epu8(v, _mm_setzero_si128());
-    return _mm_cvtsi128_si32(s) + _mm_extract_epi32(s, 2);
 }
 
 static void pack_32(int type, const uint8_t *const rows[16], int64_t nb, ak32 *out) {
