@@ -94,6 +94,7 @@ static void pack_32(int type, const uint8_t *const rows[16], int64_t nb, ak32 *o
         __m256i v[16];
         for (int r = 0; r < 16; r++) {
             const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
             v[r] = type == T_Q8_0 ? _mm256_loadu_si256((const __m256i *)(b + 2)) : codes_q45_0(type, b);
             out[i].d[r] = f16_to_f32(rd16(b));
             out[i].w128[r] = 128 * sum_s8(v[r]);
@@ -110,6 +111,7 @@ static void pack_k45(int five, const uint8_t *const rows[16], int64_t nb, ak45 *
     for (int64_t i = 0; i < nb; i++)
         for (int r = 0; r < 16; r++) {
             const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
             __m256i q[8];
             uint8_t sc[8], m[8];
             k45_codes(five, b, q);

@@ -78,6 +78,7 @@ static void pack_32(int type, const uint8_t *const rows[8], int64_t nb, pk32 *ou
         __m256i v[8];
         for (int r = 0; r < 8; r++) {
             const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
             v[r] = ucodes32(type, b);
             out[i].d[r] = f16_to_f32(rd16(b));
         }
@@ -91,6 +92,7 @@ static void pack_k45(int five, const uint8_t *const rows[8], int64_t nb, pk45 *o
         __m256i q[8][8];  /* [row][sub-block] */
         for (int r = 0; r < 8; r++) {
             const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
             k45_codes(five, b, q[r]);
             out[i].d[r] = f16_to_f32(rd16(b));
             out[i].dmin[r] = f16_to_f32(rd16(b + 2));
@@ -114,6 +116,7 @@ static void pack_q6(const uint8_t *const rows[8], int64_t nb, pk6 *out) {
         __m256i q[8][8];
         for (int r = 0; r < 8; r++) {
             const uint8_t *b = rows[r] + i * 210;
+            PREFETCH(b);
             const int8_t *sc = (const int8_t *)(b + 192);
             q6_codes(b, q[r]);
             out[i].d[r] = f16_to_f32(rd16(b + 208));
