@@ -179,12 +179,13 @@ def test_8bit_rows_do_not_depend_on_the_batch(t):
     # Batched decoding must give each sequence the bits it gets alone.
     # 21 weight rows: the main types go 8 rows at a time, the last group padded. Batches of 1-2
     # and 1-7 rows take the unpacked path of the main types, larger ones the packed one.
+    # 40 rows: the IQ grid types take 32 rows a pass over a weight row, the others 8.
     raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
-    x = torch.randn(11, 768, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(40, 768, generator=torch.Generator().manual_seed(3))
     together = kernels.qmatmul_q8(x, raw, t, 768)
-    for i in range(11):
+    for i in (*range(11), 31, 32, 39):
         assert torch.equal(kernels.qmatmul_q8(x[i : i + 1], raw, t, 768)[0], together[i])
-    for n in (2, 3, 7, 8, 9):
+    for n in (2, 3, 7, 8, 9, 33):
         assert torch.equal(kernels.qmatmul_q8(x[:n], raw, t, 768), together[:n])
     assert torch.equal(kernels.qmatmul_q8(x, raw[5:18], t, 768), together[:, 5:18])  # rows grouped otherwise
 

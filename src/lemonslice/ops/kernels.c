@@ -416,10 +416,11 @@ static void rows_to(int type, const uint8_t *W, int64_t row_bytes, int nr, int64
     const int xb = q8_block(type);
     const int64_t nb = ncols / xb;
     const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    const int step = types_q8_rows(type);
     for (int k = 0; k < nr; k++)
-        for (int64_t t0 = 0; t0 < T; t0 += Q8_ROWS) {
-            const int n = (int)(T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS);
-            float acc[Q8_ROWS] = {0};
+        for (int64_t t0 = 0; t0 < T; t0 += step) {
+            const int n = (int)(T - t0 < step ? T - t0 : step);
+            float acc[Q8_ROWS_GRID] = {0};
             types_row_q8(type, W + k * row_bytes, nb, (const char *)XQ + (size_t)(t0 * nb) * xs, nb, n, acc);
             for (int t = 0; t < n; t++) Y[(t0 + t) * ldy + k] = acc[t];
         }

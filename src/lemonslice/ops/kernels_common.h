@@ -92,6 +92,7 @@ static inline __attribute__((always_inline)) void row_any(deq_fn fn, int block, 
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define Q8_ROWS 8 /* activation rows per pass over a weight row (accumulators in registers) */
+#define Q8_ROWS_GRID 32 /* the same for the IQ grid types (types_q8_rows) */
 
 typedef struct { float d; int32_t sum; int8_t q[32]; } xq32; /* sum: of the codes */
 typedef struct { float d; int16_t bsum[16]; int8_t q[256]; } xq256;
@@ -281,6 +282,7 @@ void amx_group16(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
 /* The types of kernels_types.c, asked by kernels.c where its own switches end. */
 int types_info(int type, int *block, int *bytes, deq_fn *fn);
 int types_q8_block(int type);
+int types_q8_rows(int type);
 void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc);
 void types_row_f32(int type, const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc);
 
