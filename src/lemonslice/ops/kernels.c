@@ -460,8 +460,9 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
     const int amx = amx_supported(type, T);
     const int64_t tp = amx ? (T + 15) / 16 * 16 : T; /* activation rows, padded for the tiles */
     void *XQ = malloc((size_t)(tp * nb) * xsize);
-    void *XA = amx ? malloc(amx_x_bytes(type, tp, ncols) + 64) : NULL; /* + 64: never 0 bytes */
-    if (!XQ || (amx && !XA)) { free(XQ); free(XA); return -2; }
+    const size_t xa_bytes = amx ? amx_x_bytes(type, tp, ncols) : 0; /* 0: biased in place */
+    void *XA = xa_bytes ? malloc(xa_bytes) : NULL;
+    if (!XQ || (xa_bytes && !XA)) { free(XQ); free(XA); return -2; }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -553,7 +554,11 @@ static int swiglu_jobs_valid(int64_t n_jobs, const int64_t *jobs, int64_t E, int
 int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
     if (n_jobs < 1) return n_jobs == 0 ? 0 : -1; /* no expert has rows: nothing to do */
     if (!swiglu_jobs_valid(n_jobs, jobs, E, F)) return -1;
-    /* A job of a prompt chunk's size goes alone through the tiles, before the others. */
+    /* A job of a prompt chunk's size goes alone through the tiles, before the others; decode
+       (no such job) goes straight to the fused call. */
+    int64_t alone = 0;
+    for (int64_t j = 0; j < n_jobs; j++) alone += amx_supported((int)jobs[11 * j], jobs[11 * j + 9]);
+    if (!alone) return swiglu_experts_fused(n_jobs, jobs, E, F, nthreads);
     int64_t *own = malloc((size_t)(11 * n_jobs) * sizeof(int64_t)), kept = 0;
     if (!own) return -2;
     for (int64_t j = 0; j < n_jobs; j++) {

@@ -60,13 +60,10 @@ size_t amx_bytes(int type, int64_t ncols) {
 }
 
 /* Activation codes x -> x + 128 as unsigned bytes (XOR 0x80): the A tiles' operand. */
-static void amx_bias_rows(int xb, void *XQ, int64_t nblocks) {
+static void amx_bias_rows(xq32 *X, int64_t nblocks) {
     const __m256i bit = _mm256_set1_epi8((char)0x80);
-    for (int64_t i = 0; i < nblocks; i++) {
-        int8_t *q = xb == 32 ? ((xq32 *)XQ)[i].q : ((xq256 *)XQ)[i].q;
-        for (int k = 0; k < xb; k += 32)
-            _mm256_storeu_si256((__m256i *)(q + k), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + k)), bit));
-    }
+    for (int64_t i = 0; i < nblocks; i++)
+        _mm256_storeu_si256((__m256i *)X[i].q, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)X[i].q), bit));
 }
 
 /* 16 rows' 32 codes (v[r]) -> out + 64k: codes 4k..4k+3 of rows 0..15, k < 8. */
@@ -228,7 +225,7 @@ void amx_prepare_x(int type, void *XQ, int64_t nb, int64_t tg, void *XA) {
         for (int64_t i = 0; i < nb; i++) amx_pack_x256((const xq256 *)XQ + tg * 16 * nb + i, nb, (ax256 *)XA + tg * nb + i);
         return;
     }
-    for (int t = 0; t < 16; t++) amx_bias_rows(32, (xq32 *)XQ + (tg * 16 + t) * nb, nb);
+    amx_bias_rows((xq32 *)XQ + tg * 16 * nb, 16 * nb);
 }
 
 /* Rows [W, W + nr) (nr <= 16) times the prepared activations XA (T rows, amx_prepare_x)
