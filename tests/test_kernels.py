@@ -178,14 +178,15 @@ def test_swiglu_experts_one_call_equals_twins(types, fused):
 def test_8bit_rows_do_not_depend_on_the_batch(t):
     # Batched decoding must give each sequence the bits it gets alone.
     # 21 weight rows: the main types go 8 rows at a time, the last group padded. Batches of 1-2
-    # and 1-7 rows take the unpacked path of the main types, larger ones the packed one.
+    # (32-value blocks) and 1-7 rows (K-quants) take the unpacked path, 3-4 rows of 32-value
+    # blocks a group transposed in registers, larger ones the packed one.
     # 40 rows: the IQ grid types take 32 rows a pass over a weight row, the others 8.
     raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
     x = torch.randn(40, 768, generator=torch.Generator().manual_seed(3))
     together = kernels.qmatmul_q8(x, raw, t, 768)
     for i in (*range(11), 31, 32, 39):
         assert torch.equal(kernels.qmatmul_q8(x[i : i + 1], raw, t, 768)[0], together[i])
-    for n in (2, 3, 7, 8, 9, 33):
+    for n in (2, 3, 4, 5, 7, 8, 9, 33):
         assert torch.equal(kernels.qmatmul_q8(x[:n], raw, t, 768), together[:n])
     assert torch.equal(kernels.qmatmul_q8(x, raw[5:18], t, 768), together[:, 5:18])  # rows grouped otherwise
 
@@ -234,7 +235,7 @@ def test_8bit_kernels_built_for_avx2_alone_give_the_same_bits(tmp_path):
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(2))
     for t in PACKED:
         raw = torch.from_numpy(blocks(t, 19, 512, seed=3))
-        for n in (1, 5, 12, 40):  # 40: the AMX tiles here, where the CPU has them
+        for n in (1, 3, 5, 12, 40):  # 3: a group transposed in registers; 40: the AMX tiles here
             out = torch.empty(n, 19)
             assert lib.ls_qmatmul_q8(int(t), raw.data_ptr(), raw.stride(0), 19, 512, x.data_ptr(), n, out.data_ptr(), 2) == 0
             assert torch.equal(out, kernels.qmatmul_q8(x[:n], raw, t, 512)), (t.name, n)

@@ -58,6 +58,20 @@ def test_attention_over_stored_rows_equals_its_twin(kt, vt):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("kt", TYPES)
+def test_a_few_query_rows_get_the_bits_of_each_row_alone(kt, window):
+    # A verify pass (2-16 rows) attends its rows in one call; each must equal a one-token step.
+    cache = AttentionCache.empty(2, 64, types=(kt, kt))
+    rows = cache.append(_rand(30, 2, 64, seed=7), _rand(30, 2, 64, seed=8))
+    q = _rand(5, 6, 64, seed=9)
+    got = attend_kv(q, rows, 25, 0.125, window)  # positions 25..29
+    for i in range(5):
+        end = 26 + i
+        alone = attend_one(q[i : i + 1], rows, max(0, end - window) if window else 0, end, 0.125)
+        assert torch.equal(got[i : i + 1], alone), i
+
+
 @pytest.mark.parametrize("step", [1, 5, 23])
 def test_windowed_cache_equals_a_full_cache_with_a_mask(step):
     W, n, scale = 8, 120, 0.2

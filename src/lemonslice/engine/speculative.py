@@ -83,6 +83,10 @@ class _Chooser:
     def __init__(self, sampler: Sampler | None):
         self.params: SamplingParams | None = sampler.params if sampler is not None else None
         self.greedy = self.params is None or self.params.temperature == 0.0
+        p = self.params
+        # Without penalties the filters always keep the largest logit (as `Sampler.sample`).
+        self.plain = p is None or (p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                                   and p.frequency_penalty == 0.0)
         self.gen = None
         if not self.greedy:
             self.gen = torch.Generator().manual_seed(sampler.seed)
@@ -91,7 +95,7 @@ class _Chooser:
         return logits if self.params is None else filter_logits(logits, history, self.params)
 
     def greedy_pick(self, logits: torch.Tensor, history: Sequence[int]) -> int:
-        return argmax(self._filtered(logits, history))
+        return argmax(logits if self.plain else self._filtered(logits, history))
 
     def probs(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """[V] float64 probabilities after the filters and temperature."""
@@ -165,7 +169,7 @@ class _Speculative:
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         if k > 0:
-            d_logits, g = head(torch.tensor(self.pend_ids), self.pend_h, self.cache)
+            d_logits, g = head(torch.tensor(self.pend_ids), self.pend_h, self.cache, "last")
             committed = self.cache.length
             for i in range(k):
                 if i:
@@ -203,7 +207,7 @@ class _Speculative:
         self.pend_h = rms_norm(x, eng.shared.norm, eng.args.rms_eps)  # [P, E]
         self.pend_ids = self.prompt[1:] + [tok]
         if len(self.pend_ids) > 1 and budget > 1:
-            self.head(torch.tensor(self.pend_ids[:-1]), self.pend_h[:-1], self.cache)
+            self.head(torch.tensor(self.pend_ids[:-1]), self.pend_h[:-1], self.cache, None)
             self.pend_h, self.pend_ids = self.pend_h[-1:], self.pend_ids[-1:]
         del self.x
         return tok

@@ -214,7 +214,7 @@ class DeltaNetCache:
             raise LemonsliceError(f"a Gated DeltaNet state at {self.length} goes back only to a mark, not to {n}")
         conv, state, start = self._mark
         keep = n - start
-        qkv, q, k, v, g, beta = (torch.cat(parts)[:keep] for parts in zip(*self._trace))
+        qkv, q, k, v, g, beta = ((parts[0] if len(parts) == 1 else torch.cat(parts))[:keep] for parts in zip(*self._trace))
         n_keep = conv.shape[0]
         xs = torch.cat((conv, qkv))  # as causal_conv keeps its last K-1 inputs
         self.conv = xs[xs.shape[0] - n_keep :].clone()

@@ -85,28 +85,42 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> to
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
-_ROPE_TABLES: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# Positions per RoPE table chunk: a step slices its rows out of one or two chunks, so every
+# position's cos/sin have the same bits in decode, a verify pass and a prompt chunk.
+ROPE_CHUNK = 256
+_ROPE_CHUNKS: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_chunk(inv_freq: torch.Tensor, c: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [ROPE_CHUNK, 1, D] for positions c*ROPE_CHUNK.. (see `rope_tables`)."""
+    key = (id(inv_freq), c, D)
+    hit = _ROPE_CHUNKS.get(key)
+    if hit is not None and hit[2] is inv_freq:
+        return hit[0], hit[1]
+    half = inv_freq.shape[0]
+    pos = torch.arange(c * ROPE_CHUNK, (c + 1) * ROPE_CHUNK, dtype=torch.float32)
+    ang = pos[:, None] * inv_freq[None, :]  # [C, half]
+    cs, sn = ang.cos(), ang.sin()
+    one, zero = torch.ones(ROPE_CHUNK, D - 2 * half), torch.zeros(ROPE_CHUNK, D - 2 * half)
+    cos = torch.cat((cs, cs, one), dim=-1)[:, None, :]
+    sin = torch.cat((-sn, sn, zero), dim=-1)[:, None, :]
+    if len(_ROPE_CHUNKS) >= 64:
+        _ROPE_CHUNKS.clear()
+    _ROPE_CHUNKS[key] = (cos, sin, inv_freq)  # the tensor itself kept: its id stays unique
+    return cos, sin
 
 
 def rope_tables(inv_freq: torch.Tensor, pos0: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin [T, 1, D] for `rotate` at positions pos0..pos0+T-1: over the rotated
-    dims (cos, cos) and (-sin, sin), 1 and 0 over the rest. Kept per (inv_freq, positions), so
-    the layers of one step share them."""
-    key = (id(inv_freq), pos0, T, D)
-    hit = _ROPE_TABLES.get(key)
-    if hit is not None and hit[2] is inv_freq:
-        return hit[0], hit[1]
-    half = inv_freq.shape[0]
-    pos = torch.arange(pos0, pos0 + T, dtype=torch.float32)
-    ang = pos[:, None] * inv_freq[None, :]  # [T, half]
-    c, s = ang.cos(), ang.sin()
-    one, zero = torch.ones(T, D - 2 * half), torch.zeros(T, D - 2 * half)
-    cos = torch.cat((c, c, one), dim=-1)[:, None, :]
-    sin = torch.cat((-s, s, zero), dim=-1)[:, None, :]
-    if len(_ROPE_TABLES) > 256:
-        _ROPE_TABLES.clear()
-    _ROPE_TABLES[key] = (cos, sin, inv_freq)  # the tensor itself kept: its id stays unique
-    return cos, sin
+    dims (cos, cos) and (-sin, sin), 1 and 0 over the rest; rows of cached chunks."""
+    parts = []
+    for c in range(pos0 // ROPE_CHUNK, (pos0 + T - 1) // ROPE_CHUNK + 1):
+        cos, sin = _rope_chunk(inv_freq, c, D)
+        lo, hi = max(pos0, c * ROPE_CHUNK) - c * ROPE_CHUNK, min(pos0 + T, (c + 1) * ROPE_CHUNK) - c * ROPE_CHUNK
+        parts.append((cos[lo:hi], sin[lo:hi]))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
@@ -149,11 +163,14 @@ def attend_kv(q: torch.Tensor, rows: KVRows, q_pos0: int, scale: float, window: 
     one by one in C (cost follows the attended length); more decode what they need and use SDPA."""
     T = q.shape[0]
     if T <= ONE_BY_ONE:
-        outs = []
-        for i in range(T):
-            end = q_pos0 + i + 1
-            lo = max(0, end - window) if window > 0 else 0
-            outs.append(attend_one(q[i : i + 1], rows, lo, end, scale))
+        bounds = [(max(0, e - window) if window > 0 else 0, e) for e in range(q_pos0 + 1, q_pos0 + T + 1)]
+        if T > 1:
+            types = (KV_TYPES[rows.types[0]], KV_TYPES[rows.types[1]])
+            out = kernels.attend_rows(q, rows.k, rows.v, [(a - rows.start, b - rows.start) for a, b in bounds],
+                                      scale, rows.n_head_kv, types)
+            if out is not None:
+                return out
+        outs = [attend_one(q[i : i + 1], rows, lo, end, scale) for i, (lo, end) in enumerate(bounds)]
         return outs[0] if T == 1 else torch.cat(outs)
     lo = max(0, q_pos0 - window + 1) if window > 0 else 0
     k, v = rows.float(lo)  # positions max(lo, start)..

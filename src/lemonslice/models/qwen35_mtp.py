@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LemonsliceError
 from ..gguf.constants import Tensors as TN
-from ..ops import QuantWeight, dequantize, linear
+from ..ops import QuantWeight, linear, take_rows
 from .common import SharedWeights
 from .qwen35_args import ModelArgs
 from .qwen35_layers import Attention, AttentionCache, DenseFFN, MoE, Weights, as_float, as_matrix, rms_norm
@@ -76,11 +76,13 @@ class MTPHead:
         emb: QuantWeight = self.embd
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < emb.out_features):
             raise LemonsliceError(f"token ids must lie in [0, {emb.out_features})")
-        return dequantize(emb.raw[ids], emb.ggml_type)
+        return take_rows(emb, ids)
 
-    def __call__(self, ids: torch.Tensor, h: torch.Tensor, cache: AttentionCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor, cache: AttentionCache, logits: str | None = "all",
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """ids [T], h [T, E] (final-normed trunk states, or g of the previous draft step) ->
-        (logits [T, V], g [T, E]); advances `cache` by T positions."""
+        (logits [T, V], or [1, V] of the last row with logits="last", or None; g [T, E]);
+        advances `cache` by T positions."""
         eps = self.args.rms_eps
         if h.shape != (ids.shape[0], self.args.n_embd):
             raise LemonsliceError(f"MTP head: hidden states {'x'.join(map(str, h.shape))} do not match {ids.shape[0]} tokens")
@@ -89,4 +91,6 @@ class MTPHead:
         z = z + self.attn(rms_norm(z, self.attn_norm, eps), cache)
         z = z + self.ffn(rms_norm(z, self.ffn_norm, eps))
         g = rms_norm(z, self.head_norm, eps)  # [T, E]
-        return linear(g, self.head), g
+        if logits is None:
+            return None, g
+        return linear(g if logits == "all" else g[-1:], self.head), g

@@ -875,6 +875,20 @@ int ls_attend_one_kv(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *
     return bad ? -2 : 0;
 }
 
+/* T query positions, row i over stored positions [lo[i], hi[i]) (a verify pass's causal rows):
+   each exactly ls_attend_one_kv's arithmetic for that one query, in one call. */
+int ls_attend_rows_kv(int64_t T, int64_t H, int64_t Hkv, int64_t D, const int64_t *lo, const int64_t *hi,
+                      const float *q, const uint8_t *k, const uint8_t *v, int64_t ldk, int64_t ldv, int ktype,
+                      int vtype, float scale, float *out, int nthreads) {
+    for (int64_t i = 0; i < T; i++) {
+        if (lo[i] < 0 || hi[i] <= lo[i]) return -1;
+        const int rc = ls_attend_one_kv(H, Hkv, D, hi[i] - lo[i], q + i * H * D, k + lo[i] * ldk, v + lo[i] * ldv,
+                                        ldk, ldv, ktype, vtype, scale, out + i * H * D, nthreads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* rows of n floats: out = x / sqrt(mean(x^2) + eps) * w (w: n floats). */
 int ls_rms_norm(int64_t rows, int64_t n, const float *x, const float *w, float eps, float *out) {
     if (rows < 0 || n < 1) return -1;

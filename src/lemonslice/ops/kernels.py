@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +107,8 @@ def library() -> ctypes.CDLL | None:
     lib.ls_amx_enable(int(os.environ.get("LEMONSLICE_AMX", "1") != "0"))
     lib.ls_attend_one_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_float, ptr, ctypes.c_int]
+    lib.ls_attend_rows_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int]
     return lib
 
 
@@ -277,6 +279,29 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
                               scale, out.data_ptr(), torch.get_num_threads())
     if rc == -2:
         raise MemoryError("ls_attend_one_kv could not allocate its scores")
+    return None if rc else out
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Sequence[tuple[int, int]], scale: float,
+                n_head_kv: int, types: tuple[int, int] = (0, 0)) -> torch.Tensor | None:
+    """`attend_one` for T query positions q [T, H, D], row i over stored rows spans[i] = (lo, hi)
+    of k, v, in one call -> [T, H, D] (each row the bits `attend_one` gives it); None when the
+    tensors do not fit the kernel."""
+    lib = library()
+    T, H, D = q.shape
+    S = k.shape[0]
+    if (lib is None or len(spans) != T or not _f32(q) or H % n_head_kv or S != v.shape[0]
+            or any(not 0 <= a < b <= S for a, b in spans) or k.device.type != "cpu" or v.device.type != "cpu"
+            or not _rows_packed(k) or not _rows_packed(v)):
+        return None
+    q = q.contiguous()
+    out = torch.empty((T, H, D), dtype=torch.float32)
+    lo, hi = (ctypes.c_int64 * T)(*(a for a, _ in spans)), (ctypes.c_int64 * T)(*(b for _, b in spans))
+    rc = lib.ls_attend_rows_kv(T, H, n_head_kv, D, lo, hi, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                               k.stride(0) * k.element_size(), v.stride(0) * v.element_size(), types[0], types[1],
+                               scale, out.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("ls_attend_rows_kv could not allocate its scores")
     return None if rc else out
 
 

@@ -28,6 +28,8 @@
 /* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
 #define PACK_MIN_T 8
 #define PACK_MIN_T_32 3
+/* 32-value blocks for 3-4 activation rows: the group transposed in registers, not packed. */
+#define FUSED_MAX_T 4
 
 /* One packed block of a group of 8 rows; q[k] lane r = codes 4k..4k+3 of row r. */
 typedef struct { uint8_t q[8][32]; float d[8]; } pk32;
@@ -166,6 +168,37 @@ static ALWAYS_INLINE void run_32(int type, const pk32 *P, int64_t nb, const xq32
     }
 }
 
+/* run_32 on a group packed in registers, block by block, for n <= 4 activation rows: the
+   codes never go through the scratch buffer (one pass over the rows, nothing stored), with
+   the same integers and float steps as pack_32 + run_32. */
+static ALWAYS_INLINE void fused_32(int type, const uint8_t *const rows[8], int64_t nb, const xq32 *X, int64_t ldx,
+                                   const int n, __m256 *acc) {
+    const int sgn = type == T_Q8_0 && SIGNED_Q8;
+    const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : sgn ? 0 : 128;
+    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
+    for (int t = 0; t < n; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i v[8], c[8], s[4];
+        uint16_t dh[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
+            v[r] = ucodes32(type, b);
+            dh[r] = rd16(b);
+        }
+        transpose8(v, c);
+        for (int t = 0; t < n; t++) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++)
+            for (int t = 0; t < n; t++) s[t] = dot4(s[t], c[k], bcast4(X[t * ldx + i].q + 4 * k), sgn);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
+        for (int t = 0; t < n; t++) {
+            const xq32 *x = X + t * ldx + i;
+            if (off) s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32(off * x->sum));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(x->d)), acc[t]);
+        }
+    }
+}
+
 /* p[t] lane r = sum over `groups` packed code vectors q[k] (4 codes of each of 8 rows) times the
    activation codes at value offset off + 4k of block X[t * ldx], for n activation rows. */
 static ALWAYS_INLINE void group_dots(const uint8_t (*q)[32], const int groups, const xq256 *X, int64_t ldx, int off,
@@ -184,7 +217,7 @@ static ALWAYS_INLINE void run_k45(const pk45 *P, int64_t nb, const xq256 *X, int
         for (int t = 0; t < n; t++) is[t] = mn[t] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             __m256i p[4];
-            group_dots(P[i].q[8 * j], 8, X + i, ldx, 32 * j, n, p);
+            group_dots(P[i].q + 8 * j, 8, X + i, ldx, 32 * j, n, p);
             const __m256i sc = _mm256_loadu_si256((const __m256i *)P[i].sc[j]);
             const __m256i m2 = _mm256_loadu_si256((const __m256i *)P[i].m2[j]);
             for (int t = 0; t < n; t++) {
@@ -208,7 +241,7 @@ static ALWAYS_INLINE void run_q6(const pk6 *P, int64_t nb, const xq256 *X, int64
         for (int t = 0; t < n; t++) is[t] = o[t] = _mm256_setzero_si256();
         for (int j = 0; j < 16; j++) { /* 16 values, one scale */
             __m256i p[4];
-            group_dots(P[i].q[4 * j], 4, X + i, ldx, 16 * j, n, p);
+            group_dots(P[i].q + 4 * j, 4, X + i, ldx, 16 * j, n, p);
             const __m256i sc = _mm256_loadu_si256((const __m256i *)P[i].sc[j]);
             for (int t = 0; t < n; t++) is[t] = _mm256_add_epi32(is[t], _mm256_mullo_epi32(p[t], sc));
         }
@@ -540,6 +573,17 @@ void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
     const int xb = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 256 : 32;
     const int64_t nb = ncols / xb;
     const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    if (xb == 32 && T >= PACK_MIN_T_32 && T <= FUSED_MAX_T) {
+        __m256 acc[4];
+        switch (T) {
+        case 1: fused_32(type, rows, nb, XQ, nb, 1, acc); break;
+        case 2: fused_32(type, rows, nb, XQ, nb, 2, acc); break;
+        case 3: fused_32(type, rows, nb, XQ, nb, 3, acc); break;
+        default: fused_32(type, rows, nb, XQ, nb, 4, acc); break;
+        }
+        store_rows(acc, (int)T, nr, Y, ldy);
+        return;
+    }
     if (T < (xb == 32 ? PACK_MIN_T_32 : PACK_MIN_T)) {
         __m256 acc[PACK_MIN_T];
         nat_group(type, rows, nb, XQ, nb, (int)T, acc, buf);

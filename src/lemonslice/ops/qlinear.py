@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -318,25 +319,46 @@ def swiglu_experts_q8_ref(x: torch.Tensor, counts: Sequence[int], parts: Sequenc
     return _per_expert(x, counts, parts, linear_q8_ref)
 
 
-def _expert_jobs(x: torch.Tensor, parts: Sequence[tuple[QuantWeight, ...]]) -> list[list[int]] | None:
-    """The fused kernel's job rows (weights only), or None where it does not apply."""
+# Per expert (a parts tuple), its fused-kernel job row and sizes, made once: an MoE step
+# routes the same experts' tuples again and again. Weak references, so a streamed expert's
+# buffers go when its weights do; a tuple is known again by its weights' identity.
+_JOB_ROWS: dict[int, tuple[tuple[weakref.ref, ...], tuple | None]] = {}
+
+
+def _job_row(p: tuple[QuantWeight, ...]) -> tuple | None:
+    """(the weights' job row, gate block, down block, (E, F) of the expert or None where its
+    shapes do not fit) or None where the fused kernel does not take this expert."""
+    hit = _JOB_ROWS.get(id(p))
+    if hit is not None and len(hit[0]) == len(p) and all(r() is w for r, w in zip(hit[0], p)):
+        return hit[1]
+    up = p[1] if len(p) == 3 else None
+    gate_t, down_t = p[0].ggml_type, p[-1].ggml_type
+    gate_b, down_b = Q8_BLOCK.get(gate_t), Q8_BLOCK.get(down_t)
+    row = None
+    if (gate_b is not None and down_b is not None and kernels.q8_supported(gate_t) and kernels.q8_supported(down_t)
+            and (up is None or up.ggml_type == gate_t) and p[0].raw.device.type == "cpu"):
+        E, F = p[-1].out_features, p[-1].in_features
+        gate_rows = p[0].out_features if up is not None else p[0].out_features // 2
+        fits = p[0].in_features == E and gate_rows == F and (up is None or up.shape == p[0].shape)
+        row = ((int(gate_t), p[0].raw.data_ptr(), p[0].raw.stride(0),
+                up.raw.data_ptr() if up is not None else 0, up.raw.stride(0) if up is not None else 0,
+                int(down_t), p[-1].raw.data_ptr(), p[-1].raw.stride(0)), gate_b, down_b, (E, F) if fits else None)
+    if len(_JOB_ROWS) >= 4096:
+        _JOB_ROWS.clear()
+    _JOB_ROWS[id(p)] = (tuple(weakref.ref(w) for w in p), row)
+    return row
+
+
+def _expert_jobs(x: torch.Tensor, parts: Sequence[tuple[QuantWeight, ...]]) -> list[tuple] | None:
+    """Per expert `_job_row`, or None where the fused kernel does not apply."""
     if is_exact() or kernels.library() is None or not parts or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
+    rows = [_job_row(p if isinstance(p, tuple) else tuple(p)) for p in parts]
     # Any types with an 8-bit kernel, as long as every gate/up (and every down) shares one
     # activation block size: the kernel rounds each expert's input (and hidden) once.
-    gate_b, down_b = Q8_BLOCK.get(parts[0][0].ggml_type), Q8_BLOCK.get(parts[0][-1].ggml_type)
-    jobs = []
-    for p in parts:
-        up = p[1] if len(p) == 3 else None
-        gate_t, down_t = p[0].ggml_type, p[-1].ggml_type
-        if (gate_b is None or down_b is None or Q8_BLOCK.get(gate_t) != gate_b or Q8_BLOCK.get(down_t) != down_b
-                or not kernels.q8_supported(gate_t) or not kernels.q8_supported(down_t)
-                or (up is not None and up.ggml_type != gate_t) or p[0].raw.device.type != "cpu"):
-            return None
-        jobs.append([int(gate_t), p[0].raw.data_ptr(), p[0].raw.stride(0),
-                     up.raw.data_ptr() if up is not None else 0, up.raw.stride(0) if up is not None else 0,
-                     int(down_t), p[-1].raw.data_ptr(), p[-1].raw.stride(0)])
-    return jobs
+    if any(r is None for r in rows) or any(r[1:3] != rows[0][1:3] for r in rows):
+        return None
+    return rows
 
 
 def swiglu_experts(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]]
@@ -344,8 +366,8 @@ def swiglu_experts(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple
     """x [N, E], rows grouped by expert (counts[j] rows for parts[j]) -> [N, E]: the MoE op
     model code calls. With 8-bit activations every expert goes through one C call (gate and
     up, SiLU, down), their rows shared by the threads; otherwise expert by expert."""
-    jobs = _expert_jobs(x, parts)
-    if jobs is None:
+    rows = _expert_jobs(x, parts)
+    if rows is None:
         return _per_expert(x, counts, parts, linear)
     E, Fe = parts[0][-1].out_features, parts[0][-1].in_features
     if len(counts) != len(parts) or sum(counts) != x.shape[0] or x.dim() != 2 or x.shape[1] != E:
@@ -353,15 +375,13 @@ def swiglu_experts(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple
                          f"{tuple(x.shape)}")
     if min(counts) < 1:
         raise ValueError(f"every expert needs at least one row, got counts {list(counts)}")
-    for p in parts:
-        gate_rows = p[0].out_features if len(p) == 3 else p[0].out_features // 2
-        if p[0].in_features != E or gate_rows != Fe or p[-1].shape[:2] != (Fe, E):
-            raise ValueError(f"expert shapes do not match inputs [n, {E}] and width {Fe}")
+    if any(r[3] != (E, Fe) for r in rows):
+        raise ValueError(f"expert shapes do not match inputs [n, {E}] and width {Fe}")
     x = x.contiguous()
     y = torch.empty((x.shape[0], E), dtype=torch.float32)
-    row, s = 4 * E, 0
-    for job, n in zip(jobs, counts):
-        job += [x.data_ptr() + s * row, n, y.data_ptr() + s * row]
+    step, s, jobs = 4 * E, 0, []
+    for r, n in zip(rows, counts):
+        jobs.append((*r[0], x.data_ptr() + s * step, n, y.data_ptr() + s * step))
         s += n
     kernels.swiglu_experts_q8(torch.tensor(jobs, dtype=torch.int64), E, Fe)
     return y
