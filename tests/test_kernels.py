@@ -178,8 +178,9 @@ def test_swiglu_experts_one_call_equals_twins(types, fused):
 def test_8bit_rows_do_not_depend_on_the_batch(t):
     # Batched decoding must give each sequence the bits it gets alone.
     # 21 weight rows: the main types go 8 rows at a time, the last group padded. Batches of 1-2
-    # (32-value blocks) and 1-7 rows (K-quants) take the unpacked path, 3-4 rows of 32-value
-    # blocks a group transposed in registers, larger ones the packed one.
+    # (32-value blocks) and 1-7 rows (K-quants) take the unpacked path, 2-4 rows of 32-value
+    # blocks groups transposed in registers (16 weight rows in 512-bit registers where the CPU
+    # has AVX-512: 16 + 5 rows here), larger ones the packed one.
     # 40 rows: the IQ grid types take 32 rows a pass over a weight row, the others 8.
     raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
     x = torch.randn(40, 768, generator=torch.Generator().manual_seed(3))

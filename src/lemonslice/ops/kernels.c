@@ -405,8 +405,9 @@ static int q8_block(int type) {
 
 int ls_q8_supported(int type) { return q8_block(type) != 0; }
 
-/* Rows [W, W + nr) (nr <= 8, row_bytes apart) times quantized X [T rows] -> Y[t * ldy + k], k < nr.
-   The main types go 8 rows at a time (kernels_pack8.c, scratch `buf`); the others row by row. */
+/* Rows [W, W + nr) (nr <= 8, or 16 where pack8_group_rows says so; row_bytes apart) times quantized
+   X [T rows] -> Y[t * ldy + k], k < nr. The main types go 8 or 16 rows at a time (kernels_pack8.c,
+   scratch `buf`); the others row by row. */
 static void rows_to(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XQ, int64_t T,
                     float *Y, int64_t ldy, void *buf) {
     if (pack8_supported(type)) {
@@ -491,10 +492,11 @@ int ls_qmatmul_q8(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, 
                                      nrows, buf);
             }
         } else {
+            const int G = pack8_group_rows(type, T);
 #pragma omp for schedule(static)
-            for (int64_t g = 0; g < (nrows + 7) / 8; g++) {
-                const int nr = (int)(nrows - 8 * g < 8 ? nrows - 8 * g : 8);
-                if (buf) rows_to(type, W + 8 * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + 8 * g, nrows, buf);
+            for (int64_t g = 0; g < (nrows + G - 1) / G; g++) {
+                const int nr = (int)(nrows - G * g < G ? nrows - G * g : G);
+                if (buf) rows_to(type, W + G * g * row_bytes, row_bytes, nr, ncols, XQ, T, Y + G * g, nrows, buf);
             }
         }
     }
@@ -572,6 +574,28 @@ int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t
     return rc;
 }
 
+/* Every job's matrix of `rows` weight rows (its type at J[type_at]) cut into the row groups
+   pack8_group_rows asks for its T_j: items (job, first row, rows) for the threads to share. */
+static int64_t *row_groups(int64_t n_jobs, const int64_t *jobs, int type_at, int64_t rows, int64_t *n) {
+    int64_t count = 0;
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const int G = pack8_group_rows((int)jobs[11 * j + type_at], jobs[11 * j + 9]);
+        count += (rows + G - 1) / G;
+    }
+    int64_t *items = malloc((size_t)(3 * count) * sizeof(int64_t)), k = 0;
+    if (!items) return NULL;
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const int G = pack8_group_rows((int)jobs[11 * j + type_at], jobs[11 * j + 9]);
+        for (int64_t r = 0; r < rows; r += G, k++) {
+            items[3 * k] = j;
+            items[3 * k + 1] = r;
+            items[3 * k + 2] = rows - r < G ? rows - r : G;
+        }
+    }
+    *n = count;
+    return items;
+}
+
 /* ls_swiglu_experts_q8 for jobs of a few rows each: one parallel region for all. */
 static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
     int64_t tt = 0;
@@ -585,12 +609,16 @@ static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, 
     }
     const int gb = q8_block((int)jobs[0]), db = q8_block((int)jobs[5]);
     const size_t gxs = gb == 32 ? sizeof(xq32) : sizeof(xq256), dxs = db == 32 ? sizeof(xq32) : sizeof(xq256);
-    const int64_t fg = (F + 7) / 8, eg = (E + 7) / 8; /* groups of 8 rows in a gate (or up) and a down */
+    int64_t ng = 0, nd = 0; /* row groups of the gates (as many of the ups) and of the downs */
+    int64_t *gi = row_groups(n_jobs, jobs, 0, F, &ng), *di = row_groups(n_jobs, jobs, 5, E, &nd);
     char *XQ = malloc((size_t)tt * (size_t)(E / gb) * gxs);
     float *H = malloc((size_t)tt * (size_t)(2 * F) * sizeof(float));
     char *HQ = malloc((size_t)tt * (size_t)(F / db) * dxs);
     int64_t *start = malloc((size_t)(n_jobs + 1) * sizeof(int64_t));
-    if (!XQ || !H || !HQ || !start) { free(XQ); free(H); free(HQ); free(start); return -2; }
+    if (!gi || !di || !XQ || !H || !HQ || !start) {
+        free(gi); free(di); free(XQ); free(H); free(HQ); free(start);
+        return -2;
+    }
     start[0] = 0;
     for (int64_t j = 0; j < n_jobs; j++) start[j + 1] = start[j] + jobs[11 * j + 9];
     int failed = 0;
@@ -607,10 +635,10 @@ static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, 
                        XQ + (size_t)(start[j] * (E / gb)) * gxs);
         /* gate and up rows of every expert: H_j [T_j, 2F], gate in columns [0, F) */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n_jobs * 2 * fg; i++) {
-            const int64_t j = i / (2 * fg), g = i % (2 * fg), up = g >= fg, r = 8 * (g - up * fg);
+        for (int64_t i = 0; i < 2 * ng; i++) {
+            const int64_t *g = gi + 3 * (i % ng), j = g[0], r = g[1], up = i >= ng;
             const int64_t *J = jobs + 11 * j;
-            const int nr = (int)(F - r < 8 ? F - r : 8);
+            const int nr = (int)g[2];
             const uint8_t *row = !up ? (const uint8_t *)J[1] + r * J[2]
                                      : J[3] ? (const uint8_t *)J[3] + r * J[4] : (const uint8_t *)J[1] + (F + r) * J[2];
             if (buf) rows_to((int)J[0], row, up && J[3] ? J[4] : J[2], nr, E, XQ + (size_t)(start[j] * (E / gb)) * gxs, J[9],
@@ -623,14 +651,14 @@ static int swiglu_experts_fused(int64_t n_jobs, const int64_t *jobs, int64_t E, 
             quant_rows(db, h, 1, F, HQ + (size_t)(t * (F / db)) * dxs);
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n_jobs * eg; i++) {
-            const int64_t j = i / eg, r = 8 * (i % eg);
+        for (int64_t i = 0; i < nd; i++) {
+            const int64_t j = di[3 * i], r = di[3 * i + 1];
             const int64_t *J = jobs + 11 * j;
-            if (buf) rows_to((int)J[5], (const uint8_t *)J[6] + r * J[7], J[7], (int)(E - r < 8 ? E - r : 8), F,
+            if (buf) rows_to((int)J[5], (const uint8_t *)J[6] + r * J[7], J[7], (int)di[3 * i + 2], F,
                     HQ + (size_t)(start[j] * (F / db)) * dxs, J[9], (float *)J[10] + r, E, buf);
         }
     }
-    free(XQ); free(H); free(HQ); free(start);
+    free(gi); free(di); free(XQ); free(H); free(HQ); free(start);
     return failed ? -2 : 0;
 }
 #else

@@ -264,11 +264,14 @@ static ALWAYS_INLINE void q6_codes(const uint8_t *b, __m256i q[8]) {
 
 #endif
 
-/* kernels_pack8.c: the main types, 8 weight rows at a time (rows nr < 8 padded). */
+/* kernels_pack8.c: the main types, 8 weight rows at a time (rows nr < 8 padded), or 16 (see pack8_group_rows). */
 int pack8_supported(int type);
 size_t pack8_bytes(int type, int64_t ncols);
 void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t ncols, const void *XQ, int64_t T,
                  float *Y, int64_t ldy, void *buf);
+/* Weight rows per group a caller should hand pack8_group for T activation rows: 16 where the
+   32-value types go through 512-bit registers (nr up to 16 then), else 8. */
+int pack8_group_rows(int type, int64_t T);
 
 /* kernels_amx.c: the main types on AMX tiles, 16 weight rows at a time, for prompt chunks; the
    quantized activations (padded to a multiple of 16 rows) are prepared 16 rows at a time. */

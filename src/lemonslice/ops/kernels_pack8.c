@@ -6,6 +6,9 @@
  * u8 x s8 dot product (`vpdpbusd`, or `maddubs` + `madd` without VNNI): a lane sums its own
  * row's block with no horizontal reduction, and the packed group is reused for every
  * activation row of the call (prefill reads it from L1/L2 instead of decoding it T times).
+ * For 2-8 activation rows of the 32-value types (an MTP verify pass, a few tokens of an expert)
+ * a CPU with AVX-512 transposes 16 rows' blocks in registers instead (fused16_32), and with
+ * AVX2 alone 3-4 rows transpose 8 (fused_32); nothing is stored.
  *
  * The arithmetic of one weight row against one activation row is fixed, whatever T is and
  * however rows are grouped: exact integer sums per block, then block after block
@@ -30,6 +33,12 @@
 #define PACK_MIN_T_32 3
 /* 32-value blocks for 3-4 activation rows: the group transposed in registers, not packed. */
 #define FUSED_MAX_T 4
+#ifndef GROUP16_MIN_T
+#define GROUP16_MIN_T 2
+#endif
+#ifndef GROUP16_MAX_T
+#define GROUP16_MAX_T 8
+#endif
 
 /* One packed block of a group of 8 rows; q[k] lane r = codes 4k..4k+3 of row r. */
 typedef struct { uint8_t q[8][32]; float d[8]; } pk32;
@@ -558,6 +567,103 @@ static void nat_group(int type, const uint8_t *const rows[8], int64_t nb, const 
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_GROUP16 1
+/* The 32 unsigned codes of one block of two rows, side by side (row a in the low half). */
+static ALWAYS_INLINE __m512i ucodes32x2(int type, const uint8_t *a, const uint8_t *b) {
+    if (type == T_Q8_0) {
+        const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + 2))),
+                                             _mm256_loadu_si256((const __m256i *)(b + 2)), 1);
+        return _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(codes_q45_0(type, a)), codes_q45_0(type, b), 1);
+}
+
+/* transpose8 on both 256-bit halves at once (v[m] = rows m and m + 8): c[k] lane r = dword k of
+   row r, r < 16. The last step crosses 128-bit lanes with vpermt2q. */
+static ALWAYS_INLINE void transpose8x2(const __m512i v[8], __m512i c[8]) {
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    __m512i w[8], u[8];
+    for (int m = 0; m < 8; m++)
+        w[m] = m & 1 ? _mm512_unpackhi_epi32(v[m - 1], v[m]) : _mm512_unpacklo_epi32(v[m], v[m + 1]);
+    for (int m = 0; m < 8; m++) {
+        const __m512i *a = w + 4 * (m / 4) + (m / 2) % 2;
+        u[m] = m & 1 ? _mm512_unpackhi_epi64(a[0], a[2]) : _mm512_unpacklo_epi64(a[0], a[2]);
+    }
+    for (int k = 0; k < 8; k++) c[k] = _mm512_permutex2var_epi64(u[k % 4], k < 4 ? lo : hi, u[4 + k % 4]);
+}
+
+/* fused_32 for 16 weight rows in 512-bit registers: c[k] lane r = codes 4k..4k+3 of row r, so
+   one vpdpbusd with four activation codes broadcast meets 16 rows. transpose8's steps on both
+   256-bit halves (rows m and m + 8 side by side), then 128-bit lanes crossed by vpermt2q. */
+static ALWAYS_INLINE void fused16_32(int type, const uint8_t *const rows[16], __m512i offs, const uint8_t *ahead,
+                                     int64_t step, int64_t nb, const xq32 *X, int64_t ldx, const int n, __m512 *acc) {
+    const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 128;
+    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
+    for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i v[8], c[8], s[8];
+        for (int m = 0; m < 8; m++) {
+            const uint8_t *a = rows[m] + i * bytes, *b = rows[m + 8] + i * bytes;
+            v[m] = ucodes32x2(type, a, b);
+        }
+        /* The next group's rows (contiguous after these) come in while this one runs: 16 rows
+           read side by side are too many streams for the hardware prefetchers. */
+        for (const uint8_t *p = ahead + i * step; p < ahead + (i + 1) * step; p += 64) _mm_prefetch((const char *)p, _MM_HINT_T0);
+        /* the 16 scales gathered, not stored and reloaded (a store-forwarding stall a block) */
+        const __m256i dh = _mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offs, rows[0] + i * bytes, 1));
+        transpose8x2(v, c);
+        for (int t = 0; t < n; t++) s[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++)
+            for (int t = 0; t < n; t++) {
+                int32_t x4;
+                memcpy(&x4, X[t * ldx + i].q + 4 * k, 4);
+                s[t] = _mm512_dpbusd_epi32(s[t], c[k], _mm512_set1_epi32(x4));
+            }
+        const __m512 d = _mm512_cvtph_ps(dh);
+        for (int t = 0; t < n; t++) {
+            const xq32 *x = X + t * ldx + i;
+            s[t] = _mm512_sub_epi32(s[t], _mm512_set1_epi32(off * x->sum));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(x->d)), acc[t]);
+        }
+    }
+}
+
+static void group16_32(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t nb, const xq32 *X, int64_t T,
+                       float *Y, int64_t ldy) {
+    const uint8_t *rows[16];
+    int32_t off[16];
+    for (int r = 0; r < 16; r++) {
+        off[r] = (int32_t)((r < nr ? r : nr - 1) * row_bytes);
+        rows[r] = W + off[r];
+    }
+    const __m512i offs = _mm512_loadu_si512(off);
+    const uint8_t *ahead = W + 16 * row_bytes;
+    const int64_t step = (16 * row_bytes + nb - 1) / nb; /* bytes of the next group to prefetch a block */
+    __m512 acc[8];
+    switch (T) {
+    case 1: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 1, acc); break;
+    case 2: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 2, acc); break;
+    case 3: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 3, acc); break;
+    case 4: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 4, acc); break;
+    case 5: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 5, acc); break;
+    case 6: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 6, acc); break;
+    case 7: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 7, acc); break;
+    default: fused16_32(type, rows, offs, ahead, step, nb, X, nb, 8, acc); break;
+    }
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < (int)T; t++) _mm512_mask_storeu_ps(Y + t * ldy, keep, acc[t]);
+}
+#endif
+
+int pack8_group_rows(int type, int64_t T) {
+#ifdef HAVE_GROUP16
+    if ((type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0) && T >= GROUP16_MIN_T && T <= GROUP16_MAX_T) return 16;
+#endif
+    (void)type; (void)T;
+    return 8;
+}
+
 static void store_rows(const __m256 *acc, int n, int nr, float *Y, int64_t ldy) {
     for (int t = 0; t < n; t++) {
         float v[8];
@@ -573,6 +679,12 @@ void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
     const int xb = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 256 : 32;
     const int64_t nb = ncols / xb;
     const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+#ifdef HAVE_GROUP16
+    if (nr > 8) {  /* a caller that asked pack8_group_rows for 16-row groups */
+        group16_32(type, W, row_bytes, nr, nb, (const xq32 *)XQ, T, Y, ldy);
+        return;
+    }
+#endif
     if (xb == 32 && T >= PACK_MIN_T_32 && T <= FUSED_MAX_T) {
         __m256 acc[4];
         switch (T) {
@@ -611,4 +723,5 @@ void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
 
 #else
 int pack8_supported(int type) { (void)type; return 0; }
+int pack8_group_rows(int type, int64_t T) { (void)type; (void)T; return 8; }
 #endif
