@@ -273,7 +273,9 @@ def test_mtp_head_matches_transformers(files):
     head = load_mtp_head(engine)
     with torch.inference_mode():
         h = rms_norm(engine.forward_hidden(IDS), engine.shared.norm, engine.args.rms_eps)  # [T, E]
-        batch, _ = head(torch.tensor(IDS[1:]), h[:-1], head.new_cache())
+        batch, g = head(torch.tensor(IDS[1:]), h[:-1], head.new_cache())
+        last, g_last = head(torch.tensor(IDS[1:]), h[:-1], head.new_cache(), "last")  # a draft step's first call
+        none, g_none = head(torch.tensor(IDS[1:]), h[:-1], head.new_cache(), None)  # the prompt's pairs
         cache = head.new_cache()  # the decode path: one pair at a time through the head's cache
         steps = torch.cat([head(torch.tensor(IDS[t + 1:t + 2]), h[t:t + 1], cache)[0] for t in range(len(IDS) - 1)])
     scale = float(want.abs().max())
@@ -284,6 +286,9 @@ def test_mtp_head_matches_transformers(files):
            f"(batched), {rel_s:.2e} (one pair at a time); top-1 agreement {top1:.2%}")
     assert rel_b <= 1e-4 and rel_s <= 1e-4
     assert top1 == 1.0
+    assert torch.equal(last, batch[-1:]) and none is None and torch.equal(g_last, g) and torch.equal(g_none, g)
+    with pytest.raises(LemonsliceError, match="logits"):
+        head(torch.tensor(IDS[1:2]), h[:1], head.new_cache(), "first")
 
 
 # ---- speculative decoding ------------------------------------------------------------------------

@@ -84,6 +84,8 @@ class MTPHead:
         (logits [T, V], or [1, V] of the last row with logits="last", or None; g [T, E]);
         advances `cache` by T positions."""
         eps = self.args.rms_eps
+        if logits not in ("all", "last", None):
+            raise LemonsliceError(f"MTP head: logits must be 'all', 'last' or None, not {logits!r}")
         if h.shape != (ids.shape[0], self.args.n_embd):
             raise LemonsliceError(f"MTP head: hidden states {'x'.join(map(str, h.shape))} do not match {ids.shape[0]} tokens")
         e = rms_norm(self.embed(ids), self.enorm, eps)  # [T, E]

@@ -594,8 +594,7 @@ static ALWAYS_INLINE void transpose8x2(const __m512i v[8], __m512i c[8]) {
 }
 
 /* fused_32 for 16 weight rows in 512-bit registers: c[k] lane r = codes 4k..4k+3 of row r, so
-   one vpdpbusd with four activation codes broadcast meets 16 rows. transpose8's steps on both
-   256-bit halves (rows m and m + 8 side by side), then 128-bit lanes crossed by vpermt2q. */
+   one vpdpbusd with four activation codes broadcast meets 16 rows (2-8 activation rows). */
 static ALWAYS_INLINE void fused16_32(int type, const uint8_t *const rows[16], __m512i offs, const uint8_t *ahead,
                                      int64_t step, int64_t nb, const xq32 *X, int64_t ldx, const int n, __m512 *acc) {
     const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 128;
