@@ -178,9 +178,9 @@ def test_swiglu_experts_one_call_equals_twins(types, fused):
 def test_8bit_rows_do_not_depend_on_the_batch(t):
     # Batched decoding must give each sequence the bits it gets alone.
     # 21 weight rows: the main types go 8 rows at a time, the last group padded. Batches of 1-2
-    # (32-value blocks) and 1-7 rows (K-quants) take the unpacked path, 2-4 rows of 32-value
-    # blocks groups transposed in registers (16 weight rows in 512-bit registers where the CPU
-    # has AVX-512: 16 + 5 rows here), larger ones the packed one.
+    # (32-value blocks) and 1-7 rows (K-quants) take the unpacked path, larger ones the packed
+    # one, except 2-8 rows of 32-value blocks where the CPU has AVX-512: 16 weight rows
+    # transposed in 512-bit registers (16 + 5 rows here).
     # 40 rows: the IQ grid types take 32 rows a pass over a weight row, the others 8.
     raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
     x = torch.randn(40, 768, generator=torch.Generator().manual_seed(3))
@@ -236,7 +236,7 @@ def test_8bit_kernels_built_for_avx2_alone_give_the_same_bits(tmp_path):
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(2))
     for t in PACKED:
         raw = torch.from_numpy(blocks(t, 19, 512, seed=3))
-        for n in (1, 3, 5, 12, 40):  # 3: a group transposed in registers; 40: the AMX tiles here
+        for n in (1, 3, 5, 12, 40):  # 3 and 5: 16-row groups here; 40: the AMX tiles here
             out = torch.empty(n, 19)
             assert lib.ls_qmatmul_q8(int(t), raw.data_ptr(), raw.stride(0), 19, 512, x.data_ptr(), n, out.data_ptr(), 2) == 0
             assert torch.equal(out, kernels.qmatmul_q8(x[:n], raw, t, 512)), (t.name, n)

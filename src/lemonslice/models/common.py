@@ -8,8 +8,16 @@ import torch
 
 from ..errors import LemonsliceError
 from ..gguf.constants import Tensors as TN
-from ..ops import linear, take_rows
+from ..ops import QuantWeight, linear, take_rows
 from .qwen35_layers import Weights, as_float, as_matrix, rms_norm
+
+
+def embed_rows(embd: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [T] of an embedding table -> [T, E] float32 (only those rows dequantized)."""
+    ids = ids.to(torch.long)
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < embd.out_features):
+        raise LemonsliceError(f"token ids must lie in [0, {embd.out_features})")
+    return take_rows(embd, ids)
 
 
 class SharedWeights:
@@ -29,10 +37,7 @@ class SharedWeights:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> [T, E] float32; only the selected rows are dequantized."""
-        ids = ids.to(torch.long)
-        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.embd.out_features):
-            raise LemonsliceError(f"token ids must lie in [0, {self.embd.out_features})")
-        return take_rows(self.embd, ids)
+        return embed_rows(self.embd, ids)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, E] -> [T, V]."""

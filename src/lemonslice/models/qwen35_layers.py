@@ -164,14 +164,7 @@ def attend_kv(q: torch.Tensor, rows: KVRows, q_pos0: int, scale: float, window: 
     T = q.shape[0]
     if T <= ONE_BY_ONE:
         bounds = [(max(0, e - window) if window > 0 else 0, e) for e in range(q_pos0 + 1, q_pos0 + T + 1)]
-        if T > 1:
-            types = (KV_TYPES[rows.types[0]], KV_TYPES[rows.types[1]])
-            out = kernels.attend_rows(q, rows.k, rows.v, [(a - rows.start, b - rows.start) for a, b in bounds],
-                                      scale, rows.n_head_kv, types)
-            if out is not None:
-                return out
-        outs = [attend_one(q[i : i + 1], rows, lo, end, scale) for i, (lo, end) in enumerate(bounds)]
-        return outs[0] if T == 1 else torch.cat(outs)
+        return attend_few(q, rows, bounds, scale)
     lo = max(0, q_pos0 - window + 1) if window > 0 else 0
     k, v = rows.float(lo)  # positions max(lo, start)..
     k0 = max(lo, rows.start)
@@ -204,13 +197,21 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     return o.reshape(H, T, D).transpose(0, 1)
 
 
-def attend_one(q: torch.Tensor, rows: KVRows, lo: int, hi: int, scale: float) -> torch.Tensor:
-    """One query position q [1, H, D] over the cached positions [lo, hi) (no mask: every one is
-    in the past) -> [1, H, D], reading the stored rows in place; `attend_one_ref` is its twin."""
-    i, j = lo - rows.start, hi - rows.start
+def attend_few(q: torch.Tensor, rows: KVRows, bounds: Sequence[tuple[int, int]], scale: float) -> torch.Tensor:
+    """Query positions q [T, H, D], row i over the cached positions bounds[i] = [lo, hi) (no mask:
+    every one is in the past) -> [T, H, D], reading the stored rows in place, each row with the
+    arithmetic of a one-position step; `attend_one_ref` row by row is its twin."""
     types = (KV_TYPES[rows.types[0]], KV_TYPES[rows.types[1]])
-    out = kernels.attend_one(q, rows.k[i:j], rows.v[i:j], scale, rows.n_head_kv, types)
-    return out if out is not None else attend_one_ref(q, rows, lo, hi, scale)
+    spans_ = [(lo - rows.start, hi - rows.start) for lo, hi in bounds]
+    out = kernels.attend_rows(q, rows.k, rows.v, spans_, scale, rows.n_head_kv, types)
+    if out is not None:
+        return out
+    return torch.cat([attend_one_ref(q[i : i + 1], rows, lo, hi, scale) for i, (lo, hi) in enumerate(bounds)])
+
+
+def attend_one(q: torch.Tensor, rows: KVRows, lo: int, hi: int, scale: float) -> torch.Tensor:
+    """One query position q [1, H, D] over the cached positions [lo, hi) -> [1, H, D] (`attend_few`)."""
+    return attend_few(q, rows, [(lo, hi)], scale)
 
 
 def attend_one_ref(q: torch.Tensor, rows: KVRows, lo: int, hi: int, scale: float) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 
 from ..errors import LemonsliceError
 from ..gguf.constants import Tensors as TN
-from ..ops import QuantWeight, linear, take_rows
-from .common import SharedWeights
+from ..ops import linear
+from .common import SharedWeights, embed_rows
 from .qwen35_args import ModelArgs
 from .qwen35_layers import Attention, AttentionCache, DenseFFN, MoE, Weights, as_float, as_matrix, rms_norm
 
@@ -72,11 +72,7 @@ class MTPHead:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> [T, E] float32 (only the selected rows are dequantized)."""
-        ids = ids.to(torch.long)
-        emb: QuantWeight = self.embd
-        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < emb.out_features):
-            raise LemonsliceError(f"token ids must lie in [0, {emb.out_features})")
-        return take_rows(emb, ids)
+        return embed_rows(self.embd, ids)
 
     def __call__(self, ids: torch.Tensor, h: torch.Tensor, cache: AttentionCache, logits: str | None = "all",
                  ) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -552,7 +552,8 @@ static int swiglu_jobs_valid(int64_t n_jobs, const int64_t *jobs, int64_t E, int
 /* SwiGLU experts, all in one call: for expert j, Y_j [T_j, E] = down_j(silu(gate_j X_j) * up_j X_j)
  * with 8-bit activations. job j is 11 int64: gate type, gate W, gate row bytes, up W (0: gate
  * holds gate rows then up rows), up row bytes, down type, down W, down row bytes, X_j, T_j, Y_j.
- * E (model width) and F (expert width) are shared. Groups of 8 rows of all experts share the threads. */
+ * E (model width) and F (expert width) are shared. Row groups (8 or 16 rows, see pack8_group_rows) of
+ * all experts share the threads. */
 int ls_swiglu_experts_q8(int64_t n_jobs, const int64_t *jobs, int64_t E, int64_t F, int nthreads) {
     if (n_jobs < 1) return n_jobs == 0 ? 0 : -1; /* no expert has rows: nothing to do */
     if (!swiglu_jobs_valid(n_jobs, jobs, E, F)) return -1;
@@ -908,8 +909,9 @@ int ls_attend_one_kv(int64_t H, int64_t Hkv, int64_t D, int64_t S, const float *
 int ls_attend_rows_kv(int64_t T, int64_t H, int64_t Hkv, int64_t D, const int64_t *lo, const int64_t *hi,
                       const float *q, const uint8_t *k, const uint8_t *v, int64_t ldk, int64_t ldv, int ktype,
                       int vtype, float scale, float *out, int nthreads) {
+    for (int64_t i = 0; i < T; i++)
+        if (lo[i] < 0 || hi[i] <= lo[i]) return -1; /* every row checked before any is written */
     for (int64_t i = 0; i < T; i++) {
-        if (lo[i] < 0 || hi[i] <= lo[i]) return -1;
         const int rc = ls_attend_one_kv(H, Hkv, D, hi[i] - lo[i], q + i * H * D, k + lo[i] * ldk, v + lo[i] * ldv,
                                         ldk, ldv, ktype, vtype, scale, out + i * H * D, nthreads);
         if (rc) return rc;

@@ -105,8 +105,6 @@ def library() -> ctypes.CDLL | None:
     lib.ls_amx_enable.argtypes = [ctypes.c_int]
     # AMX tiles for prompt chunks where the CPU and kernel have them; LEMONSLICE_AMX=0 turns them off.
     lib.ls_amx_enable(int(os.environ.get("LEMONSLICE_AMX", "1") != "0"))
-    lib.ls_attend_one_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
-                                     ctypes.c_float, ptr, ctypes.c_int]
     lib.ls_attend_rows_kv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int,
                                       ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int]
     return lib
@@ -267,19 +265,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     """One query position q [1, H, D] over S cached positions (every one attended) in C ->
     [1, H, D]. k, v hold one position per row, stored as ggml types (F32, F16, BF16 or Q8_0,
     see ops.kv); None when the tensors do not fit the kernel."""
-    lib = library()
-    H, D = q.shape[1], q.shape[-1]
-    S = k.shape[0]
-    if (lib is None or q.shape != (1, H, D) or not _f32(q) or H % n_head_kv or S != v.shape[0] or S < 1
-            or k.device.type != "cpu" or v.device.type != "cpu" or not _rows_packed(k) or not _rows_packed(v)):
+    if q.dim() != 3 or q.shape[0] != 1:
         return None
-    out = torch.empty((1, H, D), dtype=torch.float32)
-    rc = lib.ls_attend_one_kv(H, n_head_kv, D, S, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                              k.stride(0) * k.element_size(), v.stride(0) * v.element_size(), types[0], types[1],
-                              scale, out.data_ptr(), torch.get_num_threads())
-    if rc == -2:
-        raise MemoryError("ls_attend_one_kv could not allocate its scores")
-    return None if rc else out
+    return attend_rows(q, k, v, [(0, k.shape[0])], scale, n_head_kv, types)
 
 
 def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Sequence[tuple[int, int]], scale: float,
@@ -288,6 +276,8 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Sequen
     of k, v, in one call -> [T, H, D] (each row the bits `attend_one` gives it); None when the
     tensors do not fit the kernel."""
     lib = library()
+    if q.dim() != 3 or k.dim() < 2:
+        return None
     T, H, D = q.shape
     S = k.shape[0]
     if (lib is None or len(spans) != T or not _f32(q) or H % n_head_kv or S != v.shape[0]

@@ -7,8 +7,8 @@
  * row's block with no horizontal reduction, and the packed group is reused for every
  * activation row of the call (prefill reads it from L1/L2 instead of decoding it T times).
  * For 2-8 activation rows of the 32-value types (an MTP verify pass, a few tokens of an expert)
- * a CPU with AVX-512 transposes 16 rows' blocks in registers instead (fused16_32), and with
- * AVX2 alone 3-4 rows transpose 8 (fused_32); nothing is stored.
+ * a CPU with AVX-512 transposes 16 rows' blocks in registers instead (fused16_32); nothing is
+ * stored.
  *
  * The arithmetic of one weight row against one activation row is fixed, whatever T is and
  * however rows are grouped: exact integer sums per block, then block after block
@@ -31,8 +31,6 @@
 /* Activation rows from which a group is packed (measured: 32-value blocks pack cheaply). */
 #define PACK_MIN_T 8
 #define PACK_MIN_T_32 3
-/* 32-value blocks for 3-4 activation rows: the group transposed in registers, not packed. */
-#define FUSED_MAX_T 4
 #ifndef GROUP16_MIN_T
 #define GROUP16_MIN_T 2
 #endif
@@ -169,37 +167,6 @@ static ALWAYS_INLINE void run_32(int type, const pk32 *P, int64_t nb, const xq32
             for (int t = 0; t < n; t++) s[t] = dot4(s[t], c, bcast4(X[t * ldx + i].q + 4 * k), sgn);
         }
         const __m256 d = _mm256_loadu_ps(P[i].d);
-        for (int t = 0; t < n; t++) {
-            const xq32 *x = X + t * ldx + i;
-            if (off) s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32(off * x->sum));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(x->d)), acc[t]);
-        }
-    }
-}
-
-/* run_32 on a group packed in registers, block by block, for n <= 4 activation rows: the
-   codes never go through the scratch buffer (one pass over the rows, nothing stored), with
-   the same integers and float steps as pack_32 + run_32. */
-static ALWAYS_INLINE void fused_32(int type, const uint8_t *const rows[8], int64_t nb, const xq32 *X, int64_t ldx,
-                                   const int n, __m256 *acc) {
-    const int sgn = type == T_Q8_0 && SIGNED_Q8;
-    const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : sgn ? 0 : 128;
-    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
-    for (int t = 0; t < n; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        __m256i v[8], c[8], s[4];
-        uint16_t dh[8];
-        for (int r = 0; r < 8; r++) {
-            const uint8_t *b = rows[r] + i * bytes;
-            PREFETCH(b);
-            v[r] = ucodes32(type, b);
-            dh[r] = rd16(b);
-        }
-        transpose8(v, c);
-        for (int t = 0; t < n; t++) s[t] = _mm256_setzero_si256();
-        for (int k = 0; k < 8; k++)
-            for (int t = 0; t < n; t++) s[t] = dot4(s[t], c[k], bcast4(X[t * ldx + i].q + 4 * k), sgn);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
         for (int t = 0; t < n; t++) {
             const xq32 *x = X + t * ldx + i;
             if (off) s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32(off * x->sum));
@@ -593,8 +560,9 @@ static ALWAYS_INLINE void transpose8x2(const __m512i v[8], __m512i c[8]) {
     for (int k = 0; k < 8; k++) c[k] = _mm512_permutex2var_epi64(u[k % 4], k < 4 ? lo : hi, u[4 + k % 4]);
 }
 
-/* fused_32 for 16 weight rows in 512-bit registers: c[k] lane r = codes 4k..4k+3 of row r, so
-   one vpdpbusd with four activation codes broadcast meets 16 rows (2-8 activation rows). */
+/* pack_32 + run_32 for 16 weight rows, block by block in 512-bit registers (2-8 activation
+   rows): c[k] lane r = codes 4k..4k+3 of row r, so one vpdpbusd with four activation codes
+   broadcast meets 16 rows, with the same integers and float steps. */
 static ALWAYS_INLINE void fused16_32(int type, const uint8_t *const rows[16], __m512i offs, const uint8_t *ahead,
                                      int64_t step, int64_t nb, const xq32 *X, int64_t ldx, const int n, __m512 *acc) {
     const int off = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 128;
@@ -684,17 +652,6 @@ void pack8_group(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
         return;
     }
 #endif
-    if (xb == 32 && T >= PACK_MIN_T_32 && T <= FUSED_MAX_T) {
-        __m256 acc[4];
-        switch (T) {
-        case 1: fused_32(type, rows, nb, XQ, nb, 1, acc); break;
-        case 2: fused_32(type, rows, nb, XQ, nb, 2, acc); break;
-        case 3: fused_32(type, rows, nb, XQ, nb, 3, acc); break;
-        default: fused_32(type, rows, nb, XQ, nb, 4, acc); break;
-        }
-        store_rows(acc, (int)T, nr, Y, ldy);
-        return;
-    }
     if (T < (xb == 32 ? PACK_MIN_T_32 : PACK_MIN_T)) {
         __m256 acc[PACK_MIN_T];
         nat_group(type, rows, nb, XQ, nb, (int)T, acc, buf);
