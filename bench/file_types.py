@@ -211,27 +211,48 @@ def race(model: Path, args: argparse.Namespace, prompt: list[int]) -> dict:
     import engine as bench_engine  # bench/engine.py
 
     out: dict = {}
-    for key, kind, extra in (("lemonslice", "lemonslice", []), ("llama", "llama", []),
-                             ("llama_repacked", "llama", ["--extra-bufts"])):
-        r = bench_engine.run_worker(kind, model, args, prompt, None, extra, fatal=False)
+    runs = [("lemonslice", "lemonslice", []), ("llama", "llama", []), ("llama_repacked", "llama", ["--extra-bufts"])]
+    if args.llama_ftz:
+        runs += [(f"{key}_ftz", kind, [*extra, "--llama-ftz"]) for key, kind, extra in runs[1:]]
+    plain = argparse.Namespace(**{**vars(args), "llama_ftz": False})  # the flag goes in `extra` alone
+    for key, kind, extra in runs:
+        r = bench_engine.run_worker(kind, model, plain, prompt, None, extra, fatal=False)
         if r is not None:
             out[key] = {"prefill_tps": r["prefill_tokens"] / r["prefill_s"], "decode_tps": r["decode_tokens"] / r["decode_s"],
                         "peak_rss": r["peak_rss"], "ids": r["ids"]}
-    llamas = [out[k] for k in ("llama", "llama_repacked") if k in out]
+    llamas = [out[k] for k, kind, _ in runs if kind == "llama" and k in out]
     if llamas:
         out["llama_best"] = {rate: max(r[rate] for r in llamas) for rate in ("prefill_tps", "decode_tps")}
     return out
 
 
-def row(src: Path, ftype: str, args: argparse.Namespace, prompt: list[int], ids: list[int]) -> dict:
-    """Quantize `src` to `ftype`, race the file, measure agreement, delete the file."""
+def make(src: Path, ftype: str, args: argparse.Namespace) -> tuple[Path, dict | None]:
+    """`src` quantized to `ftype` under --workdir, with its quantizer figures; with --keep an
+    earlier run's file (and the figures saved beside it) is used again."""
     dst = args.workdir / f"{src.stem.removesuffix('-F16')}-{ftype}.gguf"
-    r: dict = {"type": ftype}
-    q = run_self("quantize", args, ["--model", str(src), "--out", str(dst), "--ftype", ftype,
+    info = dst.with_suffix(".quant.json")
+    if args.keep and dst.exists() and info.exists():
+        return dst, json.loads(info.read_text())
+    tmp = dst.with_suffix(".part")  # an interrupted quantization leaves no file that looks done
+    q = run_self("quantize", args, ["--model", str(src), "--out", str(tmp), "--ftype", ftype,
                                     "--threads", str(args.quant_threads)])
+    if q is not None:
+        os.replace(tmp, dst)
+        if args.keep:
+            info.write_text(json.dumps(q))
+    tmp.unlink(missing_ok=True)
+    return dst, q
+
+
+def row(src: Path, ftype: str, args: argparse.Namespace, prompt: list[int], ids: list[int]) -> dict:
+    """Quantize `src` to `ftype`, race the file, measure agreement, delete the file (unless --keep)."""
+    r: dict = {"type": ftype}
+    dst, q = make(src, ftype, args)
     try:
         if q is None:
             return {**r, "error": "quantization failed"}
+        if args.make_only:
+            return {**r, **q, "gb": dst.stat().st_size / 1e9, "tensor_types": file_types(dst)}
         size = dst.stat().st_size
         r.update(q, gb=size / 1e9, quant_s_per_src_gb=q["quant_s"] / (src.stat().st_size / 1e9),
                  tensor_types=file_types(dst))
@@ -245,7 +266,8 @@ def row(src: Path, ftype: str, args: argparse.Namespace, prompt: list[int], ids:
             r["decode_ratio"] = r["lemonslice"]["decode_tps"] / r["llama_best"]["decode_tps"]
         return r
     finally:
-        dst.unlink(missing_ok=True)
+        if not args.keep:
+            dst.unlink(missing_ok=True)
 
 
 HEAD = ("| file type | GB | main tensor types | quantize s | imx | lemonslice prefill | llama.cpp prefill | ratio "
@@ -284,6 +306,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--agree-tokens", type=int, default=256, help="teacher-forced tokens of the top-1 agreement")
     ap.add_argument("--seed", type=int, default=0, help="of the token ids")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each quantized file under --workdir, and use one kept there before")
+    ap.add_argument("--make-only", action="store_true",
+                    help="only write the source and the files (implies --keep): quantize now, race later")
+    ap.add_argument("--warmup", action="store_true", help="each engine runs the prompt once untimed first")
+    ap.add_argument("--llama-ftz", action="store_true",
+                    help="also race llama.cpp with denormals flushed (bench/engine.py --llama-ftz); the "
+                         "fastest llama.cpp configuration is the one compared")
     ap.add_argument("--worker", choices=["quantize", "agreement"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -291,6 +321,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.quant_threads = args.quant_threads or args.threads
+    args.keep = args.keep or args.make_only
     args.types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
     from lemonslice.surgery.quantizer import ftype_code
 
@@ -325,6 +356,8 @@ def main() -> None:
         t0 = time.perf_counter()
         rows.append(row(src, ftype, args, prompt, ids))
         print(f"{ftype}: done in {time.perf_counter() - t0:.0f} s: {table_line(rows[-1])}", flush=True)
+    if args.make_only:
+        return
     print("\n" + HEAD + "\n" + re.sub(r"[^|]+", "---", HEAD) + "\n" + "\n".join(map(table_line, rows)))
     if args.json:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker",)}
