@@ -112,7 +112,7 @@ def profile(model: str, prompt: list[int], n: int, threads: int, exact: bool) ->
     sampler = Sampler(SamplingParams(temperature=0.0))
     sample = timer.wrap(sampler.sample, "sampling")
     compute = engine.compute
-    engine.generate(prompt[:8], 2)  # warm up: kernels built, first-call allocations made
+    engine.generate(prompt, 2)  # warm up: kernels built, first-call allocations of this size made
 
     result: dict[str, Any] = {}
     state = compute.new_state()
@@ -160,7 +160,12 @@ def main() -> None:
         sys.exit("error: --prompt and -n must be >= 1")
     model, _, _ = bench_engine.build(args)
     rng = random.Random(args.seed)
-    vocab = 200_000 if args.gguf else args.vocab
+    vocab = args.vocab
+    if args.gguf:  # ids inside the file's vocabulary (Gemma's is 262144; an issue-24 bench file's may be small)
+        from lemonslice.gguf.reader import GGUFReader
+
+        with GGUFReader(model) as r:
+            vocab = min(200_000, r.tensor_map["token_embd.weight"].shape[1])
     prompt = [rng.randrange(1000, vocab - 3) for _ in range(args.prompt)]
     print(f"model: {model}, {args.threads} threads, {'exact' if args.exact else '8-bit'} activations")
     result = profile(str(model), prompt, args.n, args.threads, args.exact)

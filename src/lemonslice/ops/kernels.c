@@ -416,6 +416,16 @@ static void rows_to(int type, const uint8_t *W, int64_t row_bytes, int nr, int64
     }
     const int xb = q8_block(type);
     const int64_t nb = ncols / xb;
+    if (T == 1) { /* decode: up to 8 weight rows side by side */
+        float out[8];
+        int done = 0;
+        for (int k = 0; k < nr && done == 0; k += 8) {
+            const int n = nr - k < 8 ? nr - k : 8;
+            done = types_rows_one(type, W + k * row_bytes, row_bytes, n, nb, XQ, out);
+            for (int r = 0; r < n && done == 0; r++) Y[k + r] = out[r];
+        }
+        if (done == 0) return;
+    }
     const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
     const int step = types_q8_rows(type);
     for (int k = 0; k < nr; k++)

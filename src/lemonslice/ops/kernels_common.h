@@ -120,10 +120,6 @@ static inline __m256i bits_to_bytes(uint32_t qh) {
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-static inline void zero_acc(__m256 *A, int T) {
-    for (int t = 0; t < T; t++) A[t] = _mm256_setzero_ps();
-}
-
 static inline void hsum_acc(const __m256 *A, int T, float *acc) {
     for (int t = 0; t < T; t++) {
         const __m128 h = _mm_add_ps(_mm256_castps256_ps128(A[t]), _mm256_extractf128_ps(A[t], 1));
@@ -140,60 +136,80 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
 #define PREFETCH(p) (_mm_prefetch((const char *)(p) + PF_AHEAD, _MM_HINT_T0), \
                      _mm_prefetch((const char *)(p) + PF_AHEAD + 64, _MM_HINT_T0))
 
-/* One weight row of a 32-value type (its scale at byte 0, read by SCALE) against T <= Q8_ROWS rows. */
+/* The float chain of every 8-bit kernel (kernels_pack8.c, kernels_amx.c, kernels_types.c): per
+   block exact integer sums, then block after block acc = fma(float(isum), d * dx, acc) (and for
+   mins acc = acc - float(imin) * (dmin * dx)), so a row's result does not depend on the batch.
+   Here s[0..n) hold int32 lane parts of n activation rows' block sums (zero vectors up to a
+   multiple of 8 past n) and dx their scales: A[g] lane t is row 8g + t's accumulator. */
+#define BLOCK_CHAIN(s, dx, d, n, neg, A)                                                                          \
+    do {                                                                                                  \
+        const __m256 dv_ = _mm256_set1_ps(d);                                                             \
+        for (int g_ = 0; 8 * g_ < (n); g_++) {                                                            \
+            const __m256 v_ = _mm256_cvtepi32_ps(hsum8((s) + 8 * g_));                                   \
+            const __m256 dd_ = _mm256_mul_ps(dv_, _mm256_loadu_ps((dx) + 8 * g_));                        \
+            (A)[g_] = (neg) ? _mm256_fnmadd_ps(v_, dd_, (A)[g_]) : _mm256_fmadd_ps(v_, dd_, (A)[g_]);     \
+        }                                                                                                 \
+    } while (0)
+
+/* A 32-value type (its scale at byte 0, read by SCALE): NAME, one weight row against
+   1 < T <= Q8_ROWS activation rows; NAME##_one, nr <= 8 weight rows (row_bytes apart) against one
+   activation row (decode), the rows side by side in the lanes of one float chain. */
 #define ROW_I8_32(NAME, BYTES, CODES, SCALE)                                                                     \
     static void NAME(const uint8_t *row, int64_t nb, const xq32 *X, int64_t ldx, int T, float *acc) {     \
-        __m256 A[Q8_ROWS];                                                                                \
-        if (T == 1) { /* decode: two accumulators in registers, two blocks per step */                  \
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                    \
-            int64_t i = 0;                                                                                \
-            for (; i + 1 < nb; i += 2) {                                                                  \
-                const uint8_t *b0 = row + i * (BYTES), *b1 = b0 + (BYTES);                                \
-                PREFETCH(b0);                                                                             \
-                const __m256i w0 = CODES(b0), w1 = CODES(b1);                                             \
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)X[i + 1].q);                       \
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w0, x0)),                                \
-                                     _mm256_set1_ps(SCALE(b0) * X[i].d), a0);                             \
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(w1, x1)),                                \
-                                     _mm256_set1_ps(SCALE(b1) * X[i + 1].d), a1);                         \
-            }                                                                                             \
-            for (; i < nb; i++) {                                                                         \
-                const uint8_t *b0 = row + i * (BYTES);                                                    \
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)X[i].q);                           \
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(CODES(b0), x0)),                         \
-                                     _mm256_set1_ps(SCALE(b0) * X[i].d), a0);                             \
-            }                                                                                             \
-            A[0] = _mm256_add_ps(a0, a1);                                                                 \
-            hsum_acc(A, 1, acc);                                                                          \
-            return;                                                                                       \
-        }                                                                                                 \
-        /* Even and odd blocks in two accumulators per row, as above: a row's result does not \
-           depend on how many rows share the pass. */                                            \
-        __m256 B[Q8_ROWS];                                                                                \
-        zero_acc(A, T);                                                                                   \
-        zero_acc(B, T);                                                                                   \
+        __m256i s[8];                                                                                     \
+        float dx[8], v[8];                                                                                \
+        __m256 A[1] = {_mm256_setzero_ps()};                                                              \
+        for (int t = T; t < 8; t++) s[t] = _mm256_setzero_si256(), dx[t] = 0.f;                           \
         for (int64_t i = 0; i < nb; i++) {                                                                \
             const uint8_t *b = row + i * (BYTES);                                                         \
             PREFETCH(b);                                                                                  \
             const __m256i w = CODES(b);                                                                   \
             const __m256i aw = _mm256_sign_epi8(w, w);                                                    \
-            const float dw = SCALE(b);                                                                    \
-            __m256 *acc_i = i & 1 ? B : A;                                                                \
             for (int t = 0; t < T; t++) {                                                                 \
                 const xq32 *x = X + t * ldx + i;                                                          \
-                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x->q), w);        \
-                acc_i[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, xs)), _mm256_set1_ps(dw * x->d), acc_i[t]); \
+                s[t] = dot_u8s8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x->q), w));      \
+                dx[t] = x->d;                                                                             \
             }                                                                                             \
+            BLOCK_CHAIN(s, dx, SCALE(b), T, 0, A);                                                        \
         }                                                                                                 \
-        for (int t = 0; t < T; t++) A[t] = _mm256_add_ps(A[t], B[t]);                                     \
-        hsum_acc(A, T, acc);                                                                              \
+        _mm256_storeu_ps(v, A[0]);                                                                        \
+        for (int t = 0; t < T; t++) acc[t] = v[t];                                                        \
+    }                                                                                                     \
+    static void NAME##_one(const uint8_t *W, int64_t row_bytes, int nr, int64_t nb, const xq32 *X, float *out) { \
+        __m256 A = _mm256_setzero_ps();                                                                   \
+        const uint8_t *rp[8]; /* rows past nr repeat the last one (their lanes are dropped) */          \
+        float v[8];                                                                                       \
+        for (int r = 0; r < 8; r++) rp[r] = W + (r < nr ? r : nr - 1) * row_bytes;                        \
+        for (int64_t i = 0; i < nb; i++) {                                                                \
+            const __m256i x = _mm256_loadu_si256((const __m256i *)X[i].q);                                \
+            __m256i s[8];                                                                                 \
+            float sc[8];                                                                                  \
+            for (int r = 0; r < 8; r++) {                                                                 \
+                const uint8_t *b = rp[r] + i * (BYTES);                                                   \
+                PREFETCH(b);                                                                              \
+                s[r] = dot_s8s8(CODES(b), x);                                                             \
+                sc[r] = SCALE(b);                                                                         \
+            }                                                                                             \
+            /* built in registers: a vector load of scalars just stored stalls on store forwarding */    \
+            const __m256 d = _mm256_set_ps(sc[7], sc[6], sc[5], sc[4], sc[3], sc[2], sc[1], sc[0]);       \
+            A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(s)), _mm256_mul_ps(d, _mm256_set1_ps(X[i].d)), A); \
+        }                                                                                                 \
+        _mm256_storeu_ps(v, A);                                                                           \
+        for (int r = 0; r < nr; r++) out[r] = v[r];                                                       \
     }
 
 static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
 
 /* ---- the codes of the main types, shared by kernels_pack8.c and kernels_amx.c ---- */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* 8 vectors of int32 lane sums (row r: v[r]) -> one vector, lane r the exact total of v[r]. */
+static ALWAYS_INLINE __m256i hsum8(const __m256i v[8]) {
+    const __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i c = _mm256_hadd_epi32(v[4], v[5]), e = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i ab = _mm256_hadd_epi32(a, b), ce = _mm256_hadd_epi32(c, e); /* halves of rows 0-3, 4-7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, ce, 0x20), _mm256_permute2x128_si256(ab, ce, 0x31));
+}
 
 /* 8 vectors of 8 int32 (row r: v[r]) -> out[k] lane r = v[r] lane k. */
 static ALWAYS_INLINE void transpose8(const __m256i v[8], __m256i *out) {
@@ -287,6 +303,7 @@ int types_info(int type, int *block, int *bytes, deq_fn *fn);
 int types_q8_block(int type);
 int types_q8_rows(int type);
 void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc);
+int types_rows_one(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t nb, const void *xq, float *out);
 void types_row_f32(int type, const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc);
 
 #endif

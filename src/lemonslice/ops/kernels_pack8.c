@@ -250,13 +250,6 @@ static ALWAYS_INLINE void run_n(int type, const void *P, int64_t nb, const void 
  * hsum8 turns 8 rows' lanes into one vector of the 8 rows' exact block sums: the same
  * integers as the packed path, so the same float arithmetic follows. */
 
-static ALWAYS_INLINE __m256i hsum8(const __m256i v[8]) {
-    const __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
-    const __m256i c = _mm256_hadd_epi32(v[4], v[5]), e = _mm256_hadd_epi32(v[6], v[7]);
-    const __m256i ab = _mm256_hadd_epi32(a, b), ce = _mm256_hadd_epi32(c, e); /* halves of rows 0-3, 4-7 */
-    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, ce, 0x20), _mm256_permute2x128_si256(ab, ce, 0x31));
-}
-
 /* hsum8 of v[0], v[stride], ..., v[7 * stride]. */
 static ALWAYS_INLINE __m256i hsum8s(const __m256i *v, int64_t stride) {
     __m256i w[8];

@@ -380,6 +380,13 @@ static inline __m256i codes_iq4_nl(const uint8_t *b) { return lut_codes(KV_IQ4, 
 static inline __m256i codes_mxfp4(const uint8_t *b) { return lut_codes(KV_MXFP4, b + 1); }
 static inline float scale_e8m0(const uint8_t *b) { return e8m0_half(b[0]); }
 
+/* Lanes t < n of A[0] into acc[t]. */
+static inline void store_rows(const __m256 *A, int n, float *acc) {
+    float v[8];
+    _mm256_storeu_ps(v, A[0]);
+    for (int t = 0; t < n; t++) acc[t] = v[t];
+}
+
 ROW_I8_32(row_iq4_nl_i8, 18, codes_iq4_nl, scale_f16)
 ROW_I8_32(row_mxfp4_i8, 17, codes_mxfp4, scale_e8m0)
 
@@ -405,35 +412,6 @@ static inline __m256i scaled_dot(const __m256i q[8], const __m256i scv[8], const
     return s;
 }
 
-/* Q2_K: codes 0..3 scaled per 16 values, value d*sc*q - dmin*m; the mins come off through
-   the activations' sums per 16. */
-static void row_q2_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    __m256 A[Q8_ROWS];
-    zero_acc(A, T);
-    const __m256i three = _mm256_set1_epi8(3);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 84;
-        PREFETCH(b);
-        const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
-        const __m128i sc = _mm_loadu_si128((const __m128i *)b);
-        const __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), low4));
-        __m256i q[8], scv[8];
-        pair_scales(_mm256_cvtepu8_epi16(_mm_and_si128(sc, low4)), scv);
-        for (int n = 0; n < 2; n++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
-            for (int j = 0; j < 4; j++) q[4 * n + j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three);
-        }
-        for (int t = 0; t < T; t++) {
-            const xq256 *x = X + t * ldx + i;
-            const __m256i mins = _mm256_madd_epi16(m16, _mm256_loadu_si256((const __m256i *)x->bsum));
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled_dot(q, scv, x->q)), _mm256_set1_ps(d * x->d), A[t]);
-            A[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * x->d), A[t]);
-        }
-    }
-    hsum_acc(A, T, acc);
-}
-
 /* The 16 Q3_K scales (q3_k_scales' layout) as int16 lanes, built in registers. */
 static inline __m256i q3_k_scales16(const uint8_t *s) {
     uint32_t top;
@@ -445,71 +423,10 @@ static inline __m256i q3_k_scales16(const uint8_t *s) {
     return _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32)));
 }
 
-/* Q3_K: unsigned 3-bit codes c = low 2 bits + 4 * hmask bit (value d*sc*(c-4)), one signed
-   scale per 16; the -4 comes off through the activations' sums per 16. */
-static void row_q3_k_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    __m256 A[Q8_ROWS];
-    zero_acc(A, T);
-    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 110;
-        PREFETCH(b);
-        const float d = f16_to_f32(rd16(b + 108));
-        const __m256i sc16 = q3_k_scales16(b + 96);
-        __m256i q[8], scv[8];
-        pair_scales(sc16, scv);
-        const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
-        for (int n = 0; n < 2; n++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
-            for (int j = 0; j < 4; j++) {
-                const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2);
-                q[4 * n + j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three), hi);
-            }
-        }
-        for (int t = 0; t < T; t++) {
-            const xq256 *x = X + t * ldx + i;
-            const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x->bsum));
-            const __m256i s = _mm256_sub_epi32(scaled_dot(q, scv, x->q), _mm256_slli_epi32(off, 2));
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
-        }
-    }
-    hsum_acc(A, T, acc);
-}
-
-/* IQ4_XS: signed table codes, one signed scale per 32 values (signs moved onto the
-   activations so maddubs sees unsigned weights). */
-static void row_iq4_xs_i8(const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx, int T, float *acc) {
-    __m256 A[Q8_ROWS];
-    zero_acc(A, T);
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *b = row + i * 136;
-        PREFETCH(b);
-        const float d = f16_to_f32(rd16(b));
-        int16_t ls[8];
-        iq4_xs_scales(b, ls);
-        __m256i w[8], aw[8];
-        for (int j = 0; j < 8; j++) {
-            w[j] = lut_codes(KV_IQ4, b + 8 + 16 * j);
-            aw[j] = _mm256_sign_epi8(w[j], w[j]);
-        }
-        for (int t = 0; t < T; t++) {
-            const xq256 *x = X + t * ldx + i;
-            __m256i s = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++) {
-                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * j)), w[j]);
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], xs), _mm256_set1_epi16(ls[j])));
-            }
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x->d), A[t]);
-        }
-    }
-    hsum_acc(A, T, acc);
-}
-
 /* The integer path of the grid types takes a block straight into registers: per 32 values
    the grid magnitudes g (unsigned, for maddubs), the signs as +1/-1 bytes to put on the
    activations, and the multipliers m = 2s + 1 per 16 values as int16 lanes (built in registers:
    a vector load of scalars just stored would stall on store forwarding). */
-typedef __m256i (*iq_vec_fn)(const uint8_t *b, __m256i g[8], __m256i sg[8]);
 
 /* Four 7-bit sign pattern indices (bits 0, 7, 14, 21 of s) as 32 bytes of +1/-1. */
 static inline __m256i ksigns4(uint32_t s) {
@@ -658,30 +575,183 @@ static __m256i vec_iq1_m(const uint8_t *b, __m256i g[8], __m256i sg[8]) {
     return mults(_mm_set_epi64x((long long)s[1], (long long)s[0]));
 }
 
-/* A grid-type row (blocks of `bytes`, value scale d * unit * (2s + 1), d read as `kind` says)
-   against T activation rows. */
-static inline __attribute__((always_inline)) void row_iq_i8(iq_vec_fn vec, int bytes, int kind, float unit,
-                                                            const uint8_t *row, int64_t nb, const xq256 *X, int64_t ldx,
-                                                            int T, float *acc) {
-    __m256 A[Q8_ROWS_GRID];
-    zero_acc(A, T);
+/* ---- the 256-value types' row kernels: a decoder and a dot product per type, one driver ---- */
+
+/* One decoded block: codes, signs and multipliers in registers (what a, b, c and m hold is the
+   type's), its scale d and (Q2_K) dmin. */
+typedef struct { __m256i a[8], b[8], c[8], m; float d, dmin; } blk256;
+
+/* Q2_K: codes 0..3 (a) scaled per 16 values (b), value d*sc*q - dmin*m; the mins (m) come off
+   through the activations' sums per 16. */
+static ALWAYS_INLINE void dec_q2_k(const uint8_t *b, blk256 *w) {
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m128i low4 = _mm_set1_epi8(0x0F), sc = _mm_loadu_si128((const __m128i *)b);
+    w->m = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), low4));
+    pair_scales(_mm256_cvtepu8_epi16(_mm_and_si128(sc, low4)), w->b);
+    for (int n = 0; n < 2; n++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+        for (int j = 0; j < 4; j++) w->a[4 * n + j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three);
+    }
+    w->d = f16_to_f32(rd16(b + 80));
+    w->dmin = f16_to_f32(rd16(b + 82));
+}
+
+static ALWAYS_INLINE __m256i dot_q2_k(const blk256 *w, const xq256 *x, __m256i *mn) {
+    *mn = _mm256_madd_epi16(w->m, _mm256_loadu_si256((const __m256i *)x->bsum));
+    return scaled_dot(w->a, w->b, x->q);
+}
+
+/* Q3_K: unsigned 3-bit codes c = low 2 bits + 4 * hmask bit (a; value d*sc*(c-4)), one signed
+   scale per 16 (m, paired in b); the -4 comes off through the activations' sums per 16. */
+static ALWAYS_INLINE void dec_q3_k(const uint8_t *b, blk256 *w) {
+    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    w->m = q3_k_scales16(b + 96);
+    pair_scales(w->m, w->b);
+    const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+    for (int n = 0; n < 2; n++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
+        for (int j = 0; j < 4; j++) {
+            const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * n + j), one), 2);
+            w->a[4 * n + j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), three), hi);
+        }
+    }
+    w->d = f16_to_f32(rd16(b + 108));
+}
+
+static ALWAYS_INLINE __m256i dot_q3_k(const blk256 *w, const xq256 *x, __m256i *mn) {
+    (void)mn;
+    const __m256i off = _mm256_madd_epi16(w->m, _mm256_loadu_si256((const __m256i *)x->bsum));
+    return _mm256_sub_epi32(scaled_dot(w->a, w->b, x->q), _mm256_slli_epi32(off, 2));
+}
+
+/* IQ4_XS: signed table codes (a; their magnitudes in b, the signs moved onto the activations so
+   maddubs sees unsigned weights), one signed scale per 32 values (c). */
+static ALWAYS_INLINE void dec_iq4_xs(const uint8_t *b, blk256 *w) {
+    int16_t ls[8];
+    iq4_xs_scales(b, ls);
+    for (int j = 0; j < 8; j++) {
+        w->a[j] = lut_codes(KV_IQ4, b + 8 + 16 * j);
+        w->b[j] = _mm256_sign_epi8(w->a[j], w->a[j]);
+        w->c[j] = _mm256_set1_epi16(ls[j]);
+    }
+    w->d = f16_to_f32(rd16(b));
+}
+
+static ALWAYS_INLINE __m256i dot_iq4_xs(const blk256 *w, const xq256 *x, __m256i *mn) {
+    (void)mn;
+    __m256i s = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * j)), w->a[j]);
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w->b[j], xs), w->c[j]));
+    }
+    return s;
+}
+
+/* The grid types: magnitudes (a), signs as +1/-1 bytes (b), multipliers 2s + 1 per 16 values
+   (c); value scale d * unit * (2s + 1), d read as `kind` says. */
+#define DEC_IQ(NAME, VEC, KIND, UNIT)                              \
+    static ALWAYS_INLINE void NAME(const uint8_t *b, blk256 *w) { \
+        pair_scales(VEC(b, w->a, w->b), w->c);                    \
+        w->d = iq_d(KIND, b) * (UNIT);                            \
+    }
+DEC_IQ(dec_iq2_xxs, vec_iq2_xxs, 0, 0.125f)
+DEC_IQ(dec_iq2_xs, vec_iq2_xs, 0, 0.125f)
+DEC_IQ(dec_iq2_s, vec_iq2_s, 0, 0.125f)
+DEC_IQ(dec_iq3_xxs, vec_iq3_xxs, 1, 0.25f)
+DEC_IQ(dec_iq3_s, vec_iq3_s, 2, 1.0f)
+DEC_IQ(dec_iq1_s, vec_iq1_s, 3, 0.125f)
+DEC_IQ(dec_iq1_m, vec_iq1_m, 4, 0.125f)
+
+static ALWAYS_INLINE __m256i dot_iq(const blk256 *w, const xq256 *x, __m256i *mn) {
+    (void)mn;
+    __m256i s = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) {
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * k)), w->b[k]);
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w->a[k], xs), w->c[k]));
+    }
+    return s;
+}
+
+typedef void (*dec256_fn)(const uint8_t *b, blk256 *w);
+/* The int32 lane parts of a block's sum against activation block x (*mn: of its mins, Q2_K). */
+typedef __m256i (*dot256_fn)(const blk256 *w, const xq256 *x, __m256i *mn);
+
+/* Decode: nr <= 8 weight rows (row_bytes apart) against one activation row, the rows in the lanes
+   of one float chain (BLOCK_CHAIN's arithmetic per row). */
+static ALWAYS_INLINE void rows_256_one(dec256_fn dec, dot256_fn dot, int mins, int bytes, const uint8_t *W,
+                                       int64_t row_bytes, int nr, int64_t nb, const xq256 *X, float *out) {
+    __m256 A = _mm256_setzero_ps();
+    const uint8_t *rp[8]; /* rows past nr repeat the last one (their lanes are dropped) */
+    float v[8];
+    for (int r = 0; r < 8; r++) rp[r] = W + (r < nr ? r : nr - 1) * row_bytes;
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i s[8], mn[8];
+        float d[8], dm[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *b = rp[r] + i * bytes;
+            PREFETCH(b);
+            blk256 w;
+            dec(b, &w);
+            s[r] = dot(&w, X + i, mn + r);
+            d[r] = w.d;
+            dm[r] = mins ? w.dmin : 0.f;
+        }
+        const __m256 xd = _mm256_set1_ps(X[i].d);
+        const __m256 dv = _mm256_set_ps(d[7], d[6], d[5], d[4], d[3], d[2], d[1], d[0]);
+        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8(s)), _mm256_mul_ps(dv, xd), A);
+        if (mins) {
+            const __m256 mv = _mm256_set_ps(dm[7], dm[6], dm[5], dm[4], dm[3], dm[2], dm[1], dm[0]);
+            A = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hsum8(mn)), _mm256_mul_ps(mv, xd), A);
+        }
+    }
+    _mm256_storeu_ps(v, A);
+    for (int r = 0; r < nr; r++) out[r] = v[r];
+}
+
+/* One weight row (blocks of `bytes`) against 1 < T <= Q8_ROWS_GRID activation rows -> acc[t]. */
+static ALWAYS_INLINE void row_256(dec256_fn dec, dot256_fn dot, int mins, int bytes, const uint8_t *row, int64_t nb,
+                                  const xq256 *X, int64_t ldx, int T, float *acc) {
+    __m256i s[Q8_ROWS_GRID], mn[Q8_ROWS_GRID];
+    float dx[Q8_ROWS_GRID];
+    __m256 A[Q8_ROWS_GRID / 8];
+    const int n8 = (T + 7) & ~7;
+    for (int g = 0; g < n8 / 8; g++) A[g] = _mm256_setzero_ps();
+    for (int t = T; t < n8; t++) s[t] = mn[t] = _mm256_setzero_si256(), dx[t] = 0.f;
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *b = row + i * bytes;
         PREFETCH(b);
-        __m256i g[8], sg[8], scv[8];
-        pair_scales(vec(b, g, sg), scv);
-        const float dm = iq_d(kind, b) * unit;
+        blk256 w;
+        dec(b, &w);
         for (int t = 0; t < T; t++) {
             const xq256 *x = X + t * ldx + i;
-            __m256i s = _mm256_setzero_si256();
-            for (int k = 0; k < 8; k++) {
-                const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * k)), sg[k]);
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(g[k], xs), scv[k]));
-            }
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dm * x->d), A[t]);
+            s[t] = dot(&w, x, mn + t);
+            dx[t] = x->d;
         }
+        BLOCK_CHAIN(s, dx, w.d, T, 0, A);
+        if (mins) BLOCK_CHAIN(mn, dx, w.dmin, T, 1, A);
     }
-    hsum_acc(A, T, acc);
+    for (int g = 0; g < n8 / 8; g++) store_rows(A + g, T - 8 * g < 8 ? T - 8 * g : 8, acc + 8 * g);
+}
+
+/* nr <= 8 weight rows against one activation row -> out[r]; -1 for a type not here. */
+int types_rows_one(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t nb, const void *xq, float *out) {
+    const xq256 *X = (const xq256 *)xq;
+    switch (type) {
+    case T_IQ4_NL: row_iq4_nl_i8_one(W, row_bytes, nr, nb, (const xq32 *)xq, out); break;
+    case T_MXFP4: row_mxfp4_i8_one(W, row_bytes, nr, nb, (const xq32 *)xq, out); break;
+    case T_Q2_K: rows_256_one(dec_q2_k, dot_q2_k, 1, 84, W, row_bytes, nr, nb, X, out); break;
+    case T_Q3_K: rows_256_one(dec_q3_k, dot_q3_k, 0, 110, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ4_XS: rows_256_one(dec_iq4_xs, dot_iq4_xs, 0, 136, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ2_XXS: rows_256_one(dec_iq2_xxs, dot_iq, 0, 66, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ2_XS: rows_256_one(dec_iq2_xs, dot_iq, 0, 74, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ2_S: rows_256_one(dec_iq2_s, dot_iq, 0, 82, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ3_XXS: rows_256_one(dec_iq3_xxs, dot_iq, 0, 98, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ3_S: rows_256_one(dec_iq3_s, dot_iq, 0, 110, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ1_S: rows_256_one(dec_iq1_s, dot_iq, 0, 50, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ1_M: rows_256_one(dec_iq1_m, dot_iq, 0, 56, W, row_bytes, nr, nb, X, out); break;
+    default: return -1;
+    }
+    return 0;
 }
 
 /* Activation rows per pass over a weight row: the grid types' blocks cost more to decode than
@@ -702,16 +772,16 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
     switch (type) {
     case T_IQ4_NL: row_iq4_nl_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
     case T_MXFP4: row_mxfp4_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
-    case T_Q2_K: row_q2_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_Q3_K: row_q3_k_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ4_XS: row_iq4_xs_i8(row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ2_XXS: row_iq_i8(vec_iq2_xxs, 66, 0, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ2_XS: row_iq_i8(vec_iq2_xs, 74, 0, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ2_S: row_iq_i8(vec_iq2_s, 82, 0, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ3_XXS: row_iq_i8(vec_iq3_xxs, 98, 1, 0.25f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ3_S: row_iq_i8(vec_iq3_s, 110, 2, 1.0f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ1_S: row_iq_i8(vec_iq1_s, 50, 3, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ1_M: row_iq_i8(vec_iq1_m, 56, 4, 0.125f, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_Q2_K: row_256(dec_q2_k, dot_q2_k, 1, 84, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_Q3_K: row_256(dec_q3_k, dot_q3_k, 0, 110, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ4_XS: row_256(dec_iq4_xs, dot_iq4_xs, 0, 136, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_XXS: row_256(dec_iq2_xxs, dot_iq, 0, 66, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_XS: row_256(dec_iq2_xs, dot_iq, 0, 74, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ2_S: row_256(dec_iq2_s, dot_iq, 0, 82, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ3_XXS: row_256(dec_iq3_xxs, dot_iq, 0, 98, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ3_S: row_256(dec_iq3_s, dot_iq, 0, 110, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ1_S: row_256(dec_iq1_s, dot_iq, 0, 50, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ1_M: row_256(dec_iq1_m, dot_iq, 0, 56, row, nb, (const xq256 *)xq, ldx, n, acc); break;
     default: break;
     }
 }
