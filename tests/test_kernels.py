@@ -181,7 +181,8 @@ def test_8bit_rows_do_not_depend_on_the_batch(t):
     # (32-value blocks) and 1-7 rows (K-quants) take the unpacked path, larger ones the packed
     # one, except 2-8 rows of 32-value blocks where the CPU has AVX-512: 16 weight rows
     # transposed in 512-bit registers (16 + 5 rows here).
-    # 40 rows: the IQ grid types take 32 rows a pass over a weight row, the others 8.
+    # 33 and 40 rows: AMX tiles where the CPU has them; without, the IQ grid types take 32 rows a
+    # pass over a weight row, the others 8.
     raw = torch.from_numpy(blocks(t, 21, 768, seed=7))
     x = torch.randn(40, 768, generator=torch.Generator().manual_seed(3))
     together = kernels.qmatmul_q8(x, raw, t, 768)
@@ -233,8 +234,11 @@ def test_8bit_kernels_built_for_avx2_alone_give_the_same_bits(tmp_path):
     lib = ctypes.CDLL(str(so))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ls_qmatmul_q8.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_set_table.argtypes = [ctypes.c_int, ptr, i64]
+    for which, table in kernels._grid_tables():  # the IQ grids, as kernels.library() hands them over
+        assert lib.ls_set_table(which, table.ctypes.data, table.nbytes) == 0
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(2))
-    for t in PACKED:
+    for t in sorted(Q8_BLOCK):
         raw = torch.from_numpy(blocks(t, 19, 512, seed=3))
         for n in (1, 3, 5, 12, 40):  # 3 and 5: 16-row groups here; 40: the AMX tiles here
             out = torch.empty(n, 19)
@@ -246,10 +250,11 @@ def _amx_here() -> bool:
     return "amx_int8" in open("/proc/cpuinfo").read()
 
 
-@pytest.mark.parametrize("t", PACKED, ids=lambda t: t.name)
-def test_amx_tiles_give_the_bits_of_the_8_row_path(t):
-    # Prompt chunks go through AMX tiles 16 rows at a time where the CPU has them: the same
-    # integers and float steps, so a row's bits do not depend on the path or the batch.
+@pytest.mark.parametrize("t", sorted(Q8_BLOCK), ids=lambda t: t.name)
+def test_amx_tiles_give_the_bits_of_the_row_paths(t):
+    # Prompt chunks go through AMX tiles 16 rows at a time where the CPU has them (every 8-bit
+    # type: the 256-value ones from 16 rows, the 32-value ones from 32): the same integers and
+    # float steps, so a row's bits do not depend on the path or the batch.
     cols = 17 * 256 if t in (T.Q4_K, T.Q5_K, T.Q6_K) else 768
     raw = torch.from_numpy(blocks(t, 37, cols, seed=9))
     x = torch.randn(70, cols, generator=torch.Generator().manual_seed(5))

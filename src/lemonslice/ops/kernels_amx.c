@@ -5,9 +5,13 @@
  * - Q4_K/Q5_K (`tdpbusd`, weights as A): each row's codes times one digit of their sub-block's
  *   6-bit scale (sc = hi * base + lo, both products below 256), so two tiles per 64 values add
  *   up sum_j sc_j * dot_j with no multiply after them; B holds the activation codes.
- * - Q4_0/Q5_0/Q8_0 (weights as B, 4 codes of each of 16 rows per 64-byte row): one tile per
- *   block, A the activation codes as unsigned bytes (x + 128, made in place), the +128 taken
- *   off as 128 * (sum of the row's codes), known when the group is packed.
+ * - Q4_0/Q5_0/Q8_0, IQ4_NL and MXFP4 (weights as B, 4 codes of each of 16 rows per 64-byte
+ *   row): one tile per block, A the activation codes as unsigned bytes (x + 128, made in place),
+ *   the +128 taken off as 128 * (sum of the row's codes), known when the group is packed.
+ * - Q2_K, Q3_K, IQ4_XS and the IQ grid types (`tdpbssd`, weights as A): each block decoded once
+ *   into signed codes (types_block_i8), one tile product per sub-block of 16 or 32 values
+ *   (Q2_K's scales folded into its codes: one per 64 values), its sums times the sub-block's
+ *   multiplier in int32 lanes.
  *
  * The integers are the ones kernels_pack8.c forms, exactly (per block: sum_j sc_j * dot_j and
  * the mins' sum), and the float steps after them are the same operations in the same order, so
@@ -34,12 +38,23 @@ int ls_amx_enable(int on) {
     return on;
 }
 
-int amx_supported(int type, int64_t T) {
-    if (!amx_on || T < (type == T_Q4_K || type == T_Q5_K ? AMX_MIN_T : AMX_MIN_T_32)) return 0;
+/* The 256-value types whose blocks types_block_i8 decodes into signed codes. */
+static int gen_type(int type) {
     switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_Q4_K: case T_Q5_K: return 1;
+    case T_Q2_K: case T_Q3_K: case T_IQ4_XS: case T_IQ2_XXS: case T_IQ2_XS: case T_IQ2_S: case T_IQ3_XXS:
+    case T_IQ3_S: case T_IQ1_S: case T_IQ1_M: return types_q8_block(type) == 256;
     default: return 0;
     }
+}
+
+static int tile32_type(int type) {
+    return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0 || type == T_IQ4_NL || type == T_MXFP4;
+}
+
+int amx_supported(int type, int64_t T) {
+    if (!amx_on) return 0;
+    if (type == T_Q4_K || type == T_Q5_K || gen_type(type)) return T >= AMX_MIN_T;
+    return tile32_type(type) && T >= AMX_MIN_T_32;
 }
 
 /* One packed block of a group of 16 rows of a 32-value type: q[k] = codes 4k..4k+3 of rows 0..15
@@ -49,14 +64,18 @@ typedef struct { int8_t q[8][64]; int32_t w128[16]; float d[16]; } ak32;
    sub-block's scale (sc = hi * base + lo, both products below 256), so the scales need no
    multiply after the tiles; B holds 16 activation rows' codes, 4 of each per 64-byte row. */
 typedef struct { uint8_t a[2][4][16][64]; int32_t mp[16][4]; float d[16], dmin[16]; } ak45;
-typedef struct { int8_t q[4][16][64]; int32_t bp[4][16]; float d[16]; } ax256;
+/* The other 256-value types (gen_type): 16 rows' signed codes (A tiles of any sub-block: rows
+   256 bytes apart), multipliers mult[j][r] of sub-block j, Q2_K's mins as int16 pairs mp[p][r]
+   (sub-blocks 2p, 2p + 1). */
+typedef struct { int8_t q[16][256]; int32_t mult[16][16], mp[8][16]; float d[16], dmin[16]; } agen;
+/* 16 activation rows of a 256-value block: B tiles q[g][k] (values 64g + 4k..+3 of rows 0..15),
+   sums per 32 values as int16 pairs bp[j] (sub-blocks 2j, 2j + 1), the same per 16 values bp16. */
+typedef struct { int8_t q[4][16][64]; int32_t bp[4][16], bp16[8][16]; float d[16]; } ax256;
 
 size_t amx_bytes(int type, int64_t ncols) {
-    switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: return (size_t)(ncols / 32) * sizeof(ak32);
-    case T_Q4_K: case T_Q5_K: return (size_t)(ncols / 256) * sizeof(ak45);
-    default: return 0;
-    }
+    if (tile32_type(type)) return (size_t)(ncols / 32) * sizeof(ak32);
+    if (type == T_Q4_K || type == T_Q5_K) return (size_t)(ncols / 256) * sizeof(ak45);
+    return gen_type(type) ? (size_t)(ncols / 256) * sizeof(agen) : 0;
 }
 
 /* Activation codes x -> x + 128 as unsigned bytes (XOR 0x80): the A tiles' operand. */
@@ -86,14 +105,21 @@ static ALWAYS_INLINE int32_t sum_s8(__m256i v) {
 }
 
 static void pack_32(int type, const uint8_t *const rows[16], int64_t nb, ak32 *out) {
-    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : 18;
+    const int bytes = type == T_Q8_0 ? 34 : type == T_Q5_0 ? 22 : type == T_MXFP4 ? 17 : 18;
+    const int other = type == T_IQ4_NL || type == T_MXFP4;
     for (int64_t i = 0; i < nb; i++) {
         __m256i v[16];
         for (int r = 0; r < 16; r++) {
             const uint8_t *b = rows[r] + i * bytes;
             PREFETCH(b);
-            v[r] = type == T_Q8_0 ? _mm256_loadu_si256((const __m256i *)(b + 2)) : codes_q45_0(type, b);
-            out[i].d[r] = f16_to_f32(rd16(b));
+            if (other) {
+                int8_t q[32];
+                types_block32_i8(type, b, q, &out[i].d[r]);
+                v[r] = _mm256_loadu_si256((const __m256i *)q);
+            } else {
+                v[r] = type == T_Q8_0 ? _mm256_loadu_si256((const __m256i *)(b + 2)) : codes_q45_0(type, b);
+                out[i].d[r] = f16_to_f32(rd16(b));
+            }
             out[i].w128[r] = 128 * sum_s8(v[r]);
         }
         transpose16(v, out[i].q[0]);
@@ -126,6 +152,25 @@ static void pack_k45(int five, const uint8_t *const rows[16], int64_t nb, ak45 *
         }
 }
 
+/* 16 rows' blocks decoded into signed codes (gen_type); the sub-block width, 0 if refused. */
+static int pack_gen(int type, const uint8_t *const rows[16], int64_t nb, agen *out) {
+    int block, bytes, sub = 0;
+    deq_fn deq;
+    if (types_info(type, &block, &bytes, &deq)) return 0;
+    for (int64_t i = 0; i < nb; i++)
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *b = rows[r] + i * bytes;
+            PREFETCH(b);
+            int32_t mult[16];
+            int16_t m[16];
+            sub = types_block_i8(type, b, out[i].q[r], mult, &out[i].d[r], &out[i].dmin[r], m);
+            for (int j = 0; j < 256 / sub; j++) out[i].mult[j][r] = mult[j];
+            if (type == T_Q2_K)
+                for (int p = 0; p < 8; p++) out[i].mp[p][r] = (uint16_t)m[2 * p] | ((int32_t)m[2 * p + 1] << 16);
+        }
+    return sub;
+}
+
 /* 16 activation rows of one block -> B tiles: q[g][k] = codes 64g + 4k..+3 of rows 0..15, and the
    rows' scales and sub-block code sums (int16 pairs of sub-blocks 2j, 2j + 1). */
 static void amx_pack_x256(const xq256 *X, int64_t ldx, ax256 *out) {
@@ -134,9 +179,11 @@ static void amx_pack_x256(const xq256 *X, int64_t ldx, ax256 *out) {
         out->d[t] = x->d;
         const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)x->bsum),
                                           _mm_loadu_si128((const __m128i *)(x->bsum + 8)));
-        int32_t p[4];
+        int32_t p[4], p16[8];
         _mm_storeu_si128((__m128i *)p, bs);
         for (int j = 0; j < 4; j++) out->bp[j][t] = p[j];
+        memcpy(p16, x->bsum, sizeof p16); /* int16 sums of 16 values, read as pairs */
+        for (int j = 0; j < 8; j++) out->bp16[j][t] = p16[j];
         const int32_t *w = (const int32_t *)x->q;
         for (int g = 0; g < 4; g++)
             for (int k = 0; k < 16; k++) memcpy(&out->q[g][k][4 * t], w + 16 * g + k, 4);
@@ -145,13 +192,18 @@ static void amx_pack_x256(const xq256 *X, int64_t ldx, ax256 *out) {
 
 /* The 32-value types: tile 0 C (16 activation rows x 16 weight rows, int32), 1 A (16 activation
    rows x 32 codes), 2 B (8 rows of 4 codes of 16 weight rows). Q4_K/Q5_K: see run_k45. */
-static void tiles(int type) {
+static void tiles(int type, int sub) {
     struct { uint8_t palette, start, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     const int k45 = type == T_Q4_K || type == T_Q5_K;
     for (int n = 0; n < (k45 ? 5 : 3); n++) cfg.rows[n] = 16, cfg.colsb[n] = 64;
-    if (!k45) cfg.colsb[1] = 32, cfg.rows[2] = 8;
+    if (sub) { /* gen_type: 1 A (16 weight rows x w codes), 2 B (w / 4 rows of 16 activation rows' codes) */
+        const int w = sub < 64 ? sub : 64;
+        cfg.colsb[1] = (uint16_t)w, cfg.rows[2] = (uint8_t)(w / 4);
+    } else if (!k45) {
+        cfg.colsb[1] = 32, cfg.rows[2] = 8;
+    }
     _tile_loadconfig(&cfg);
 }
 
@@ -214,14 +266,52 @@ static void run_k45(int five, const ak45 *P, int64_t nb, const ax256 *X, __m512 
     }
 }
 
+/* gen_type: 16 weight rows x 16 activation rows -> acc[r] lane t; sub-blocks of `sub` values. */
+static void run_gen(int sub, int mins, const agen *P, int64_t nb, const ax256 *X, __m512 *acc) {
+    int32_t C[16][16] __attribute__((aligned(64)));
+    const int w = sub < 64 ? sub : 64;
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i S[16];
+        for (int r = 0; r < 16; r++) S[r] = _mm512_setzero_si512();
+        for (int o = 0; o < 256; o += sub) {
+            _tile_zero(0);
+            for (int c = o; c < o + sub; c += w) {
+                _tile_loadd(1, P[i].q[0] + c, 256);
+                _tile_loadd(2, X[i].q[c / 64][(c % 64) / 4], 64);
+                _tile_dpbssd(0, 1, 2);
+            }
+            _tile_stored(0, C, 64);
+            if (sub == 256) {
+                for (int r = 0; r < 16; r++) S[r] = _mm512_load_si512(C[r]);
+            } else {
+                const int32_t *m = P[i].mult[o / sub];
+                for (int r = 0; r < 16; r++)
+                    S[r] = _mm512_add_epi32(S[r], _mm512_mullo_epi32(_mm512_load_si512(C[r]), _mm512_set1_epi32(m[r])));
+            }
+        }
+        const __m512 xd = _mm512_loadu_ps(X[i].d);
+        for (int r = 0; r < 16; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[r]), _mm512_mul_ps(_mm512_set1_ps(P[i].d[r]), xd), acc[r]);
+        if (mins)
+            for (int r = 0; r < 16; r++) {
+                __m512i mn = _mm512_setzero_si512();
+                for (int p = 0; p < 8; p++)
+                    mn = _mm512_dpwssd_epi32(mn, _mm512_set1_epi32(P[i].mp[p][r]), _mm512_loadu_si512(X[i].bp16[p]));
+                acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mn), _mm512_mul_ps(_mm512_set1_ps(P[i].dmin[r]), xd), acc[r]);
+            }
+    }
+}
+
 size_t amx_x_bytes(int type, int64_t tp, int64_t ncols) {
-    return type == T_Q4_K || type == T_Q5_K ? (size_t)(tp / 16) * (size_t)(ncols / 256) * sizeof(ax256) : 0;
+    const int x256 = type == T_Q4_K || type == T_Q5_K || gen_type(type);
+    return x256 ? (size_t)(tp / 16) * (size_t)(ncols / 256) * sizeof(ax256) : 0;
 }
 
 /* Activation rows [16 tg, 16 tg + 16) of XQ, quantized: Q4_K/Q5_K's B tiles into XA; the
    32-value types' codes biased in place. */
 void amx_prepare_x(int type, void *XQ, int64_t nb, int64_t tg, void *XA) {
-    if (type == T_Q4_K || type == T_Q5_K) {
+    if (type == T_Q4_K || type == T_Q5_K || gen_type(type)) {
         for (int64_t i = 0; i < nb; i++) amx_pack_x256((const xq256 *)XQ + tg * 16 * nb + i, nb, (ax256 *)XA + tg * nb + i);
         return;
     }
@@ -234,17 +324,20 @@ void amx_group16(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t 
                  float *Y, int64_t ldy, void *buf) {
     const uint8_t *rows[16];
     for (int r = 0; r < 16; r++) rows[r] = W + (r < nr ? r : nr - 1) * row_bytes; /* pad with the last row */
-    const int k45 = type == T_Q4_K || type == T_Q5_K;
-    const int64_t nb = ncols / (k45 ? 256 : 32);
+    const int k45 = type == T_Q4_K || type == T_Q5_K, gen = gen_type(type);
+    const int64_t nb = ncols / (k45 || gen ? 256 : 32);
+    int sub = 0;
     if (k45) pack_k45(type == T_Q5_K, rows, nb, buf);
+    else if (gen) sub = pack_gen(type, rows, nb, buf);
     else pack_32(type, rows, nb, buf);
-    tiles(type);
+    tiles(type, sub);
     for (int64_t t0 = 0; t0 < T; t0 += 16) {
         __m512 acc[16];
         float v[16][16];
         const int nt = (int)(T - t0 < 16 ? T - t0 : 16);
-        if (k45) { /* acc[r] lane t */
-            run_k45(type == T_Q5_K, buf, nb, (const ax256 *)XA + (t0 / 16) * nb, acc);
+        if (k45 || gen) { /* acc[r] lane t */
+            if (gen) run_gen(sub, type == T_Q2_K, buf, nb, (const ax256 *)XA + (t0 / 16) * nb, acc);
+            else run_k45(type == T_Q5_K, buf, nb, (const ax256 *)XA + (t0 / 16) * nb, acc);
             for (int r = 0; r < 16; r++) _mm512_storeu_ps(v[r], acc[r]);
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++) Y[(t0 + t) * ldy + r] = v[r][t];

@@ -304,6 +304,8 @@ int types_q8_block(int type);
 int types_q8_rows(int type);
 void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc);
 int types_rows_one(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t nb, const void *xq, float *out);
+int types_block_i8(int type, const uint8_t *b, int8_t *q, int32_t *mult, float *d, float *dmin, int16_t *m);
+int types_block32_i8(int type, const uint8_t *b, int8_t *q, float *d);
 void types_row_f32(int type, const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc);
 
 #endif

@@ -648,10 +648,11 @@ static ALWAYS_INLINE __m256i dot_iq4_xs(const blk256 *w, const xq256 *x, __m256i
 }
 
 /* The grid types: magnitudes (a), signs as +1/-1 bytes (b), multipliers 2s + 1 per 16 values
-   (c); value scale d * unit * (2s + 1), d read as `kind` says. */
+   (c, and as 16 int16 lanes in m); value scale d * unit * (2s + 1), d read as `kind` says. */
 #define DEC_IQ(NAME, VEC, KIND, UNIT)                              \
     static ALWAYS_INLINE void NAME(const uint8_t *b, blk256 *w) { \
-        pair_scales(VEC(b, w->a, w->b), w->c);                    \
+        w->m = VEC(b, w->a, w->b);                                \
+        pair_scales(w->m, w->c);                                  \
         w->d = iq_d(KIND, b) * (UNIT);                            \
     }
 DEC_IQ(dec_iq2_xxs, vec_iq2_xxs, 0, 0.125f)
@@ -752,6 +753,70 @@ int types_rows_one(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_
     default: return -1;
     }
     return 0;
+}
+
+/* ---- one block as the AMX tiles take it (kernels_amx.c) ---- */
+
+/* A 256-value block as signed codes q and multipliers: its integer sum against activation codes x
+   is sum_j mult[j] * (q . x over sub-block j of `sub` values), minus (Q2_K) the mins m[j] times
+   the activations' sums per 16, exactly the integers the row kernels above form. Returns sub
+   (16, 32 or 256: Q2_K's scales are folded into its codes), 0 for a type not here. */
+int types_block_i8(int type, const uint8_t *b, int8_t *q, int32_t *mult, float *d, float *dmin, int16_t *m) {
+    blk256 w;
+    int sub = 16;
+    switch (type) {
+    case T_Q2_K: dec_q2_k(b, &w); sub = 256; break;
+    case T_Q3_K: dec_q3_k(b, &w); break;
+    case T_IQ4_XS: dec_iq4_xs(b, &w); sub = 32; break;
+    case T_IQ2_XXS: dec_iq2_xxs(b, &w); break;
+    case T_IQ2_XS: dec_iq2_xs(b, &w); break;
+    case T_IQ2_S: dec_iq2_s(b, &w); break;
+    case T_IQ3_XXS: dec_iq3_xxs(b, &w); break;
+    case T_IQ3_S: dec_iq3_s(b, &w); break;
+    case T_IQ1_S: dec_iq1_s(b, &w); break;
+    case T_IQ1_M: dec_iq1_m(b, &w); break;
+    default: return 0;
+    }
+    int16_t lanes[16];
+    for (int k = 0; k < 8; k++) {
+        __m256i c;
+        if (type == T_Q2_K) /* codes < 4 times scales < 16: byte products in 16-bit lanes never carry */
+            c = _mm256_mullo_epi16(w.a[k], w.b[k]);
+        else if (type == T_Q3_K)
+            c = _mm256_sub_epi8(w.a[k], _mm256_set1_epi8(4));
+        else if (type == T_IQ4_XS)
+            c = w.a[k];
+        else
+            c = _mm256_sign_epi8(w.a[k], w.b[k]);
+        _mm256_storeu_si256((__m256i *)(q + 32 * k), c);
+    }
+    *d = w.d;
+    if (type == T_Q2_K) {
+        *dmin = w.dmin;
+        _mm256_storeu_si256((__m256i *)lanes, w.m);
+        for (int j = 0; j < 16; j++) m[j] = lanes[j];
+        mult[0] = 1;
+    } else if (type == T_IQ4_XS) {
+        for (int j = 0; j < 8; j++) mult[j] = (int16_t)_mm256_extract_epi16(w.c[j], 0);
+    } else {
+        _mm256_storeu_si256((__m256i *)lanes, w.m);
+        for (int j = 0; j < 16; j++) mult[j] = lanes[j];
+    }
+    return sub;
+}
+
+/* The 32 signed codes and scale of an IQ4_NL or MXFP4 block; 0 for another type. */
+int types_block32_i8(int type, const uint8_t *b, int8_t *q, float *d) {
+    if (type == T_IQ4_NL) {
+        _mm256_storeu_si256((__m256i *)q, codes_iq4_nl(b));
+        *d = scale_f16(b);
+    } else if (type == T_MXFP4) {
+        _mm256_storeu_si256((__m256i *)q, codes_mxfp4(b));
+        *d = scale_e8m0(b);
+    } else {
+        return 0;
+    }
+    return 1;
 }
 
 /* Activation rows per pass over a weight row: the grid types' blocks cost more to decode than
