@@ -94,7 +94,7 @@ def test_8bit_product_equals_the_int8_reference(t, n):
 
 @pytest.mark.parametrize("t", HALF, ids=lambda t: t.name)
 def test_half_rows_do_not_depend_on_the_batch(t):
-    w, _ = weight(t, 33, 1000, seed=3)  # 1000 columns: a tail after the 32-wide steps
+    w, _ = weight(t, 33, 1000, seed=3)  # 1000 columns: a tail after the 16-wide (or 64-wide, AVX2) steps
     x = torch.randn(7, 1000, generator=torch.Generator().manual_seed(2))
     together = linear(x, w)
     for i in range(7):

@@ -856,7 +856,63 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
 
 #define HALF_ROWS 2 /* activation rows per pass over a weight row */
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* 16 weights at p (F16, or BF16 when bf) as float32; k < 16 of them, the rest 0. */
+static ALWAYS_INLINE __m512 load_half16(int bf, const uint8_t *p, int k) {
+    const __m256i h = k == 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16((__mmask16)((1u << k) - 1), p);
+    return bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+/* R weight rows w[r] times N activation rows x[t] (pointers repeated past the real ones) ->
+   out[t * R + r]. Every dot has one 16-lane accumulator, lane l summing columns l, l + 16, ... in
+   order, then the same reduction: its bits do not depend on R, N or the rows beside it. */
+static ALWAYS_INLINE void tile_half(int bf, const int R, const int N, const uint8_t *const *w, const float *const *x,
+                                    int64_t ncols, float *out) {
+    __m512 A[8][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < N; t++) A[r][t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < ncols; c += 16) {
+        const int k = ncols - c < 16 ? (int)(ncols - c) : 16;
+        __m512 v[8];
+        for (int r = 0; r < R; r++) {
+            PREFETCH(w[r] + 2 * c);
+            v[r] = load_half16(bf, w[r] + 2 * c, k);
+        }
+        for (int t = 0; t < N; t++) {
+            const __m512 xv = k == 16 ? _mm512_loadu_ps(x[t] + c) : _mm512_maskz_loadu_ps((__mmask16)((1u << k) - 1), x[t] + c);
+            for (int r = 0; r < R; r++) A[r][t] = _mm512_fmadd_ps(v[r], xv, A[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < N; t++) out[t * R + r] = _mm512_reduce_add_ps(A[r][t]);
+}
+
+#ifndef HALF_DEC_ROWS
+#define HALF_DEC_ROWS 1
+#endif
+/* Rows [r0, r0 + nr) of W times all T activation rows -> Y: decode HALF_DEC_ROWS weight rows a
+   pass (more side by side streams were measured slower), else 4 weight rows x 4 activation rows. */
+static void rows_half(int bf, const uint8_t *W, int64_t row_bytes, int64_t r0, int nr, int64_t ncols, const float *X,
+                      int64_t T, float *Y, int64_t ldy) {
+    const uint8_t *w[8];
+    const float *x[4];
+    float out[32];
+    const int R = T == 1 ? HALF_DEC_ROWS : 4, N = T == 1 ? 1 : 4;
+    for (int g = 0; g < nr; g += R) {
+        const int m = nr - g < R ? nr - g : R;
+        for (int r = 0; r < R; r++) w[r] = W + (r0 + g + (r < m ? r : m - 1)) * row_bytes;
+        for (int64_t t0 = 0; t0 < T; t0 += N) {
+            const int n = T - t0 < N ? (int)(T - t0) : N;
+            for (int t = 0; t < N; t++) x[t] = X + (t0 + (t < n ? t : n - 1)) * ncols;
+            if (T == 1) tile_half(bf, HALF_DEC_ROWS, 1, w, x, ncols, out);
+            else tile_half(bf, 4, 4, w, x, ncols, out);
+            for (int t = 0; t < n; t++)
+                for (int r = 0; r < m; r++) Y[(t0 + t) * ldy + r0 + g + r] = out[t * R + r];
+        }
+    }
+}
+#define HALF_GROUP 8 /* weight rows a thread takes at a time */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* 8 weights at p (F16, or BF16 when bf) as float32. */
 static inline __m256 load_half8(int bf, const uint8_t *p) {
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -908,6 +964,13 @@ static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, in
 int ls_matmul_half(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols, const float *X,
                    int64_t T, float *Y, int nthreads) {
     if ((type != T_F16 && type != T_BF16) || nrows < 1 || ncols < 1 || T < 1) return -1;
+#ifdef HALF_GROUP
+#pragma omp parallel for schedule(static) num_threads(nrows * ncols >= (1 << 15) ? nthreads : 1)
+    for (int64_t g = 0; g < (nrows + HALF_GROUP - 1) / HALF_GROUP; g++) {
+        const int nr = (int)(nrows - g * HALF_GROUP < HALF_GROUP ? nrows - g * HALF_GROUP : HALF_GROUP);
+        rows_half(type == T_BF16, W, row_bytes, g * HALF_GROUP, nr, ncols, X, T, Y, nrows);
+    }
+#else
 #pragma omp parallel for schedule(static) num_threads(nrows * ncols >= (1 << 15) ? nthreads : 1)
     for (int64_t r = 0; r < nrows; r++) {
         for (int64_t t0 = 0; t0 < T; t0 += HALF_ROWS) {
@@ -917,5 +980,6 @@ int ls_matmul_half(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows,
             for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = out[t];
         }
     }
+#endif
     return 0;
 }
