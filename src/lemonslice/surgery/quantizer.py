@@ -210,12 +210,14 @@ def quantize_file(
     return Path(dst)
 
 
-def needs_imatrix(src: str | os.PathLike[str], ftype: str | int, n_threads: int = 0) -> bool:
+def needs_imatrix(src: str | os.PathLike[str], ftype: str | int, n_threads: int = 0,
+                  allow_requantize: bool = False) -> bool:
     """Whether llama.cpp says the ftype's mix, on this model, requires an importance matrix (a dry
     run: nothing is written)."""
     llama_cpp = _llama()
     params = _params(ftype, n_threads)
     params.dry_run = True
+    params.allow_requantize = allow_requantize
     with _captured_log() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
     if rc != 0:
