@@ -881,15 +881,25 @@ static ALWAYS_INLINE void tile_half(int bf, const int R, const int N, const uint
     __m512 A[8][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < N; t++) A[r][t] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < ncols; c += 16) {
-        const int k = ncols - c < 16 ? (int)(ncols - c) : 16;
-        __m512 v[8];
-        for (int r = 0; r < R; r++) {
-            PREFETCH(w[r] + 2 * c);
-            v[r] = load_half16(bf, w[r] + 2 * c, k);
+    int64_t c = 0;
+    for (; c + 64 <= ncols; c += 64) { /* one prefetch per 128 bytes of each row */
+        for (int r = 0; r < R; r++) PREFETCH(w[r] + 2 * c);
+        for (int j = 0; j < 4; j++) {
+            __m512 v[8];
+            for (int r = 0; r < R; r++) v[r] = load_half16(bf, w[r] + 2 * (c + 16 * j), 16);
+            for (int t = 0; t < N; t++) {
+                const __m512 xv = _mm512_loadu_ps(x[t] + c + 16 * j);
+                for (int r = 0; r < R; r++) A[r][t] = _mm512_fmadd_ps(v[r], xv, A[r][t]);
+            }
         }
+    }
+    for (; c < ncols; c += 16) {
+        const int k = ncols - c < 16 ? (int)(ncols - c) : 16;
+        const __mmask16 m = (__mmask16)((1u << k) - 1);
+        __m512 v[8];
+        for (int r = 0; r < R; r++) v[r] = load_half16(bf, w[r] + 2 * c, k);
         for (int t = 0; t < N; t++) {
-            const __m512 xv = k == 16 ? _mm512_loadu_ps(x[t] + c) : _mm512_maskz_loadu_ps((__mmask16)((1u << k) - 1), x[t] + c);
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + c);
             for (int r = 0; r < R; r++) A[r][t] = _mm512_fmadd_ps(v[r], xv, A[r][t]);
         }
     }
@@ -901,13 +911,14 @@ static ALWAYS_INLINE void tile_half(int bf, const int R, const int N, const uint
 #define HALF_DEC_ROWS 1
 #endif
 /* Rows [r0, r0 + nr) of W times all T activation rows -> Y: decode HALF_DEC_ROWS weight rows a
-   pass (more side by side streams were measured slower), else 4 weight rows x 4 activation rows. */
+   pass (more rows streamed side by side were measured slower), 2-4 rows 2 weight rows x 4, else
+   4 weight rows x 4 activation rows. */
 static void rows_half(int bf, const uint8_t *W, int64_t row_bytes, int64_t r0, int nr, int64_t ncols, const float *X,
                       int64_t T, float *Y, int64_t ldy) {
     const uint8_t *w[8];
     const float *x[4];
     float out[32];
-    const int R = T == 1 ? HALF_DEC_ROWS : 4, N = T == 1 ? 1 : 4;
+    const int R = T == 1 ? HALF_DEC_ROWS : T <= 4 ? 2 : 4, N = T == 1 ? 1 : 4;
     for (int g = 0; g < nr; g += R) {
         const int m = nr - g < R ? nr - g : R;
         for (int r = 0; r < R; r++) w[r] = W + (r0 + g + (r < m ? r : m - 1)) * row_bytes;
@@ -915,6 +926,7 @@ static void rows_half(int bf, const uint8_t *W, int64_t row_bytes, int64_t r0, i
             const int n = T - t0 < N ? (int)(T - t0) : N;
             for (int t = 0; t < N; t++) x[t] = X + (t0 + (t < n ? t : n - 1)) * ncols;
             if (T == 1) tile_half(bf, HALF_DEC_ROWS, 1, w, x, ncols, out);
+            else if (T <= 4) tile_half(bf, 2, 4, w, x, ncols, out); /* fewer rows streamed side by side */
             else tile_half(bf, 4, 4, w, x, ncols, out);
             for (int t = 0; t < n; t++)
                 for (int r = 0; r < m; r++) Y[(t0 + t) * ldy + r0 + g + r] = out[t * R + r];
