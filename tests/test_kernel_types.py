@@ -178,3 +178,24 @@ def test_a_type_lemonslice_cannot_run_is_refused_before_reading(model_with_q8_1,
     with pytest.raises(LemonsliceError) as err:
         Engine(model_with_q8_1)
     assert str(err.value) == "tensor blk.0.attn_gate.weight has type Q8_1, which lemonslice cannot run"
+
+
+@pytest.mark.parametrize("t", HALF, ids=lambda t: t.name)
+def test_half_experts_in_one_call_equal_expert_by_expert(t):
+    # F16/BF16 experts go through three batched C calls; each row must keep the bits `linear`
+    # gives it expert by expert, and the result the float64 twin's value.
+    from lemonslice.ops import qlinear
+
+    g = torch.Generator().manual_seed(0)
+
+    def half(n_in: int, n_out: int) -> QuantWeight:
+        f = torch.randn(n_out, n_in, generator=g) * 0.05
+        raw = (f.view(torch.int32) >> 16).to(torch.int16) if t == T.BF16 else f.half()
+        return QuantWeight(raw.view(torch.uint8).contiguous(), t, (n_in, n_out))
+
+    parts = [(half(256, 96), half(256, 96), half(96, 256)) for _ in range(5)]
+    counts = [1, 3, 2, 7, 1]
+    x = torch.randn(sum(counts), 256, generator=g)
+    got = qlinear.swiglu_experts(x, counts, parts)
+    assert torch.equal(got, qlinear._per_expert(x, counts, parts, qlinear.linear))
+    assert_close_rel(got, qlinear.swiglu_experts_ref(x, counts, parts), rel=2e-6)

@@ -97,6 +97,7 @@ def library() -> ctypes.CDLL | None:
     lib.ls_rms_norm.argtypes = [i64, i64, ptr, ptr, ctypes.c_float, ptr]
     lib.ls_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ls_matmul_half.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ls_matmul_half_jobs.argtypes = [ctypes.c_int, i64, ptr, i64, i64, ctypes.c_int]
     lib.ls_set_table.argtypes = [ctypes.c_int, ptr, i64]
     for which, table in _grid_tables():
         if lib.ls_set_table(which, table.ctypes.data, table.nbytes):
@@ -325,6 +326,18 @@ def matmul_half(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, n_in: int) -
     if rc:
         raise ValueError(f"ls_matmul_half rejected type {GGMLType(ggml_type).name}")
     return out
+
+
+def matmul_half_jobs(ggml_type: int, jobs: torch.Tensor, n_out: int, n_in: int) -> None:
+    """Products of one shape in one call: row j of `jobs` (int64 [n, 5]: weight rows pointer, row
+    bytes, x [T_j, n_in] pointer, T_j, y [T_j, n_out] pointer, all float32 and contiguous) gets
+    y = x @ W.T, each row as `matmul_half` computes it. The caller checked the pointers."""
+    if jobs.dtype != torch.int64 or jobs.dim() != 2 or jobs.shape[1] != 5 or not jobs.is_contiguous():
+        raise ValueError("jobs must be a contiguous int64 [n, 5] table")
+    rc = library().ls_matmul_half_jobs(int(ggml_type), jobs.shape[0], jobs.data_ptr(), n_out, n_in,
+                                       torch.get_num_threads())
+    if rc:
+        raise ValueError(f"ls_matmul_half_jobs rejected the products (rc {rc})")
 
 
 def deltanet_gates(alpha: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor

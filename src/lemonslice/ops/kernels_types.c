@@ -1005,3 +1005,31 @@ int ls_matmul_half(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows,
 #endif
     return 0;
 }
+
+/* Several products of one shape at once (a MoE layer's experts): job j (5 int64: W, row_bytes,
+   X, T, Y) is Y [T, nrows] = X [T, ncols] @ W.T, its rows as ls_matmul_half computes them; the
+   threads share (job, 8 rows) items. */
+int ls_matmul_half_jobs(int type, int64_t n_jobs, const int64_t *jobs, int64_t nrows, int64_t ncols, int nthreads) {
+    if ((type != T_F16 && type != T_BF16) || nrows < 1 || ncols < 1 || n_jobs < 1) return -1;
+    for (int64_t j = 0; j < n_jobs; j++)
+        if (!jobs[5 * j] || jobs[5 * j + 1] < 2 * ncols || !jobs[5 * j + 2] || jobs[5 * j + 3] < 1 || !jobs[5 * j + 4]) return -1;
+#ifdef HALF_GROUP
+    const int64_t groups = (nrows + HALF_GROUP - 1) / HALF_GROUP;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t it = 0; it < n_jobs * groups; it++) {
+        const int64_t *J = jobs + 5 * (it / groups), g = it % groups;
+        const int nr = (int)(nrows - g * HALF_GROUP < HALF_GROUP ? nrows - g * HALF_GROUP : HALF_GROUP);
+        rows_half(type == T_BF16, (const uint8_t *)J[0], J[1], g * HALF_GROUP, nr, ncols, (const float *)J[2], J[3],
+                  (float *)J[4], nrows);
+    }
+    return 0;
+#else
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const int64_t *J = jobs + 5 * j;
+        const int rc = ls_matmul_half(type, (const uint8_t *)J[0], J[1], nrows, ncols, (const float *)J[2], J[3],
+                                      (float *)J[4], nthreads);
+        if (rc) return rc;
+    }
+    return 0;
+#endif
+}

@@ -361,14 +361,48 @@ def _expert_jobs(x: torch.Tensor, parts: Sequence[tuple[QuantWeight, ...]]) -> l
     return rows
 
 
+def _swiglu_half(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]]
+                 ) -> torch.Tensor | None:
+    """F16/BF16 experts (gate, up, down, one type) in three C calls, the threads sharing every
+    expert's rows; each product row as `linear` computes it. None where this does not apply."""
+    if is_exact() or kernels.library() is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        return None
+    t = parts[0][0].ggml_type if parts and len(parts[0]) == 3 else None
+    if t not in HALF_TYPES or len(counts) != len(parts) or sum(counts) != x.shape[0] or min(counts) < 1:
+        return None
+    E, Fe = x.shape[1], parts[0][0].out_features
+    for p in parts:
+        if len(p) != 3 or any(w.ggml_type != t or w.raw.device.type != "cpu" or w.raw.stride(-1) != 1 for w in p):
+            return None
+        if p[0].shape != (E, Fe) or p[1].shape != (E, Fe) or p[2].shape != (Fe, E):
+            return None
+    x = x.contiguous()
+    gate, up, y = x.new_empty((x.shape[0], Fe)), x.new_empty((x.shape[0], Fe)), x.new_empty((x.shape[0], E))
+
+    def products(k: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        n_in, n_out, s, jobs = src.shape[1], dst.shape[1], 0, []
+        for n, p in zip(counts, parts):
+            raw = p[k].raw
+            jobs.append((raw.data_ptr(), raw.stride(0), src.data_ptr() + 4 * s * n_in, n, dst.data_ptr() + 4 * s * n_out))
+            s += n
+        kernels.matmul_half_jobs(int(t), torch.tensor(jobs, dtype=torch.int64), n_out, n_in)
+
+    products(0, x, gate)
+    products(1, x, up)
+    products(2, (F.silu(gate) * up).contiguous(), y)
+    return y
+
+
 def swiglu_experts(x: torch.Tensor, counts: Sequence[int], parts: Sequence[tuple[QuantWeight, ...]]
                    ) -> torch.Tensor:
     """x [N, E], rows grouped by expert (counts[j] rows for parts[j]) -> [N, E]: the MoE op
     model code calls. With 8-bit activations every expert goes through one C call (gate and
-    up, SiLU, down), their rows shared by the threads; otherwise expert by expert."""
+    up, SiLU, down), their rows shared by the threads; F16/BF16 experts through three;
+    otherwise expert by expert."""
     rows = _expert_jobs(x, parts)
     if rows is None:
-        return _per_expert(x, counts, parts, linear)
+        y = _swiglu_half(x, counts, parts)
+        return y if y is not None else _per_expert(x, counts, parts, linear)
     E, Fe = parts[0][-1].out_features, parts[0][-1].in_features
     if len(counts) != len(parts) or sum(counts) != x.shape[0] or x.dim() != 2 or x.shape[1] != E:
         raise ValueError(f"{len(counts)} experts with {sum(counts)} rows for {len(parts)} weights and x "
