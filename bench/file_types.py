@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import random
@@ -181,6 +182,8 @@ def worker_agreement(model: str, ids: list[int], threads: int) -> dict:
         runtime.setup(threads=threads, exact=exact)
         top1[exact] = engine.logits(ids).argmax(-1)
     engine.close()
+    del engine  # its weights freed before llama.cpp maps the file (a BF16 file is 15.5 GB)
+    gc.collect()
     top1["llama"] = torch.from_numpy(llama_logits(model, ids, threads)).argmax(-1)
     return {"agree": int((top1[False] == top1[True]).sum()), "llama_agree": int((top1["llama"] == top1[True]).sum()),
             "n": len(ids)}

@@ -141,7 +141,7 @@ static inline void hsum_acc(const __m256 *A, int T, float *acc) {
    mins acc = acc - float(imin) * (dmin * dx)), so a row's result does not depend on the batch.
    Here s[0..n) hold int32 lane parts of n activation rows' block sums (zero vectors up to a
    multiple of 8 past n); their scales dx are gathered from xd (the first row's block scale) at
-   the byte offsets ROW_GATHER set up, and A[g] lane t is row 8g + t's accumulator. */
+   the byte offsets rows_gather set up, and A[g] lane t is row 8g + t's accumulator. */
 #define BLOCK_CHAIN(s, xd, G, d, n, neg, A)                                                                      \
     do {                                                                                                  \
         const __m256 dv_ = _mm256_set1_ps(d);                                                             \
