@@ -17,18 +17,20 @@ under --workdir and re-used. Each file type in --types is then made from it by
 that file, in one run:
 
 * lemonslice (bench/engine.py's worker, full load) and llama.cpp (its worker, mmap, run with
-  its extra (repacked) weight buffers off and on, the faster of the two kept for each rate):
-  prefill and decode tok/s on the same prompt, and the ratios lemonslice / llama.cpp;
+  its extra (repacked) weight buffers off and on, and with --llama-ftz also with denormals
+  flushed; the fastest kept for each rate): prefill and decode tok/s on the same prompt
+  (--warmup: each engine runs it once untimed first), and the ratios lemonslice / llama.cpp;
 * teacher-forced top-1 agreement of lemonslice's fast path (8-bit activations) against its
   exact path (float activations, `--exact`) over --agree-tokens token ids: one forward of the
   ids in each mode, the argmax of the logits compared at every position (bar: >= 99%).
 
-The quantized file is deleted after its row (an 8-layer F16 source is about 16 GB).
+The quantized file is deleted after its row (an 8-layer F16 source is about 16 GB), unless --keep.
 
 On these random-weight models the 8-bit activations of either engine move the logits by about
 6% of their norm (Q8_0 file, 4 layers) and the top two logits are close (vocabulary-many random
-draws), so top-1 agreement with the exact path is near 90% for llama.cpp as for lemonslice: the
-last column, llama.cpp's agreement with lemonslice's exact path, is that floor.
+draws), so top-1 agreement with the exact path is low for llama.cpp as for lemonslice (31-56% on
+the full-size files, 87-93% on the small smoke files): the last column, llama.cpp's agreement
+with lemonslice's exact path, is that floor. `--real gemma` measures it on real weights.
 
 Importance matrix. llama.cpp refuses to write IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M and IQ3_XXS
 tensors (and Q2_K ones in a Q2_K_S file) without one, so the IQ2_M and IQ2_XS files need one;
@@ -45,17 +47,20 @@ running it on the F16 source would only add that noise. A file given the matrix 
 llama.cpp's with-imatrix mix, as the community's files do (the smoke test's IQ2_M: IQ2_S 44% of
 its bytes, Q4_K 23%, Q5_K 22%). The table's "imx" column says which files had one.
 
-Duration. The quantizer, one thread on a loaded 2-core machine, seconds per GB of F16 source,
-measured on the smoke test's 0.62 GB source (4 layers, vocab 16000, 8 experts: its experts are a
-third of its bytes, the full model's 83%): Q8_0 5, MXFP4_MOE 7, Q2_K 23, IQ4_XS 100, IQ2_M 155
-(with its importance matrix). The full source is 15.5 GB: per file on
-one thread about 1.5 minutes for Q8_0, MXFP4_MOE and BF16, 6 for each K-quant mix, 26 for
-IQ4_XS, 35-45 for IQ3_S and IQ2_M; about 2.3 hours for the ten on one thread, and llama.cpp
-splits rows over --quant-threads (about 20 minutes on 8). Writing the source takes about 3
-minutes; each row's runs (loading a file of up to 15.5 GB three times, a 64-token prefill and 16
-decode tokens per engine, the 256-token agreement forwards) about 3 minutes on 2 threads, 30
-for the ten. So about 3 hours with --threads 2, about 1 hour with --threads 8. Needs 31 GB of
-disk (source + the BF16 file) and, for lemonslice's full load of the BF16 file, 32 GB of RAM.
+Duration, measured here (2 cores, 24 GB RAM; `--make-only --quant-threads 2` at nice 19 while other
+work ran, so these are upper bounds): the 15.5 GB source in 2 minutes; quantizing it, in seconds,
+Q8_0 69, MXFP4_MOE 45, BF16 44-67, Q2_K 301, Q3_K_M 232, Q6_K 252, Q5_K_M 401, IQ4_XS 1530,
+IQ3_S 2077, IQ2_M (with its importance matrix) 1352: about 2.1 hours for the ten. A row's runs (three
+engines twice each, with --warmup and --llama-ftz, and the 256-token agreement) take 40-70 s,
+the BF16 row 2.5 minutes. So: `--make-only` first (it can run at low priority beside other
+work), then the race on a quiet machine with `--keep`. Disk: the source and the nine quantized
+files take 58 GB; the BF16 file (15.5 GB) is made and deleted in its own row. RAM: lemonslice's
+full load of the BF16 file (15.5 GB) fits in 24 GB; llama.cpp maps the file.
+
+`--real gemma` runs the same rows on the bundled Gemma 3 270M, requantized from its Q4_K_M
+(`allow_requantize`; its 640-wide rows keep llama.cpp's fallback types), with TEXT's tokens as
+prompt and agreement ids: real weights, where the top-1 agreement of 8-bit activations with
+the exact path is what it is on a trained model.
 """
 
 from __future__ import annotations
