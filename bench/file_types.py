@@ -361,10 +361,15 @@ def parse_args() -> argparse.Namespace:
     args.quant_threads = args.quant_threads or args.threads
     args.keep = args.keep or args.make_only
     args.types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
-    from lemonslice.surgery.quantizer import ftype_code
+    from lemonslice.surgery.quantizer import QuantizerError, ftype_code
 
     for t in args.types:
-        ftype_code(t)  # an unknown name fails here, before the source is written
+        try:
+            ftype_code(t)  # an unknown name fails here, before the source is written
+        except QuantizerError as e:
+            ap.error(str(e))
+    if min(args.prompt, args.n, args.agree_tokens, args.threads, args.quant_threads) < 1:
+        ap.error("--prompt, -n, --agree-tokens, --threads and --quant-threads must be >= 1")
     assert bench_engine.RESULT == RESULT
     return args
 

@@ -624,31 +624,22 @@ static ALWAYS_INLINE __m256i dot_q3_k(const blk256 *w, const xq256 *x, __m256i *
     return _mm256_sub_epi32(scaled_dot(w->a, w->b, x->q), _mm256_slli_epi32(off, 2));
 }
 
-/* IQ4_XS: signed table codes (a; their magnitudes in b, the signs moved onto the activations so
-   maddubs sees unsigned weights), one signed scale per 32 values (c). */
+/* IQ4_XS: table codes as magnitudes (a) and their signs (b: the codes themselves, never 0), one
+   signed scale per 32 values (c): the grid types' dot product below. */
 static ALWAYS_INLINE void dec_iq4_xs(const uint8_t *b, blk256 *w) {
     int16_t ls[8];
     iq4_xs_scales(b, ls);
     for (int j = 0; j < 8; j++) {
-        w->a[j] = lut_codes(KV_IQ4, b + 8 + 16 * j);
-        w->b[j] = _mm256_sign_epi8(w->a[j], w->a[j]);
+        w->b[j] = lut_codes(KV_IQ4, b + 8 + 16 * j);
+        w->a[j] = _mm256_sign_epi8(w->b[j], w->b[j]);
         w->c[j] = _mm256_set1_epi16(ls[j]);
     }
     w->d = f16_to_f32(rd16(b));
 }
 
-static ALWAYS_INLINE __m256i dot_iq4_xs(const blk256 *w, const xq256 *x, __m256i *mn) {
-    (void)mn;
-    __m256i s = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j++) {
-        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q + 32 * j)), w->a[j]);
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w->b[j], xs), w->c[j]));
-    }
-    return s;
-}
-
 /* The grid types: magnitudes (a), signs as +1/-1 bytes (b), multipliers 2s + 1 per 16 values
-   (c, and as 16 int16 lanes in m); value scale d * unit * (2s + 1), d read as `kind` says. */
+   (c, and as 16 int16 lanes in m); value scale d * unit * (2s + 1), d read as `kind` says. Their
+   dot product (dot_iq) puts the signs on the activations so maddubs sees unsigned weights. */
 #define DEC_IQ(NAME, VEC, KIND, UNIT)                              \
     static ALWAYS_INLINE void NAME(const uint8_t *b, blk256 *w) { \
         w->m = VEC(b, w->a, w->b);                                \
@@ -752,7 +743,7 @@ int types_rows_one(int type, const uint8_t *W, int64_t row_bytes, int nr, int64_
     case T_MXFP4: row_mxfp4_i8_one(W, row_bytes, nr, nb, (const xq32 *)xq, out); break;
     case T_Q2_K: rows_256_one(dec_q2_k, dot_q2_k, 1, 84, W, row_bytes, nr, nb, X, out); break;
     case T_Q3_K: rows_256_one(dec_q3_k, dot_q3_k, 0, 110, W, row_bytes, nr, nb, X, out); break;
-    case T_IQ4_XS: rows_256_one(dec_iq4_xs, dot_iq4_xs, 0, 136, W, row_bytes, nr, nb, X, out); break;
+    case T_IQ4_XS: rows_256_one(dec_iq4_xs, dot_iq, 0, 136, W, row_bytes, nr, nb, X, out); break;
     case T_IQ2_XXS: rows_256_one(dec_iq2_xxs, dot_iq, 0, 66, W, row_bytes, nr, nb, X, out); break;
     case T_IQ2_XS: rows_256_one(dec_iq2_xs, dot_iq, 0, 74, W, row_bytes, nr, nb, X, out); break;
     case T_IQ2_S: rows_256_one(dec_iq2_s, dot_iq, 0, 82, W, row_bytes, nr, nb, X, out); break;
@@ -794,8 +785,6 @@ int types_block_i8(int type, const uint8_t *b, int8_t *q, int32_t *mult, float *
             c = _mm256_mullo_epi16(w.a[k], w.b[k]);
         else if (type == T_Q3_K)
             c = _mm256_sub_epi8(w.a[k], _mm256_set1_epi8(4));
-        else if (type == T_IQ4_XS)
-            c = w.a[k];
         else
             c = _mm256_sign_epi8(w.a[k], w.b[k]);
         _mm256_storeu_si256((__m256i *)(q + 32 * k), c);
@@ -849,7 +838,7 @@ void types_row_q8(int type, const uint8_t *row, int64_t nb, const void *xq, int6
     case T_MXFP4: row_mxfp4_i8(row, nb, (const xq32 *)xq, ldx, n, acc); break;
     case T_Q2_K: row_256(dec_q2_k, dot_q2_k, 1, 84, row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_Q3_K: row_256(dec_q3_k, dot_q3_k, 0, 110, row, nb, (const xq256 *)xq, ldx, n, acc); break;
-    case T_IQ4_XS: row_256(dec_iq4_xs, dot_iq4_xs, 0, 136, row, nb, (const xq256 *)xq, ldx, n, acc); break;
+    case T_IQ4_XS: row_256(dec_iq4_xs, dot_iq, 0, 136, row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_IQ2_XXS: row_256(dec_iq2_xxs, dot_iq, 0, 66, row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_IQ2_XS: row_256(dec_iq2_xs, dot_iq, 0, 74, row, nb, (const xq256 *)xq, ldx, n, acc); break;
     case T_IQ2_S: row_256(dec_iq2_s, dot_iq, 0, 82, row, nb, (const xq256 *)xq, ldx, n, acc); break;
@@ -981,55 +970,44 @@ static void row_half(int bf, const uint8_t *w, int64_t ncols, const float *X, in
 }
 #endif
 
-/* Y [T, nrows] = X [T, ncols] @ W.T for F16 or BF16 rows of W (stride row_bytes); a row's
- * result does not depend on T (batch-invariant, as ls_matmul_f32). */
-int ls_matmul_half(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols, const float *X,
-                   int64_t T, float *Y, int nthreads) {
-    if ((type != T_F16 && type != T_BF16) || nrows < 1 || ncols < 1 || T < 1) return -1;
-#ifdef HALF_GROUP
-#pragma omp parallel for schedule(static) num_threads(nrows * ncols >= (1 << 15) ? nthreads : 1)
-    for (int64_t g = 0; g < (nrows + HALF_GROUP - 1) / HALF_GROUP; g++) {
-        const int nr = (int)(nrows - g * HALF_GROUP < HALF_GROUP ? nrows - g * HALF_GROUP : HALF_GROUP);
-        rows_half(type == T_BF16, W, row_bytes, g * HALF_GROUP, nr, ncols, X, T, Y, nrows);
-    }
-#else
-#pragma omp parallel for schedule(static) num_threads(nrows * ncols >= (1 << 15) ? nthreads : 1)
-    for (int64_t r = 0; r < nrows; r++) {
-        for (int64_t t0 = 0; t0 < T; t0 += HALF_ROWS) {
-            const int n = (int)(T - t0 < HALF_ROWS ? T - t0 : HALF_ROWS);
-            float out[HALF_ROWS];
-            row_half(type == T_BF16, W + r * row_bytes, ncols, X + t0 * ncols, n, out);
-            for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + r] = out[t];
-        }
-    }
-#endif
-    return 0;
-}
-
 /* Several products of one shape at once (a MoE layer's experts): job j (5 int64: W, row_bytes,
-   X, T, Y) is Y [T, nrows] = X [T, ncols] @ W.T, its rows as ls_matmul_half computes them; the
-   threads share (job, 8 rows) items. */
+   X, T, Y) is Y [T, nrows] = X [T, ncols] @ W.T for F16 or BF16 rows of W; the threads share
+   (job, rows) items. A row's result does not depend on T (batch-invariant, as ls_matmul_f32). */
 int ls_matmul_half_jobs(int type, int64_t n_jobs, const int64_t *jobs, int64_t nrows, int64_t ncols, int nthreads) {
     if ((type != T_F16 && type != T_BF16) || nrows < 1 || ncols < 1 || n_jobs < 1) return -1;
     for (int64_t j = 0; j < n_jobs; j++)
         if (!jobs[5 * j] || jobs[5 * j + 1] < 2 * ncols || !jobs[5 * j + 2] || jobs[5 * j + 3] < 1 || !jobs[5 * j + 4]) return -1;
+    const int bf = type == T_BF16;
 #ifdef HALF_GROUP
-    const int64_t groups = (nrows + HALF_GROUP - 1) / HALF_GROUP;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    const int64_t G = HALF_GROUP;
+#else
+    const int64_t G = 1;
+#endif
+    const int64_t groups = (nrows + G - 1) / G;
+#pragma omp parallel for schedule(static) num_threads(n_jobs * nrows * ncols >= (1 << 15) ? nthreads : 1)
     for (int64_t it = 0; it < n_jobs * groups; it++) {
         const int64_t *J = jobs + 5 * (it / groups), g = it % groups;
-        const int nr = (int)(nrows - g * HALF_GROUP < HALF_GROUP ? nrows - g * HALF_GROUP : HALF_GROUP);
-        rows_half(type == T_BF16, (const uint8_t *)J[0], J[1], g * HALF_GROUP, nr, ncols, (const float *)J[2], J[3],
-                  (float *)J[4], nrows);
-    }
-    return 0;
+        const uint8_t *W = (const uint8_t *)J[0];
+        const float *X = (const float *)J[2];
+        float *Y = (float *)J[4];
+#ifdef HALF_GROUP
+        const int nr = (int)(nrows - g * G < G ? nrows - g * G : G);
+        rows_half(bf, W, J[1], g * G, nr, ncols, X, J[3], Y, nrows);
 #else
-    for (int64_t j = 0; j < n_jobs; j++) {
-        const int64_t *J = jobs + 5 * j;
-        const int rc = ls_matmul_half(type, (const uint8_t *)J[0], J[1], nrows, ncols, (const float *)J[2], J[3],
-                                      (float *)J[4], nthreads);
-        if (rc) return rc;
+        for (int64_t t0 = 0; t0 < J[3]; t0 += HALF_ROWS) {
+            const int n = (int)(J[3] - t0 < HALF_ROWS ? J[3] - t0 : HALF_ROWS);
+            float out[HALF_ROWS];
+            row_half(bf, W + g * J[1], ncols, X + t0 * ncols, n, out);
+            for (int t = 0; t < n; t++) Y[(t0 + t) * nrows + g] = out[t];
+        }
+#endif
     }
     return 0;
-#endif
+}
+
+/* Y [T, nrows] = X [T, ncols] @ W.T: one job of ls_matmul_half_jobs. */
+int ls_matmul_half(int type, const uint8_t *W, int64_t row_bytes, int64_t nrows, int64_t ncols, const float *X,
+                   int64_t T, float *Y, int nthreads) {
+    const int64_t job[5] = {(int64_t)(intptr_t)W, row_bytes, (int64_t)(intptr_t)X, T, (int64_t)(intptr_t)Y};
+    return ls_matmul_half_jobs(type, 1, job, nrows, ncols, nthreads);
 }
